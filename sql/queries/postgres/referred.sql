@@ -1,0 +1,7 @@
+-- Every user referred by a referrer, with its subscription. Times as timestamptz: the session
+-- runs in UTC, so TIMESTAMP and TIMESTAMPTZ columns read as the same instants.
+SELECT u.id, u.referred_by_user_id, u.created_at::timestamptz, u.is_active, u.is_verified,
+       s.user_id IS NOT NULL, s.tier, s.status, s.started_at::timestamptz, s.expires_at::timestamptz
+FROM users u
+JOIN users r ON r.id = u.referred_by_user_id AND r.invite_code IS NOT NULL
+LEFT JOIN subscriptions s ON s.user_id = u.id

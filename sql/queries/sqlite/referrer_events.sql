@@ -1,0 +1,8 @@
+-- The referrers' IP hashes around the window. Times are text in more than one format, so the
+-- filter here is by whole dates ($1 <= created_at < $2, as text: any time on a date sorts after
+-- the bare date) and the exact, inclusive window is applied in Rust.
+SELECT e.user_id, e.ip_hash, e.created_at
+FROM telemetry_events e
+JOIN users r ON r.id = e.user_id
+WHERE r.invite_code IS NOT NULL AND e.ip_hash IS NOT NULL
+  AND e.created_at >= $1 AND e.created_at < $2

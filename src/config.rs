@@ -1,0 +1,401 @@
+//! `config.toml`: every tunable of SPEC sections 3 and 4, with the SPEC defaults.
+//!
+//! Unknown keys are refused (a typo must not silently fall back to a default) and every
+//! validation error names the key it is about, e.g. `rules.cooldown_days: must be >= 0, got -1`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A configuration problem: the message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub rules: RulesConfig,
+    pub rewards: RewardsConfig,
+    pub new_subscription: NewSubscriptionConfig,
+    pub schedule: ScheduleConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://…`; `DATABASE_URL` and `--database-url` override it.
+    pub url: String,
+    /// Seconds a SQLite writer waits for a busy database before giving up.
+    pub busy_timeout_secs: i64,
+}
+
+/// SPEC section 3: the qualification rules.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    pub cooldown_days: i64,
+    pub ip_window_days: i64,
+    pub require_ip_hash: bool,
+    pub qualifying_tiers: Vec<String>,
+    pub qualifying_statuses: Vec<String>,
+}
+
+/// SPEC section 3: bonus slots and badges.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardsConfig {
+    pub batch_size: i64,
+    pub bonus_per_batch: i64,
+    /// Lowest threshold first; thresholds strictly increasing.
+    pub badges: Vec<Badge>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Badge {
+    pub name: String,
+    pub threshold: i64,
+}
+
+/// SPEC section 4: the subscription row created for a referrer without one who earns a bonus.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NewSubscriptionConfig {
+    pub tier: String,
+    pub status: String,
+    pub max_domains: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// 6-field cron expression with seconds, UTC.
+    pub cron: String,
+    pub run_on_start: bool,
+    pub shutdown_grace_secs: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub bind: String,
+    /// Name of the environment variable holding the API bearer token.
+    pub token_env: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://referral-rewards.db".into(),
+            busy_timeout_secs: 30,
+        }
+    }
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            cooldown_days: 7,
+            ip_window_days: 30,
+            require_ip_hash: true,
+            qualifying_tiers: vec!["trader".into(), "tycoon".into()],
+            qualifying_statuses: vec!["active".into(), "past_due".into()],
+        }
+    }
+}
+
+impl Default for RewardsConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 3,
+            bonus_per_batch: 5,
+            badges: vec![
+                Badge {
+                    name: "verified_referrer".into(),
+                    threshold: 3,
+                },
+                Badge {
+                    name: "elite_referrer".into(),
+                    threshold: 10,
+                },
+            ],
+        }
+    }
+}
+
+impl Default for NewSubscriptionConfig {
+    fn default() -> Self {
+        Self {
+            tier: "scout".into(),
+            status: "active".into(),
+            max_domains: 5,
+        }
+    }
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            cron: "0 0 * * * *".into(),
+            run_on_start: false,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8787".into(),
+            token_env: "REFERRAL_REWARDS_API_TOKEN".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database: DatabaseConfig::default(),
+            rules: RulesConfig::default(),
+            rewards: RewardsConfig::default(),
+            new_subscription: NewSubscriptionConfig::default(),
+            schedule: ScheduleConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// Upper bound on day counts: keeps every `days * 86_400_000_000` microsecond product far from
+/// overflow while allowing any window an operator could mean.
+const MAX_DAYS: i64 = 100_000;
+
+impl Config {
+    /// Reads and validates a config file. A missing file is an error only when `required`
+    /// (the user named it with `--config`); the default `config.toml` may be absent.
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                let config = Config::default();
+                config.validate()?;
+                return Ok(config);
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: String::new(),
+            // toml's message carries the key and its line; keep it on one line.
+            message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_url("database.url", &self.database.url)?;
+        if self.database.busy_timeout_secs < 0 {
+            return Err(invalid(
+                "database.busy_timeout_secs",
+                format!("must be >= 0, got {}", self.database.busy_timeout_secs),
+            ));
+        }
+        let r = &self.rules;
+        if !(0..=MAX_DAYS).contains(&r.cooldown_days) {
+            return Err(invalid(
+                "rules.cooldown_days",
+                format!(
+                    "must be between 0 and {MAX_DAYS} (0 disables the cooldown), got {}",
+                    r.cooldown_days
+                ),
+            ));
+        }
+        if !(1..=MAX_DAYS).contains(&r.ip_window_days) {
+            return Err(invalid(
+                "rules.ip_window_days",
+                format!("must be between 1 and {MAX_DAYS}, got {}", r.ip_window_days),
+            ));
+        }
+        let w = &self.rewards;
+        if w.batch_size < 1 || w.batch_size > i32::MAX as i64 {
+            return Err(invalid(
+                "rewards.batch_size",
+                format!("must be >= 1, got {}", w.batch_size),
+            ));
+        }
+        if w.bonus_per_batch < 0 || w.bonus_per_batch > i32::MAX as i64 {
+            return Err(invalid(
+                "rewards.bonus_per_batch",
+                format!("must be >= 0, got {}", w.bonus_per_batch),
+            ));
+        }
+        let mut previous: Option<&Badge> = None;
+        for badge in &w.badges {
+            if badge.name.trim().is_empty() {
+                return Err(invalid("rewards.badges", "a badge name is empty"));
+            }
+            if badge.threshold < 1 {
+                return Err(invalid(
+                    "rewards.badges",
+                    format!(
+                        "threshold of badge {:?} must be >= 1, got {}",
+                        badge.name, badge.threshold
+                    ),
+                ));
+            }
+            if let Some(p) = previous
+                && badge.threshold <= p.threshold
+            {
+                return Err(invalid(
+                    "rewards.badges",
+                    format!(
+                        "thresholds must be strictly increasing: {:?} at {} follows {:?} at {}",
+                        badge.name, badge.threshold, p.name, p.threshold
+                    ),
+                ));
+            }
+            previous = Some(badge);
+        }
+        let n = &self.new_subscription;
+        if n.tier.is_empty() {
+            return Err(invalid("new_subscription.tier", "must not be empty"));
+        }
+        if n.status.is_empty() {
+            return Err(invalid("new_subscription.status", "must not be empty"));
+        }
+        if n.max_domains < 0 || n.max_domains > i32::MAX as i64 {
+            return Err(invalid(
+                "new_subscription.max_domains",
+                format!("must be >= 0, got {}", n.max_domains),
+            ));
+        }
+        if self.schedule.shutdown_grace_secs < 0 {
+            return Err(invalid(
+                "schedule.shutdown_grace_secs",
+                format!("must be >= 0, got {}", self.schedule.shutdown_grace_secs),
+            ));
+        }
+        if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.bind",
+                format!("not an address:port: {:?}", self.http.bind),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the shape of a database URL; `key` names where it came from.
+pub fn validate_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("sqlite") | Some("postgres") | Some("postgresql") => {}
+        _ if url == "sqlite::memory:" => {}
+        _ => {
+            return Err(invalid(
+                key,
+                format!("expected sqlite://PATH or postgres://…, got {url:?}"),
+            ));
+        }
+    }
+    if url.split_once("://").is_some_and(|(_, rest)| rest.is_empty()) {
+        return Err(invalid(key, format!("no path or host in {url:?}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_the_spec_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.rules.cooldown_days, 7);
+        assert_eq!(c.rules.ip_window_days, 30);
+        assert!(c.rules.require_ip_hash);
+        assert_eq!(c.rules.qualifying_tiers, ["trader", "tycoon"]);
+        assert_eq!(c.rules.qualifying_statuses, ["active", "past_due"]);
+        assert_eq!(c.rewards.batch_size, 3);
+        assert_eq!(c.rewards.bonus_per_batch, 5);
+        assert_eq!(c.rewards.badges[0].threshold, 3);
+        assert_eq!(c.rewards.badges[1].name, "elite_referrer");
+    }
+
+    #[test]
+    fn shipped_config_toml_is_valid_and_equals_defaults() {
+        let text = include_str!("../config.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn negative_cooldown_names_the_key() {
+        assert!(err("[rules]\ncooldown_days = -1").contains("rules.cooldown_days"));
+    }
+
+    #[test]
+    fn zero_ip_window_is_refused() {
+        assert!(err("[rules]\nip_window_days = 0").contains("rules.ip_window_days"));
+    }
+
+    #[test]
+    fn zero_batch_size_names_the_key() {
+        assert!(err("[rewards]\nbatch_size = 0").contains("rewards.batch_size"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("[rules]\ncooldown_dayz = 3");
+        assert!(e.contains("cooldown_dayz"), "{e}");
+    }
+
+    #[test]
+    fn badge_thresholds_out_of_order_are_refused() {
+        let e = err(r#"[rewards]
+badges = [{ name = "a", threshold = 5 }, { name = "b", threshold = 5 }]"#);
+        assert!(e.contains("rewards.badges") && e.contains("strictly increasing"), "{e}");
+    }
+
+    #[test]
+    fn malformed_url_names_the_key() {
+        let e = err("[database]\nurl = \"mysql://x\"");
+        assert!(e.contains("database.url"), "{e}");
+    }
+}

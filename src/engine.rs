@@ -1,0 +1,161 @@
+//! One run, start to finish: lock → run row → snapshot → compute → plan → apply → run row.
+//!
+//! The CLI and the scheduler call [`run`]; everything here is orchestration, the decisions
+//! live in `rules`, `rewards` and `plan`.
+
+use std::time::{Duration, Instant as Clock};
+
+use crate::compute::{self, Computation};
+use crate::config::Config;
+use crate::instant::{self, Instant};
+use crate::plan::{Plan, PlanStats};
+use crate::rules;
+use crate::snapshot::Scope;
+use crate::store::{ApplyOutcome, RunFinish, Store, StoreError};
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunRequest {
+    pub scope: Scope,
+    pub as_of: Instant,
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Another run holds the lock: nothing was done.
+    #[error("another run holds the lock; nothing was written (try again when it has finished)")]
+    Locked,
+    #[error("no user with id {0}")]
+    UnknownReferrer(i64),
+    /// The run started and failed; its row says `failed`, nothing else was written.
+    #[error("run {run_id} failed and wrote nothing: {message}")]
+    RunFailed { run_id: i64, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("computing rewards: {0}")]
+    Compute(String),
+}
+
+/// What a run did (or, for a dry run, would do).
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub request: RunRequest,
+    pub backend: &'static str,
+    pub run_id: Option<i64>,
+    pub plan: Plan,
+    pub computation: Computation,
+    pub stats: PlanStats,
+    /// `None` for a dry run.
+    pub applied: Option<ApplyOutcome>,
+    pub abandoned_runs: u64,
+    pub elapsed: Duration,
+}
+
+fn now() -> Instant {
+    instant::from_datetime(chrono::Utc::now())
+}
+
+/// Reads, computes and plans, without writing anything.
+pub async fn plan(store: &Store, cfg: &Config, req: RunRequest) -> Result<(Plan, Computation), EngineError> {
+    let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
+    let snapshot = store.snapshot(req.scope, window).await?;
+    let cfg = cfg.clone();
+    let (plan, computation) = tokio::task::spawn_blocking(move || {
+        let computation = compute::compute(&snapshot, &cfg, req.as_of).map_err(|e| EngineError::Compute(e.to_string()))?;
+        let plan = Plan::build(
+            computation.results.clone(),
+            snapshot.stored_rewards,
+            &snapshot.host_bonus,
+            req.scope,
+        );
+        Ok::<_, EngineError>((plan, computation))
+    })
+    .await
+    .map_err(|e| EngineError::Compute(e.to_string()))??;
+    Ok((plan, computation))
+}
+
+pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunReport, EngineError> {
+    let started = Clock::now();
+    if let Scope::Referrer(id) = req.scope {
+        check_known(store, cfg, req, id).await?;
+    }
+    if req.dry_run {
+        let (plan, computation) = plan(store, cfg, req).await?;
+        return Ok(RunReport {
+            request: req,
+            backend: store.backend(),
+            run_id: None,
+            stats: plan.stats(),
+            plan,
+            computation,
+            applied: None,
+            abandoned_runs: 0,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    let lock = store.try_lock().await?.ok_or(EngineError::Locked)?;
+    let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
+    let run_id = store.start_run(req.scope, req.as_of, now()).await?;
+    let result = async {
+        let (plan, computation) = plan(store, cfg, req).await?;
+        let stats = plan.stats();
+        let finish = RunFinish {
+            stats: stats.clone(),
+            outcome_counts: outcome_counts_json(&computation),
+            digest: plan.digest.clone(),
+        };
+        let applied = store
+            .apply(&plan, run_id, req.as_of, &cfg.new_subscription, &finish)
+            .await?;
+        Ok::<_, EngineError>((plan, computation, stats, applied))
+    }
+    .await;
+    let outcome = match result {
+        Ok((plan, computation, stats, applied)) => Ok(RunReport {
+            request: req,
+            backend: store.backend(),
+            run_id: Some(run_id),
+            plan,
+            computation,
+            stats,
+            applied: Some(applied),
+            abandoned_runs,
+            elapsed: started.elapsed(),
+        }),
+        Err(e) => {
+            let message = e.to_string();
+            // Still under the lock, so no other run can mistake this row for an orphan.
+            if let Err(record) = store.fail_run(run_id, &message, now()).await {
+                tracing::error!(run_id, error = %record, "could not mark the run failed");
+            }
+            Err(EngineError::RunFailed { run_id, message })
+        }
+    };
+    drop(lock);
+    outcome
+}
+
+/// A one-referrer run on an id that is neither a user nor holds a stored reward is a mistake.
+async fn check_known(store: &Store, cfg: &Config, req: RunRequest, id: i64) -> Result<(), EngineError> {
+    if store.user_exists(id).await? {
+        return Ok(());
+    }
+    let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
+    let snap = store.snapshot(req.scope, window).await?;
+    if snap.stored_rewards.is_empty() && snap.host_bonus.is_empty() {
+        return Err(EngineError::UnknownReferrer(id));
+    }
+    Ok(())
+}
+
+/// `{"qualified": n, …}` for the run row.
+pub fn outcome_counts_json(c: &Computation) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = c
+        .outcome_counts()
+        .into_iter()
+        .map(|(o, n)| (o.as_str().to_owned(), n.into()))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}

@@ -1,0 +1,115 @@
+//! Instants as integer microseconds since the Unix epoch, UTC.
+//!
+//! Every time crosses the store boundary as an `Instant`, so that the rules compare instants,
+//! never text: on SQLite `'… 12:00:00'` and `'… 12:00:00.000000'` are the same instant.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+
+/// Microseconds since 1970-01-01T00:00:00Z.
+pub type Instant = i64;
+
+pub const MICROS_PER_DAY: i64 = 86_400 * 1_000_000;
+
+pub fn from_datetime(t: DateTime<Utc>) -> Instant {
+    t.timestamp_micros()
+}
+
+pub fn to_datetime(t: Instant) -> DateTime<Utc> {
+    Utc.timestamp_micros(t)
+        .single()
+        .expect("instants come from valid datetimes")
+}
+
+/// `YYYY-MM-DD HH:MM:SS.ffffff`, the canonical text form written to SQLite.
+pub fn to_sql_text(t: Instant) -> String {
+    to_datetime(t).format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+}
+
+/// RFC 3339 with microseconds, for people and JSON.
+pub fn to_rfc3339(t: Instant) -> String {
+    to_datetime(t).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Parses a SQLite time column: `YYYY-MM-DD HH:MM:SS[.ffffff]`, a `T` separator accepted,
+/// an optional `Z` or numeric offset honoured, and a bare date read as midnight UTC.
+pub fn parse_sql_text(s: &str) -> Option<Instant> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    let with_t = s.replacen(' ', "T", 1);
+    if let Ok(t) = DateTime::parse_from_rfc3339(&with_t) {
+        return Some(t.timestamp_micros());
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(&with_t, fmt) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Some(d.and_time(NaiveTime::MIN).and_utc().timestamp_micros());
+    }
+    None
+}
+
+/// Parses `--as-of`: RFC 3339 with any offset; a time without an offset is UTC.
+pub fn parse_as_of(s: &str) -> Result<Instant, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty time".into());
+    }
+    parse_sql_text(s).ok_or_else(|| {
+        format!("{s:?} is not a time; expected RFC 3339 such as 2026-11-01T12:00:00Z")
+    })
+}
+
+/// The calendar date (UTC) of an instant, as `YYYY-MM-DD`: used for index-friendly coarse
+/// range filters on SQLite text columns before the exact comparison in Rust.
+pub fn date_text(t: Instant) -> String {
+    to_datetime(t).format("%Y-%m-%d").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_fraction_and_no_fraction_are_the_same_instant() {
+        assert_eq!(
+            parse_sql_text("2026-11-01 12:00:00"),
+            parse_sql_text("2026-11-01 12:00:00.000000")
+        );
+        assert_eq!(
+            parse_sql_text("2026-11-01T12:00:00"),
+            parse_sql_text("2026-11-01 12:00:00")
+        );
+    }
+
+    #[test]
+    fn microseconds_are_kept() {
+        let a = parse_sql_text("2026-11-01 12:00:00.000001").unwrap();
+        let b = parse_sql_text("2026-11-01 12:00:00").unwrap();
+        assert_eq!(a - b, 1);
+    }
+
+    #[test]
+    fn as_of_with_offset_is_converted_to_utc() {
+        let a = parse_as_of("2026-11-01T14:00:00+02:00").unwrap();
+        let b = parse_as_of("2026-11-01T12:00:00Z").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(parse_as_of("2026-11-01T12:00:00").unwrap(), b);
+    }
+
+    #[test]
+    fn as_of_garbage_is_refused() {
+        assert!(parse_as_of("yesterday").is_err());
+        assert!(parse_as_of("").is_err());
+    }
+
+    #[test]
+    fn text_round_trip() {
+        let t = parse_sql_text("2026-11-01 12:34:56.789012").unwrap();
+        assert_eq!(to_sql_text(t), "2026-11-01 12:34:56.789012");
+        assert_eq!(parse_sql_text(&to_sql_text(t)), Some(t));
+    }
+}

@@ -1,0 +1,19 @@
+//! referral-rewards: recomputes referral-program rewards from a web application's
+//! authoritative database state and writes the desired values back idempotently.
+//!
+//! The data path, one module per arrow:
+//! `config` → `store` (snapshot) → `rules` (an outcome per referred user) → `compute` and
+//! `rewards` (per referrer) → `plan` (desired vs current, digest) → `store` (apply) → `summary`.
+//! `engine` runs that line once; the binary and the scheduler are thin callers.
+
+pub mod compute;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod instant;
+pub mod plan;
+pub mod rewards;
+pub mod rules;
+pub mod snapshot;
+pub mod store;
+pub mod summary;

@@ -1,0 +1,193 @@
+//! The `referral-rewards` binary: parse, load config, dispatch, map errors to exit codes.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use referral_rewards::config::{self, Config, ConfigError};
+use referral_rewards::demo::DemoSpec;
+use referral_rewards::engine::{self, EngineError, RunRequest};
+use referral_rewards::instant;
+use referral_rewards::snapshot::Scope;
+use referral_rewards::store::{ConnectOptions, Store, StoreError};
+use referral_rewards::summary;
+
+use cli::{Cli, Command};
+
+/// SPEC section 6's exit codes, in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Success = 0,
+    RunFailed = 1,
+    Usage = 2,
+    Refused = 3,
+}
+
+/// An error on its way out: one line on stderr and an exit code.
+struct Failure {
+    exit: Exit,
+    message: String,
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure { exit: Exit::Usage, message: e.to_string() }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        let exit = match e {
+            StoreError::Invalid(_) => Exit::Usage,
+            _ => Exit::RunFailed,
+        };
+        Failure { exit, message: e.to_string() }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        let exit = match &e {
+            EngineError::Locked => Exit::Refused,
+            EngineError::UnknownReferrer(_) => Exit::Usage,
+            EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
+            EngineError::RunFailed { .. } | EngineError::Store(_) | EngineError::Compute(_) => Exit::RunFailed,
+        };
+        Failure { exit, message: e.to_string() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 });
+            }
+            // One line: clap's first line names the argument and the problem.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: bad usage"));
+            return ExitCode::from(Exit::Usage as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(Exit::RunFailed as u8);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::from(Exit::Success as u8),
+        Err(f) => {
+            eprintln!("error: {}", f.message.replace('\n', " "));
+            ExitCode::from(f.exit as u8)
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from("config.toml"), false),
+    };
+    let mut config = Config::load(&path, required)?;
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && !url.is_empty()
+    {
+        config::validate_url("DATABASE_URL", &url)?;
+        config.database.url = url;
+    }
+    if let Some(url) = &cli.database_url {
+        config::validate_url("--database-url", url)?;
+        config.database.url = url.clone();
+    }
+    Ok(config)
+}
+
+async fn connect(config: &Config, read_only: bool) -> Result<Store, Failure> {
+    let opts = ConnectOptions {
+        read_only,
+        busy_timeout: Duration::from_secs(config.database.busy_timeout_secs as u64),
+    };
+    Ok(Store::connect(&config.database.url, &opts).await?)
+}
+
+fn now() -> instant::Instant {
+    instant::from_datetime(chrono::Utc::now())
+}
+
+async fn dispatch(cli: Cli) -> Result<(), Failure> {
+    let config = load_config(&cli)?;
+    match cli.command {
+        Command::Migrate { with_reference_schema } => {
+            let store = connect(&config, false).await?;
+            store.migrate(with_reference_schema).await?;
+            println!(
+                "migrated {} database{}",
+                store.backend(),
+                if with_reference_schema { " (with the reference host schema)" } else { "" }
+            );
+            store.close().await;
+        }
+        Command::DemoData { users, seed, anchor } => {
+            let store = connect(&config, false).await?;
+            store.migrate(true).await?;
+            let started = std::time::Instant::now();
+            let (u, s, e) = store.load_demo(&DemoSpec { users, seed, anchor }).await?;
+            println!(
+                "loaded {u} users, {s} subscriptions, {e} telemetry events into {} in {:.1} s (seed {seed}, anchor {})",
+                store.backend(),
+                started.elapsed().as_secs_f64(),
+                instant::to_rfc3339(anchor)
+            );
+            store.close().await;
+        }
+        Command::Reconcile { referrer, dry_run, as_of } => {
+            let store = connect(&config, dry_run).await?;
+            let req = RunRequest {
+                scope: referrer.map_or(Scope::Full, Scope::Referrer),
+                as_of: as_of.unwrap_or_else(now),
+                dry_run,
+            };
+            let result = engine::run(&store, &config, req).await;
+            store.close().await;
+            print!("{}", summary::run_summary(&result?));
+        }
+        Command::Explain { referrer, as_of } => {
+            let store = connect(&config, true).await?;
+            let req = RunRequest {
+                scope: Scope::Referrer(referrer),
+                as_of: as_of.unwrap_or_else(now),
+                dry_run: true,
+            };
+            let report = engine::run(&store, &config, req).await;
+            store.close().await;
+            let report = report?;
+            let entry = report.plan.entries.iter().find(|e| e.referrer_user_id() == referrer);
+            print!(
+                "{}",
+                summary::explain(entry, &report.computation.referrals, referrer)
+            );
+        }
+        Command::Runs { limit } => {
+            let store = connect(&config, true).await?;
+            let runs = store.runs(limit).await;
+            store.close().await;
+            print!("{}", summary::runs_table(&runs?));
+        }
+    }
+    Ok(())
+}

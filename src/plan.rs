@@ -1,0 +1,367 @@
+//! Desired vs current: what a run would write, and the digest of its results.
+//!
+//! The plan holds one entry per referrer in scope (and per non-referrer who still holds a
+//! reward, to be revoked); the writes are derived from the entries that differ.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::rewards::RewardResult;
+use crate::snapshot::Scope;
+
+/// The ledger's field name for the host column.
+pub const HOST_FIELD: &str = "subscriptions.referral_bonus_domains";
+
+/// The host column as the snapshot read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum HostBonus {
+    /// The user has no subscription row.
+    NoSubscription,
+    Value(i64),
+}
+
+/// A write to the host column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostChange {
+    /// Compare-and-set: applies only where the column still holds `old`.
+    Update { old: i64, new: i64 },
+    /// A new subscription row (tier and status from config), only for a bonus above zero.
+    Insert { new: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanEntry {
+    pub desired: RewardResult,
+    /// The `referral_rewards` row, if any.
+    pub stored: Option<RewardResult>,
+    pub host: HostBonus,
+}
+
+impl PlanEntry {
+    pub fn referrer_user_id(&self) -> i64 {
+        self.desired.referrer_user_id
+    }
+
+    /// SPEC section 5's `current_bonus_slots`: the host column, 0 without a subscription.
+    pub fn current_bonus_slots(&self) -> i64 {
+        match self.host {
+            HostBonus::Value(v) => v,
+            HostBonus::NoSubscription => 0,
+        }
+    }
+
+    /// The stored row, or what a missing row reads as.
+    pub fn stored_or_zero(&self) -> RewardResult {
+        self.stored
+            .clone()
+            .unwrap_or_else(|| RewardResult::zero(self.referrer_user_id()))
+    }
+
+    pub fn reward_changes(&self) -> bool {
+        match &self.stored {
+            Some(s) => *s != self.desired,
+            None => self.desired != RewardResult::zero(self.referrer_user_id()),
+        }
+    }
+
+    pub fn host_change(&self) -> Option<HostChange> {
+        let new = self.desired.bonus_slots;
+        match self.host {
+            HostBonus::Value(old) if old != new => Some(HostChange::Update { old, new }),
+            HostBonus::NoSubscription if new > 0 => Some(HostChange::Insert { new }),
+            _ => None,
+        }
+    }
+
+    pub fn changes_anything(&self) -> bool {
+        self.reward_changes() || self.host_change().is_some()
+    }
+}
+
+/// One row of the append-only `reward_changes` ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub referrer_user_id: i64,
+    pub field: &'static str,
+    pub old_value: Option<String>,
+    pub new_value: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Ascending by referrer id.
+    pub entries: Vec<PlanEntry>,
+    pub digest: String,
+}
+
+impl Plan {
+    /// Joins the computed results with the current state read in the snapshot.
+    ///
+    /// Users who are not referrers are owed zeros: in a full run every such user with a
+    /// non-zero `referral_rewards` row or host column gets an entry (revocation); in a
+    /// one-referrer run the named user always gets one.
+    pub fn build(
+        results: Vec<RewardResult>,
+        stored: Vec<RewardResult>,
+        host_bonus: &[(i64, i64)],
+        scope: Scope,
+    ) -> Plan {
+        let mut stored: HashMap<i64, RewardResult> =
+            stored.into_iter().map(|r| (r.referrer_user_id, r)).collect();
+        let mut host: HashMap<i64, i64> = host_bonus.iter().copied().collect();
+        let take_host = |host: &mut HashMap<i64, i64>, id| {
+            host.remove(&id)
+                .map_or(HostBonus::NoSubscription, HostBonus::Value)
+        };
+
+        let mut entries = Vec::with_capacity(results.len());
+        for desired in results {
+            let id = desired.referrer_user_id;
+            entries.push(PlanEntry {
+                stored: stored.remove(&id),
+                host: take_host(&mut host, id),
+                desired,
+            });
+        }
+
+        // What is left belongs to users who are not referrers.
+        let mut others: Vec<i64> = stored.keys().chain(host.keys()).copied().collect();
+        if let Scope::Referrer(id) = scope
+            && !entries.iter().any(|e| e.referrer_user_id() == id)
+        {
+            others.push(id);
+        }
+        others.sort_unstable();
+        others.dedup();
+        for id in others {
+            let entry = PlanEntry {
+                desired: RewardResult::zero(id),
+                stored: stored.remove(&id),
+                host: take_host(&mut host, id),
+            };
+            if scope.referrer() == Some(id) || entry.changes_anything() {
+                entries.push(entry);
+            }
+        }
+        entries.sort_unstable_by_key(PlanEntry::referrer_user_id);
+        let digest = digest(&entries);
+        Plan { entries, digest }
+    }
+
+    pub fn reward_upserts(&self) -> impl Iterator<Item = &RewardResult> {
+        self.entries
+            .iter()
+            .filter(|e| e.reward_changes())
+            .map(|e| &e.desired)
+    }
+
+    pub fn host_changes(&self) -> impl Iterator<Item = (i64, HostChange)> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.host_change().map(|c| (e.referrer_user_id(), c)))
+    }
+
+    /// The ledger rows of this plan, one per changed value; host-column changes only for the
+    /// users where the compare-and-set applied (`host_applied`).
+    pub fn ledger(&self, host_applied: impl Fn(i64) -> bool) -> Vec<Change> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            let id = e.referrer_user_id();
+            if e.reward_changes() {
+                let old = e.stored_or_zero().fields();
+                for ((field, old), (_, new)) in old.into_iter().zip(e.desired.fields()) {
+                    if old != new {
+                        out.push(Change {
+                            referrer_user_id: id,
+                            field,
+                            old_value: old,
+                            new_value: new,
+                        });
+                    }
+                }
+            }
+            if let Some(change) = e.host_change()
+                && host_applied(id)
+            {
+                let (old, new) = match change {
+                    HostChange::Update { old, new } => (Some(old.to_string()), new),
+                    HostChange::Insert { new } => (None, new),
+                };
+                out.push(Change {
+                    referrer_user_id: id,
+                    field: HOST_FIELD,
+                    old_value: old,
+                    new_value: Some(new.to_string()),
+                });
+            }
+        }
+        out
+    }
+
+    pub fn stats(&self) -> PlanStats {
+        let mut s = PlanStats {
+            referrers: self.entries.len() as u64,
+            ..PlanStats::default()
+        };
+        for e in &self.entries {
+            let (current, desired) = (e.current_bonus_slots(), e.desired.bonus_slots);
+            if desired > current {
+                s.rewards_up += 1;
+            } else if desired < current {
+                s.rewards_down += 1;
+            }
+            s.bonus_delta += desired - current;
+            if e.reward_changes() {
+                s.reward_rows_to_write += 1;
+            }
+            if e.host_change().is_some() {
+                s.host_values_to_write += 1;
+            }
+        }
+        s
+    }
+}
+
+/// What a plan would change, before it is applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PlanStats {
+    pub referrers: u64,
+    /// Referrers whose bonus slots go up (down) against the host column.
+    pub rewards_up: u64,
+    pub rewards_down: u64,
+    /// Sum over referrers of desired minus current bonus slots.
+    pub bonus_delta: i64,
+    pub reward_rows_to_write: u64,
+    pub host_values_to_write: u64,
+}
+
+/// SPEC section 4's result digest: BLAKE3 of the canonical encoding of the per-referrer
+/// results, sorted by referrer id, as lowercase hex.
+///
+/// The canonical encoding is one line per plan entry, each line a compact JSON array of the
+/// eleven SPEC section 5 report fields in SPEC order (`referrer_user_id`,
+/// `referred_users_total`, `qualified_referrals`, `disqualified_self_referral`,
+/// `disqualified_cooldown`, `disqualified_missing_ip`, `disqualified_shared_ip`,
+/// `disqualified_duplicate_ip`, `bonus_slots`, `badge`, `current_bonus_slots`), integers in
+/// decimal, the badge a JSON string or `null`, followed by `\n`; UTF-8 throughout.
+/// Example line: `[42,5,3,0,1,0,1,0,5,"verified_referrer",0]`.
+pub fn digest(entries: &[PlanEntry]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for e in entries {
+        hasher.update(canonical_line(e).as_bytes());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+fn canonical_line(e: &PlanEntry) -> String {
+    let d = &e.desired;
+    let line = serde_json::json!([
+        d.referrer_user_id,
+        d.referred_users_total,
+        d.qualified_referrals,
+        d.disqualified_self_referral,
+        d.disqualified_cooldown,
+        d.disqualified_missing_ip,
+        d.disqualified_shared_ip,
+        d.disqualified_duplicate_ip,
+        d.bonus_slots,
+        d.badge,
+        e.current_bonus_slots(),
+    ]);
+    format!("{line}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(id: i64, qualified: i64, bonus: i64) -> RewardResult {
+        RewardResult {
+            qualified_referrals: qualified,
+            referred_users_total: qualified,
+            bonus_slots: bonus,
+            ..RewardResult::zero(id)
+        }
+    }
+
+    #[test]
+    fn unchanged_state_plans_no_writes() {
+        let r = result(1, 3, 5);
+        let plan = Plan::build(vec![r.clone()], vec![r], &[(1, 5)], Scope::Full);
+        assert_eq!(plan.reward_upserts().count(), 0);
+        assert_eq!(plan.host_changes().count(), 0);
+        assert!(plan.ledger(|_| true).is_empty());
+    }
+
+    #[test]
+    fn a_referrer_without_row_and_zero_result_writes_nothing() {
+        let plan = Plan::build(vec![RewardResult::zero(1)], vec![], &[], Scope::Full);
+        assert_eq!(plan.entries.len(), 1);
+        assert!(!plan.entries[0].changes_anything());
+    }
+
+    #[test]
+    fn subscription_created_only_for_a_bonus_above_zero() {
+        let plan = Plan::build(
+            vec![result(1, 3, 5), result(2, 1, 0)],
+            vec![],
+            &[],
+            Scope::Full,
+        );
+        let changes: Vec<_> = plan.host_changes().collect();
+        assert_eq!(changes, [(1, HostChange::Insert { new: 5 })]);
+    }
+
+    #[test]
+    fn non_referrer_holding_a_bonus_is_revoked() {
+        let plan = Plan::build(vec![], vec![result(7, 3, 5)], &[(7, 5), (8, 0)], Scope::Full);
+        assert_eq!(plan.entries.len(), 1, "user 8 holds nothing and needs no entry");
+        let e = &plan.entries[0];
+        assert_eq!(e.desired, RewardResult::zero(7));
+        assert_eq!(e.host_change(), Some(HostChange::Update { old: 5, new: 0 }));
+        let stats = plan.stats();
+        assert_eq!((stats.rewards_down, stats.bonus_delta), (1, -5));
+    }
+
+    #[test]
+    fn ledger_has_one_row_per_changed_value_and_skips_conflicts() {
+        let mut desired = result(1, 3, 5);
+        desired.badge = Some("verified_referrer".into());
+        let plan = Plan::build(vec![desired], vec![], &[(1, 0)], Scope::Full);
+        let fields: Vec<_> = plan.ledger(|_| true).iter().map(|c| c.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "referred_users_total",
+                "qualified_referrals",
+                "bonus_slots",
+                "badge",
+                HOST_FIELD
+            ]
+        );
+        assert_eq!(plan.ledger(|_| false).len(), 4);
+    }
+
+    #[test]
+    fn digest_changes_when_one_result_changes() {
+        let a = Plan::build(vec![result(1, 3, 5), result(2, 0, 0)], vec![], &[], Scope::Full);
+        let b = Plan::build(vec![result(1, 3, 5), result(2, 1, 0)], vec![], &[], Scope::Full);
+        let c = Plan::build(vec![result(2, 0, 0), result(1, 3, 5)], vec![], &[], Scope::Full);
+        assert_ne!(a.digest, b.digest);
+        assert_eq!(a.digest, c.digest);
+    }
+
+    #[test]
+    fn canonical_line_is_documented_form() {
+        let mut d = result(42, 3, 5);
+        d.referred_users_total = 5;
+        d.badge = Some("verified_referrer".into());
+        let e = PlanEntry {
+            desired: d,
+            stored: None,
+            host: HostBonus::NoSubscription,
+        };
+        assert_eq!(canonical_line(&e), "[42,5,3,0,0,0,0,0,5,\"verified_referrer\",0]\n");
+    }
+}

@@ -1,0 +1,245 @@
+//! The database: reads a snapshot, applies a plan, keeps the run history and the lock.
+//!
+//! One implementation per backend, chosen once from the URL scheme. The store knows nothing
+//! of the rules: it reads rows and writes what a [`Plan`] says.
+
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use crate::config::NewSubscriptionConfig;
+use crate::demo::DemoSpec;
+use crate::instant::Instant;
+use crate::plan::{Plan, PlanStats};
+use crate::snapshot::{Scope, Snapshot};
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the database {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("{what}: {message}")]
+    Sql { what: &'static str, message: String },
+    #[error("{table}.{column} of {table} row {row}: {value:?} is not a time")]
+    BadTime {
+        table: &'static str,
+        column: &'static str,
+        row: i64,
+        value: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Wraps a driver error, adding the fix for the most common setup mistake.
+    pub(crate) fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+        move |e| {
+            let mut message = one_line(&e.to_string());
+            if message.contains("no such table") || message.contains("does not exist") {
+                message.push_str(
+                    " (run `referral-rewards migrate`, plus `--with-reference-schema` for a demo database)",
+                );
+            }
+            StoreError::Sql { what, message }
+        }
+    }
+}
+
+pub(crate) fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// How to open the database.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// A dry run opens SQLite with `mode=ro` and never writes on PostgreSQL.
+    pub read_only: bool,
+    pub busy_timeout: Duration,
+}
+
+/// A run's row in `reward_runs`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub mode: String,
+    pub referrer_user_id: Option<i64>,
+    pub as_of: Instant,
+    pub started_at: Instant,
+    pub finished_at: Option<Instant>,
+    pub status: String,
+    pub referrers_processed: Option<i64>,
+    pub rewards_up: Option<i64>,
+    pub rewards_down: Option<i64>,
+    pub bonus_delta: Option<i64>,
+    pub reward_rows_written: Option<i64>,
+    pub host_values_written: Option<i64>,
+    pub conflicts: Option<i64>,
+    pub digest: Option<String>,
+    pub error: Option<String>,
+}
+
+/// What a run records in its row when it succeeds.
+#[derive(Debug, Clone)]
+pub struct RunFinish {
+    pub stats: PlanStats,
+    /// JSON object: outcome name → count.
+    pub outcome_counts: String,
+    pub digest: String,
+}
+
+/// What an apply wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub reward_rows_written: u64,
+    pub host_values_written: u64,
+    pub ledger_rows_written: u64,
+    /// Users whose host column changed between snapshot and write: left for the next run.
+    pub conflicts: Vec<i64>,
+}
+
+/// Held for the whole of an applying run; dropping it releases the lock.
+pub enum RunLock {
+    /// SQLite: an exclusive `flock` on `<database>.lock`, released by the OS if we die.
+    File(#[allow(dead_code)] std::fs::File),
+    /// PostgreSQL: a session advisory lock on a dedicated connection, released when the
+    /// connection closes, so a killed process never leaves it behind.
+    Postgres(#[allow(dead_code)] sqlx::PgConnection),
+}
+
+pub enum Store {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl Store {
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Store, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Store::Sqlite(SqliteStore::connect(url, opts).await?))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Store::Postgres(PgStore::connect(url, opts).await?))
+        } else {
+            Err(StoreError::Invalid(format!(
+                "database URL must start with sqlite:// or postgres://, got {url:?}"
+            )))
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Creates the job-owned tables, and the reference host tables when asked.
+    pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.migrate(with_reference_schema).await,
+            Store::Postgres(s) => s.migrate(with_reference_schema).await,
+        }
+    }
+
+    /// One consistent read of everything a run computes from. `window` is the inclusive IP
+    /// window of the rules.
+    pub async fn snapshot(
+        &self,
+        scope: Scope,
+        window: (Instant, Instant),
+    ) -> Result<Snapshot, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.snapshot(scope, window).await,
+            Store::Postgres(s) => s.snapshot(scope, window).await,
+        }
+    }
+
+    /// Whether the user exists at all (for `--referrer` on an unknown id).
+    pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.user_exists(id).await,
+            Store::Postgres(s) => s.user_exists(id).await,
+        }
+    }
+
+    /// The applying-run lock: `None` when another run holds it.
+    pub async fn try_lock(&self) -> Result<Option<RunLock>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.try_lock(),
+            Store::Postgres(s) => s.try_lock().await,
+        }
+    }
+
+    /// Under the lock, any `running` row belongs to a process that died: mark it `abandoned`.
+    pub async fn abandon_orphans(&self, _lock: &RunLock, now: Instant) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.abandon_orphans(now).await,
+            Store::Postgres(s) => s.abandon_orphans(now).await,
+        }
+    }
+
+    pub async fn start_run(&self, scope: Scope, as_of: Instant, now: Instant) -> Result<i64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.start_run(scope, as_of, now).await,
+            Store::Postgres(s) => s.start_run(scope, as_of, now).await,
+        }
+    }
+
+    /// Writes the plan in one transaction and marks the run succeeded in the same commit.
+    pub async fn apply(
+        &self,
+        plan: &Plan,
+        run_id: i64,
+        as_of: Instant,
+        new_subscription: &NewSubscriptionConfig,
+        finish: &RunFinish,
+    ) -> Result<ApplyOutcome, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.apply(plan, run_id, as_of, new_subscription, finish).await,
+            Store::Postgres(s) => s.apply(plan, run_id, as_of, new_subscription, finish).await,
+        }
+    }
+
+    pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.fail_run(run_id, error, now).await,
+            Store::Postgres(s) => s.fail_run(run_id, error, now).await,
+        }
+    }
+
+    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.runs(limit).await,
+            Store::Postgres(s) => s.runs(limit).await,
+        }
+    }
+
+    /// Fills the host tables with `demo-data`, in bulk. Returns (users, subscriptions, events).
+    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.load_demo(spec).await,
+            Store::Postgres(s) => s.load_demo(spec).await,
+        }
+    }
+
+    pub async fn close(self) {
+        match self {
+            Store::Sqlite(s) => s.pool.close().await,
+            Store::Postgres(s) => s.pool.close().await,
+        }
+    }
+}
+
+/// Rows per bulk statement when loading demo data.
+pub(crate) const DEMO_CHUNK_USERS: i64 = 20_000;
+
+/// Host column values are INTEGER: refuse a bonus that does not fit rather than wrap it.
+pub(crate) fn host_int(user_id: i64, v: i64) -> Result<i32, StoreError> {
+    i32::try_from(v).map_err(|_| {
+        StoreError::Invalid(format!(
+            "bonus {v} of user {user_id} does not fit subscriptions.referral_bonus_domains (INTEGER)"
+        ))
+    })
+}

@@ -1,0 +1,529 @@
+//! PostgreSQL: production. The session runs in UTC so that `TIMESTAMP` and `TIMESTAMPTZ` host
+//! columns read and compare as the same instants; the snapshot is one repeatable-read
+//! transaction; writes are set-based (`UNNEST` arrays), one statement per kind of write.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+
+use super::{
+    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError, host_int,
+};
+use crate::config::NewSubscriptionConfig;
+use crate::demo::DemoSpec;
+use crate::instant::{self, Instant};
+use crate::plan::{HostChange, Plan};
+use crate::rewards::RewardResult;
+use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Subscription};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/postgres");
+
+/// The advisory lock key of applying runs ("referral-rewards" as 8 bytes, big-endian).
+pub const LOCK_KEY: i64 = 0x7265_6665_7272_616c;
+
+pub struct PgStore {
+    pub(super) pool: PgPool,
+    options: PgConnectOptions,
+}
+
+fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    StoreError::sql(what)
+}
+
+fn dt(t: Instant) -> DateTime<Utc> {
+    instant::to_datetime(t)
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self, StoreError> {
+        let connect_err = |e: sqlx::Error| StoreError::Connect {
+            url: redact(url),
+            message: super::one_line(&e.to_string()),
+        };
+        let mut options = PgConnectOptions::from_str(url)
+            .map_err(connect_err)?
+            .application_name("referral-rewards")
+            .options([("TimeZone", "UTC")]);
+        if opts.read_only {
+            options = options.options([("default_transaction_read_only", "on")]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await
+            .map_err(connect_err)?;
+        Ok(Self { pool, options })
+    }
+
+    pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
+        if with_reference_schema {
+            sqlx::raw_sql(include_str!("../../sql/reference/postgres.sql"))
+                .execute(&self.pool)
+                .await
+                .map_err(q("creating the reference schema"))?;
+        }
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
+            what: "running migrations",
+            message: super::one_line(&e.to_string()),
+        })
+    }
+
+    pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
+        let row: Option<bool> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading users"))?;
+        Ok(row.is_some())
+    }
+
+    pub async fn snapshot(&self, scope: Scope, window: (Instant, Instant)) -> Result<Snapshot, StoreError> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(q("starting the snapshot"))?;
+        let mut snap = Snapshot::default();
+        let one = scope.referrer();
+
+        snap.referrers = match one {
+            None => sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrers.sql"))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("reading referrers"))?,
+            Some(id) => {
+                let r: Option<bool> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(q("reading the referrer"))?;
+                if r == Some(true) { vec![id] } else { vec![] }
+            }
+        };
+        let referrer_in_scope = one.is_none() || !snap.referrers.is_empty();
+
+        if referrer_in_scope {
+            let rows: Vec<PgRow> = match one {
+                Some(id) => sqlx::query(include_str!("../../sql/queries/postgres/referred_one.sql"))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await,
+                None => sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
+                    .fetch_all(&mut *tx)
+                    .await,
+            }
+            .map_err(q("reading referred users"))?;
+            let mut interner = Interner::default();
+            snap.referred.reserve(rows.len());
+            for r in &rows {
+                snap.referred.push(referred_from_row(r, &mut interner).map_err(q("decoding referred users"))?);
+            }
+
+            snap.registrations = match one {
+                None => sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
+                    .fetch_all(&mut *tx)
+                    .await,
+                Some(id) => sqlx::query_as(include_str!("../../sql/queries/postgres/registrations_one.sql"))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await,
+            }
+            .map_err(q("reading registration events"))?;
+
+            snap.referrer_events = match one {
+                None => sqlx::query_as(include_str!("../../sql/queries/postgres/referrer_events.sql"))
+                    .bind(dt(window.0))
+                    .bind(dt(window.1))
+                    .fetch_all(&mut *tx)
+                    .await,
+                Some(id) => sqlx::query_as(include_str!("../../sql/queries/postgres/referrer_events_one.sql"))
+                    .bind(dt(window.0))
+                    .bind(dt(window.1))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await,
+            }
+            .map_err(q("reading referrer events"))?;
+        }
+
+        snap.stored_rewards = match one {
+            None => sqlx::query(include_str!("../../sql/queries/postgres/stored_rewards.sql"))
+                .fetch_all(&mut *tx)
+                .await,
+            Some(id) => sqlx::query(include_str!("../../sql/queries/postgres/stored_rewards_one.sql"))
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await,
+        }
+        .map_err(q("reading referral_rewards"))?
+        .iter()
+        .map(reward_from_row)
+        .collect::<Result<_, _>>()
+        .map_err(q("decoding referral_rewards"))?;
+
+        snap.host_bonus = match one {
+            None => sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
+                .fetch_all(&mut *tx)
+                .await,
+            Some(id) => sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus_one.sql"))
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await,
+        }
+        .map_err(q("reading subscriptions"))?;
+
+        tx.commit().await.map_err(q("ending the snapshot"))?;
+        Ok(snap)
+    }
+
+    pub async fn try_lock(&self) -> Result<Option<RunLock>, StoreError> {
+        let mut conn = sqlx::PgConnection::connect_with(&self.options)
+            .await
+            .map_err(q("connecting for the run lock"))?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_KEY)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(q("taking the run lock"))?;
+        Ok(got.then_some(RunLock::Postgres(conn)))
+    }
+
+    pub async fn abandon_orphans(&self, now: Instant) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE reward_runs SET status = 'abandoned', finished_at = $1, \
+             error = 'the process running it ended before it finished' WHERE status = 'running'",
+        )
+        .bind(dt(now))
+        .execute(&self.pool)
+        .await
+        .map_err(q("marking abandoned runs"))?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn start_run(&self, scope: Scope, as_of: Instant, now: Instant) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "INSERT INTO reward_runs (mode, referrer_user_id, as_of, started_at, status) \
+             VALUES ($1, $2, $3, $4, 'running') RETURNING id",
+        )
+        .bind(scope.mode())
+        .bind(scope.referrer())
+        .bind(dt(as_of))
+        .bind(dt(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("recording the run"))
+    }
+
+    pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
+        sqlx::query("UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3")
+            .bind(dt(now))
+            .bind(error)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording the failed run"))?;
+        Ok(())
+    }
+
+    pub async fn apply(
+        &self,
+        plan: &Plan,
+        run_id: i64,
+        as_of: Instant,
+        new_sub: &NewSubscriptionConfig,
+        finish: &RunFinish,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let mut out = ApplyOutcome::default();
+        let mut tx = self.pool.begin().await.map_err(q("starting the write transaction"))?;
+
+        let upserts: Vec<&RewardResult> = plan.reward_upserts().collect();
+        if !upserts.is_empty() {
+            let col = |f: fn(&RewardResult) -> i64| upserts.iter().map(|r| f(r)).collect::<Vec<i64>>();
+            let r = sqlx::query(include_str!("../../sql/queries/postgres/upsert_rewards.sql"))
+                .bind(col(|r| r.referrer_user_id))
+                .bind(col(|r| r.referred_users_total))
+                .bind(col(|r| r.qualified_referrals))
+                .bind(col(|r| r.disqualified_self_referral))
+                .bind(col(|r| r.disqualified_cooldown))
+                .bind(col(|r| r.disqualified_missing_ip))
+                .bind(col(|r| r.disqualified_shared_ip))
+                .bind(col(|r| r.disqualified_duplicate_ip))
+                .bind(col(|r| r.bonus_slots))
+                .bind(upserts.iter().map(|r| r.badge.clone()).collect::<Vec<Option<String>>>())
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("writing referral_rewards"))?;
+            out.reward_rows_written = r.rows_affected();
+        }
+
+        let (mut up_ids, mut up_old, mut up_new) = (vec![], vec![], vec![]);
+        let (mut in_ids, mut in_new) = (vec![], vec![]);
+        for (user, change) in plan.host_changes() {
+            match change {
+                HostChange::Update { old, new } => {
+                    up_ids.push(user);
+                    up_old.push(host_int(user, old)?);
+                    up_new.push(host_int(user, new)?);
+                }
+                HostChange::Insert { new } => {
+                    in_ids.push(user);
+                    in_new.push(host_int(user, new)?);
+                }
+            }
+        }
+        let mut applied: HashSet<i64> = HashSet::new();
+        if !up_ids.is_empty() {
+            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/update_host.sql"))
+                .bind(up_ids)
+                .bind(up_old)
+                .bind(up_new)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("writing subscriptions.referral_bonus_domains"))?;
+            applied.extend(ids);
+        }
+        if !in_ids.is_empty() {
+            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/insert_host.sql"))
+                .bind(in_ids)
+                .bind(in_new)
+                .bind(&new_sub.tier)
+                .bind(&new_sub.status)
+                .bind(new_sub.max_domains as i32)
+                .bind(dt(as_of))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("creating subscriptions"))?;
+            applied.extend(ids);
+        }
+        out.host_values_written = applied.len() as u64;
+        out.conflicts = plan
+            .host_changes()
+            .map(|(u, _)| u)
+            .filter(|u| !applied.contains(u))
+            .collect();
+
+        let ledger = plan.ledger(|u| applied.contains(&u));
+        out.ledger_rows_written = ledger.len() as u64;
+        if !ledger.is_empty() {
+            sqlx::query(include_str!("../../sql/queries/postgres/insert_changes.sql"))
+                .bind(run_id)
+                .bind(ledger.iter().map(|c| c.referrer_user_id).collect::<Vec<_>>())
+                .bind(ledger.iter().map(|c| c.field.to_owned()).collect::<Vec<_>>())
+                .bind(ledger.iter().map(|c| c.old_value.clone()).collect::<Vec<_>>())
+                .bind(ledger.iter().map(|c| c.new_value.clone()).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("writing reward_changes"))?;
+        }
+
+        let s = &finish.stats;
+        sqlx::query(
+            "UPDATE reward_runs SET status = 'succeeded', finished_at = now(), referrers_processed = $1, \
+             rewards_up = $2, rewards_down = $3, bonus_delta = $4, reward_rows_written = $5, \
+             host_values_written = $6, conflicts = $7, outcome_counts = $8, digest = $9 WHERE id = $10",
+        )
+        .bind(s.referrers as i64)
+        .bind(s.rewards_up as i64)
+        .bind(s.rewards_down as i64)
+        .bind(s.bonus_delta)
+        .bind(out.reward_rows_written as i64)
+        .bind(out.host_values_written as i64)
+        .bind(out.conflicts.len() as i64)
+        .bind(&finish.outcome_counts)
+        .bind(&finish.digest)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("recording the run"))?;
+
+        tx.commit().await.map_err(q("committing the run"))?;
+        Ok(out)
+    }
+
+    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
+             referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
+             host_values_written, conflicts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading reward_runs"))?;
+        rows.iter()
+            .map(|r| -> Result<RunRow, sqlx::Error> {
+                let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
+                    Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?.map(instant::from_datetime))
+                };
+                Ok(RunRow {
+                    id: r.try_get(0)?,
+                    mode: r.try_get(1)?,
+                    referrer_user_id: r.try_get(2)?,
+                    as_of: t(3)?.unwrap_or_default(),
+                    started_at: t(4)?.unwrap_or_default(),
+                    finished_at: t(5)?,
+                    status: r.try_get(6)?,
+                    referrers_processed: r.try_get(7)?,
+                    rewards_up: r.try_get(8)?,
+                    rewards_down: r.try_get(9)?,
+                    bonus_delta: r.try_get(10)?,
+                    reward_rows_written: r.try_get(11)?,
+                    host_values_written: r.try_get(12)?,
+                    conflicts: r.try_get(13)?,
+                    digest: r.try_get(14)?,
+                    error: r.try_get(15)?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(q("decoding reward_runs"))
+    }
+
+    /// Loads with `COPY … FROM STDIN` (text format) in one transaction.
+    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(q("connecting"))?;
+        let mut tx = conn.begin().await.map_err(q("loading demo data"))?;
+        // Referrers may have larger ids than the users they refer: check keys at commit.
+        sqlx::query("SET CONSTRAINTS ALL DEFERRED")
+            .execute(&mut *tx)
+            .await
+            .map_err(q("loading demo data"))?;
+        let (mut nu, mut ns, mut ne) = (0, 0, 0);
+        let mut from = 1;
+        while from <= spec.users {
+            let c = spec.chunk(from, from + DEMO_CHUNK_USERS);
+            from += DEMO_CHUNK_USERS;
+            let mut buf = String::new();
+            for u in &c.users {
+                copy_row(&mut buf, &[
+                    Some(u.id.to_string()),
+                    Some(u.email.clone()),
+                    Some(instant::to_sql_text(u.created_at)),
+                    Some(u.is_active.to_string()),
+                    Some(u.is_verified.to_string()),
+                    u.invite_code.clone(),
+                    u.referred_by_user_id.map(|r| r.to_string()),
+                ]);
+            }
+            nu += copy_in(&mut tx, "COPY users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) FROM STDIN", buf).await?;
+            let mut buf = String::new();
+            for s in &c.subscriptions {
+                copy_row(&mut buf, &[
+                    Some(s.user_id.to_string()),
+                    Some(s.tier.to_owned()),
+                    Some(s.status.to_owned()),
+                    Some(s.max_domains.to_string()),
+                    Some(s.referral_bonus_domains.to_string()),
+                    s.started_at.map(instant::to_sql_text),
+                    s.expires_at.map(instant::to_sql_text),
+                ]);
+            }
+            ns += copy_in(&mut tx, "COPY subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) FROM STDIN", buf).await?;
+            let mut buf = String::new();
+            for e in &c.events {
+                copy_row(&mut buf, &[
+                    Some(e.id.to_string()),
+                    e.user_id.map(|u| u.to_string()),
+                    Some(e.event_name.to_owned()),
+                    e.ip_hash.clone(),
+                    Some(instant::to_sql_text(e.created_at)),
+                ]);
+            }
+            ne += copy_in(&mut tx, "COPY telemetry_events (id, user_id, event_name, ip_hash, created_at) FROM STDIN", buf).await?;
+        }
+        tx.commit().await.map_err(q("committing demo data"))?;
+        sqlx::query("ANALYZE users, subscriptions, telemetry_events")
+            .execute(&mut *conn)
+            .await
+            .map_err(q("analyzing demo data"))?;
+        Ok((nu, ns, ne))
+    }
+}
+
+async fn copy_in(conn: &mut sqlx::PgConnection, statement: &str, data: String) -> Result<u64, StoreError> {
+    let mut copy = conn.copy_in_raw(statement).await.map_err(q("loading demo data"))?;
+    copy.send(data.into_bytes()).await.map_err(q("loading demo data"))?;
+    copy.finish().await.map_err(q("loading demo data"))
+}
+
+/// One row of COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
+fn copy_row(buf: &mut String, fields: &[Option<String>]) {
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            buf.push('\t');
+        }
+        match f {
+            None => buf.push_str("\\N"),
+            Some(s) => {
+                for ch in s.chars() {
+                    match ch {
+                        '\\' => buf.push_str("\\\\"),
+                        '\t' => buf.push_str("\\t"),
+                        '\n' => buf.push_str("\\n"),
+                        '\r' => buf.push_str("\\r"),
+                        c => buf.push(c),
+                    }
+                }
+            }
+        }
+    }
+    buf.push('\n');
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, sqlx::Error> {
+    let id: i64 = r.try_get(0)?;
+    let has_sub: bool = r.try_get(5)?;
+    let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
+        Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?.map(instant::from_datetime))
+    };
+    let subscription = if has_sub {
+        let tier: Option<&str> = r.try_get(6)?;
+        let status: Option<&str> = r.try_get(7)?;
+        Some(Subscription {
+            tier: interner.intern(tier.unwrap_or_default()),
+            status: interner.intern(status.unwrap_or_default()),
+            started_at: t(8)?,
+            expires_at: t(9)?,
+        })
+    } else {
+        None
+    };
+    Ok(ReferredUser {
+        id,
+        referrer_id: r.try_get(1)?,
+        created_at: instant::from_datetime(r.try_get::<DateTime<Utc>, _>(2)?),
+        is_active: r.try_get(3)?,
+        is_verified: r.try_get(4)?,
+        subscription,
+    })
+}
+
+fn reward_from_row(r: &PgRow) -> Result<RewardResult, sqlx::Error> {
+    Ok(RewardResult {
+        referrer_user_id: r.try_get(0)?,
+        referred_users_total: r.try_get(1)?,
+        qualified_referrals: r.try_get(2)?,
+        disqualified_self_referral: r.try_get(3)?,
+        disqualified_cooldown: r.try_get(4)?,
+        disqualified_missing_ip: r.try_get(5)?,
+        disqualified_shared_ip: r.try_get(6)?,
+        disqualified_duplicate_ip: r.try_get(7)?,
+        bonus_slots: r.try_get(8)?,
+        badge: r.try_get(9)?,
+    })
+}

@@ -1,0 +1,544 @@
+//! SQLite: the embedded default. Times are ISO-8601 text, parsed into instants in Rust;
+//! set-based writes go through `json_each`, one statement per kind of write.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde_json::json;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, Row};
+
+use super::{
+    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError, host_int,
+};
+use crate::config::NewSubscriptionConfig;
+use crate::demo::DemoSpec;
+use crate::instant::{self, Instant};
+use crate::plan::{HostChange, Plan};
+use crate::rewards::RewardResult;
+use crate::rules;
+use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Subscription};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite");
+
+pub struct SqliteStore {
+    pub(super) pool: SqlitePool,
+    /// `None` for an in-memory database (no lock file is possible; one process only).
+    path: Option<PathBuf>,
+}
+
+fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    StoreError::sql(what)
+}
+
+fn time(table: &'static str, column: &'static str, row: i64, value: &str) -> Result<Instant, StoreError> {
+    instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
+        table,
+        column,
+        row,
+        value: value.to_owned(),
+    })
+}
+
+fn opt_time(
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+    value: Option<&str>,
+) -> Result<Option<Instant>, StoreError> {
+    value.map(|v| time(table, column, row, v)).transpose()
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self, StoreError> {
+        let connect_err = |e: sqlx::Error| StoreError::Connect {
+            url: url.to_owned(),
+            message: super::one_line(&e.to_string()),
+        };
+        let mut options = SqliteConnectOptions::from_str(url)
+            .map_err(connect_err)?
+            .busy_timeout(opts.busy_timeout);
+        options = if opts.read_only {
+            options.read_only(true)
+        } else {
+            options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+        };
+        let path = options.get_filename().to_path_buf();
+        let in_memory = url.contains(":memory:") || path.as_os_str().is_empty();
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(connect_err)?;
+        Ok(Self {
+            pool,
+            path: (!in_memory).then_some(path),
+        })
+    }
+
+    pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
+        if with_reference_schema {
+            sqlx::raw_sql(include_str!("../../sql/reference/sqlite.sql"))
+                .execute(&self.pool)
+                .await
+                .map_err(q("creating the reference schema"))?;
+        }
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Sql {
+                what: "running migrations",
+                message: super::one_line(&e.to_string()),
+            })
+    }
+
+    pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
+        let row: Option<(bool,)> = sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading users"))?;
+        Ok(row.is_some())
+    }
+
+    pub async fn snapshot(&self, scope: Scope, window: (Instant, Instant)) -> Result<Snapshot, StoreError> {
+        // A deferred transaction: every read below sees the same committed state (WAL).
+        let mut tx = self.pool.begin().await.map_err(q("starting the snapshot"))?;
+        let mut snap = Snapshot::default();
+        let one = scope.referrer();
+
+        snap.referrers = match one {
+            None => sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrers.sql"))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("reading referrers"))?,
+            Some(id) => {
+                let r: Option<bool> = sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(q("reading the referrer"))?;
+                if r == Some(true) { vec![id] } else { vec![] }
+            }
+        };
+        let referrer_in_scope = one.is_none() || !snap.referrers.is_empty();
+
+        type ReferredRow = (i64, i64, String, bool, bool, bool, Option<String>, Option<String>, Option<String>, Option<String>);
+        let rows: Vec<ReferredRow> = if !referrer_in_scope {
+            vec![]
+        } else if let Some(id) = one {
+            sqlx::query_as(include_str!("../../sql/queries/sqlite/referred_one.sql"))
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("reading referred users"))?
+        } else {
+            sqlx::query_as(include_str!("../../sql/queries/sqlite/referred.sql"))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("reading referred users"))?
+        };
+        let mut interner = Interner::default();
+        snap.referred.reserve(rows.len());
+        for (id, referrer_id, created_at, is_active, is_verified, has_sub, tier, status, started_at, expires_at) in rows {
+            let subscription = if has_sub {
+                Some(Subscription {
+                    tier: interner.intern(tier.as_deref().unwrap_or_default()),
+                    status: interner.intern(status.as_deref().unwrap_or_default()),
+                    started_at: opt_time("subscriptions", "started_at", id, started_at.as_deref())?,
+                    expires_at: opt_time("subscriptions", "expires_at", id, expires_at.as_deref())?,
+                })
+            } else {
+                None
+            };
+            snap.referred.push(ReferredUser {
+                id,
+                referrer_id,
+                created_at: time("users", "created_at", id, &created_at)?,
+                is_active,
+                is_verified,
+                subscription,
+            });
+        }
+
+        if referrer_in_scope {
+            snap.registrations = match one {
+                None => sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations.sql"))
+                    .fetch_all(&mut *tx)
+                    .await,
+                Some(id) => sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations_one.sql"))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await,
+            }
+            .map_err(q("reading registration events"))?;
+
+            // Whole dates around the window as text; the exact bounds are checked below.
+            let lo = instant::date_text(window.0);
+            let hi = instant::date_text(window.1 + instant::MICROS_PER_DAY);
+            let events: Vec<(i64, String, String)> = match one {
+                None => sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events.sql"))
+                    .bind(&lo)
+                    .bind(&hi)
+                    .fetch_all(&mut *tx)
+                    .await,
+                Some(id) => sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events_one.sql"))
+                    .bind(&lo)
+                    .bind(&hi)
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await,
+            }
+            .map_err(q("reading referrer events"))?;
+            let mut seen = HashSet::new();
+            for (user, ip, at) in events {
+                let at = time("telemetry_events", "created_at", user, &at)?;
+                if rules::in_ip_window(at, window) && seen.insert((user, ip.clone())) {
+                    snap.referrer_events.push((user, ip));
+                }
+            }
+        }
+
+        snap.stored_rewards = match one {
+            None => sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards.sql"))
+                .fetch_all(&mut *tx)
+                .await,
+            Some(id) => sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards_one.sql"))
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await,
+        }
+        .map_err(q("reading referral_rewards"))?
+        .iter()
+        .map(reward_from_row)
+        .collect::<Result<_, _>>()
+        .map_err(q("decoding referral_rewards"))?;
+
+        snap.host_bonus = match one {
+            None => sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus.sql"))
+                .fetch_all(&mut *tx)
+                .await,
+            Some(id) => sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus_one.sql"))
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await,
+        }
+        .map_err(q("reading subscriptions"))?;
+
+        tx.commit().await.map_err(q("ending the snapshot"))?;
+        Ok(snap)
+    }
+
+    pub fn try_lock(&self) -> Result<Option<RunLock>, StoreError> {
+        let Some(path) = &self.path else {
+            return Err(StoreError::Invalid(
+                "an in-memory SQLite database cannot be reconciled with a lock; use a file".into(),
+            ));
+        };
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::Invalid(format!("cannot open lock file {}: {e}", PathBuf::from(&lock_path).display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(RunLock::File(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Invalid(format!(
+                "cannot lock {}: {e}",
+                PathBuf::from(&lock_path).display()
+            ))),
+        }
+    }
+
+    pub async fn abandon_orphans(&self, now: Instant) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE reward_runs SET status = 'abandoned', finished_at = $1, \
+             error = 'the process running it ended before it finished' WHERE status = 'running'",
+        )
+        .bind(instant::to_sql_text(now))
+        .execute(&self.pool)
+        .await
+        .map_err(q("marking abandoned runs"))?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn start_run(&self, scope: Scope, as_of: Instant, now: Instant) -> Result<i64, StoreError> {
+        sqlx::query_scalar(
+            "INSERT INTO reward_runs (mode, referrer_user_id, as_of, started_at, status) \
+             VALUES ($1, $2, $3, $4, 'running') RETURNING id",
+        )
+        .bind(scope.mode())
+        .bind(scope.referrer())
+        .bind(instant::to_sql_text(as_of))
+        .bind(instant::to_sql_text(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("recording the run"))
+    }
+
+    pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
+        sqlx::query("UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3")
+            .bind(instant::to_sql_text(now))
+            .bind(error)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording the failed run"))?;
+        Ok(())
+    }
+
+    pub async fn apply(
+        &self,
+        plan: &Plan,
+        run_id: i64,
+        as_of: Instant,
+        new_sub: &NewSubscriptionConfig,
+        finish: &RunFinish,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let mut out = ApplyOutcome::default();
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q("starting the write transaction"))?;
+        let now = instant::to_sql_text(instant::from_datetime(chrono::Utc::now()));
+
+        let upserts: Vec<_> = plan
+            .reward_upserts()
+            .map(|r| {
+                json!([
+                    r.referrer_user_id,
+                    r.referred_users_total,
+                    r.qualified_referrals,
+                    r.disqualified_self_referral,
+                    r.disqualified_cooldown,
+                    r.disqualified_missing_ip,
+                    r.disqualified_shared_ip,
+                    r.disqualified_duplicate_ip,
+                    r.bonus_slots,
+                    r.badge
+                ])
+            })
+            .collect();
+        if !upserts.is_empty() {
+            let r = sqlx::query(include_str!("../../sql/queries/sqlite/upsert_rewards.sql"))
+                .bind(serde_json::Value::Array(upserts).to_string())
+                .bind(run_id)
+                .bind(&now)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("writing referral_rewards"))?;
+            out.reward_rows_written = r.rows_affected();
+        }
+
+        let mut updates = Vec::new();
+        let mut inserts = Vec::new();
+        for (user, change) in plan.host_changes() {
+            match change {
+                HostChange::Update { old, new } => {
+                    updates.push(json!([user, host_int(user, old)?, host_int(user, new)?]))
+                }
+                HostChange::Insert { new } => inserts.push(json!([user, host_int(user, new)?])),
+            }
+        }
+        let mut applied: HashSet<i64> = HashSet::new();
+        if !updates.is_empty() {
+            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/sqlite/update_host.sql"))
+                .bind(serde_json::Value::Array(updates).to_string())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("writing subscriptions.referral_bonus_domains"))?;
+            applied.extend(ids);
+        }
+        if !inserts.is_empty() {
+            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/sqlite/insert_host.sql"))
+                .bind(serde_json::Value::Array(inserts).to_string())
+                .bind(&new_sub.tier)
+                .bind(&new_sub.status)
+                .bind(new_sub.max_domains)
+                .bind(instant::to_sql_text(as_of))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("creating subscriptions"))?;
+            applied.extend(ids);
+        }
+        out.host_values_written = applied.len() as u64;
+        out.conflicts = plan
+            .host_changes()
+            .map(|(u, _)| u)
+            .filter(|u| !applied.contains(u))
+            .collect();
+
+        let ledger: Vec<_> = plan
+            .ledger(|u| applied.contains(&u))
+            .into_iter()
+            .map(|c| json!([c.referrer_user_id, c.field, c.old_value, c.new_value]))
+            .collect();
+        out.ledger_rows_written = ledger.len() as u64;
+        if !ledger.is_empty() {
+            sqlx::query(include_str!("../../sql/queries/sqlite/insert_changes.sql"))
+                .bind(run_id)
+                .bind(serde_json::Value::Array(ledger).to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("writing reward_changes"))?;
+        }
+
+        let s = &finish.stats;
+        sqlx::query(
+            "UPDATE reward_runs SET status = 'succeeded', finished_at = $1, referrers_processed = $2, \
+             rewards_up = $3, rewards_down = $4, bonus_delta = $5, reward_rows_written = $6, \
+             host_values_written = $7, conflicts = $8, outcome_counts = $9, digest = $10 WHERE id = $11",
+        )
+        .bind(&now)
+        .bind(s.referrers as i64)
+        .bind(s.rewards_up as i64)
+        .bind(s.rewards_down as i64)
+        .bind(s.bonus_delta)
+        .bind(out.reward_rows_written as i64)
+        .bind(out.host_values_written as i64)
+        .bind(out.conflicts.len() as i64)
+        .bind(&finish.outcome_counts)
+        .bind(&finish.digest)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(q("recording the run"))?;
+
+        tx.commit().await.map_err(q("committing the run"))?;
+        Ok(out)
+    }
+
+    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
+             referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
+             host_values_written, conflicts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading reward_runs"))?;
+        rows.iter()
+            .map(|r| {
+                let id: i64 = r.get(0);
+                let t = |i: usize, col| -> Result<Option<Instant>, StoreError> {
+                    opt_time("reward_runs", col, id, r.get::<Option<String>, _>(i).as_deref())
+                };
+                Ok(RunRow {
+                    id,
+                    mode: r.get(1),
+                    referrer_user_id: r.get(2),
+                    as_of: t(3, "as_of")?.unwrap_or_default(),
+                    started_at: t(4, "started_at")?.unwrap_or_default(),
+                    finished_at: t(5, "finished_at")?,
+                    status: r.get(6),
+                    referrers_processed: r.get(7),
+                    rewards_up: r.get(8),
+                    rewards_down: r.get(9),
+                    bonus_delta: r.get(10),
+                    reward_rows_written: r.get(11),
+                    host_values_written: r.get(12),
+                    conflicts: r.get(13),
+                    digest: r.get(14),
+                    error: r.get(15),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(q("connecting"))?;
+        // Referrers may have larger ids than the users they refer: check keys at the end.
+        sqlx::query("PRAGMA foreign_keys = OFF")
+            .execute(&mut *conn)
+            .await
+            .map_err(q("loading demo data"))?;
+        let mut tx = conn.begin().await.map_err(q("loading demo data"))?;
+        let (mut nu, mut ns, mut ne) = (0, 0, 0);
+        let mut from = 1;
+        while from <= spec.users {
+            let c = spec.chunk(from, from + DEMO_CHUNK_USERS);
+            from += DEMO_CHUNK_USERS;
+            let users: Vec<_> = c
+                .users
+                .iter()
+                .map(|u| {
+                    json!([u.id, u.email, instant::to_sql_text(u.created_at), u.is_active, u.is_verified, u.invite_code, u.referred_by_user_id])
+                })
+                .collect();
+            let subs: Vec<_> = c
+                .subscriptions
+                .iter()
+                .map(|s| {
+                    json!([s.user_id, s.tier, s.status, s.max_domains, s.referral_bonus_domains,
+                           s.started_at.map(instant::to_sql_text), s.expires_at.map(instant::to_sql_text)])
+                })
+                .collect();
+            let events: Vec<_> = c
+                .events
+                .iter()
+                .map(|e| json!([e.id, e.user_id, e.event_name, e.ip_hash, instant::to_sql_text(e.created_at)]))
+                .collect();
+            nu += sqlx::query(
+                "INSERT INTO users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) \
+                 SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6 FROM (SELECT value AS v FROM json_each($1))",
+            )
+            .bind(serde_json::Value::Array(users).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("inserting demo users"))?
+            .rows_affected();
+            ns += sqlx::query(
+                "INSERT INTO subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) \
+                 SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6 FROM (SELECT value AS v FROM json_each($1))",
+            )
+            .bind(serde_json::Value::Array(subs).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("inserting demo subscriptions"))?
+            .rows_affected();
+            ne += sqlx::query(
+                "INSERT INTO telemetry_events (id, user_id, event_name, ip_hash, created_at) \
+                 SELECT v->>0, v->>1, v->>2, v->>3, v->>4 FROM (SELECT value AS v FROM json_each($1))",
+            )
+            .bind(serde_json::Value::Array(events).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("inserting demo events"))?
+            .rows_affected();
+        }
+        tx.commit().await.map_err(q("committing demo data"))?;
+        sqlx::query("PRAGMA foreign_keys = ON")
+            .execute(&mut *conn)
+            .await
+            .map_err(q("loading demo data"))?;
+        sqlx::query("ANALYZE")
+            .execute(&mut *conn)
+            .await
+            .map_err(q("analyzing demo data"))?;
+        Ok((nu, ns, ne))
+    }
+}
+
+fn reward_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RewardResult, sqlx::Error> {
+    Ok(RewardResult {
+        referrer_user_id: r.try_get(0)?,
+        referred_users_total: r.try_get(1)?,
+        qualified_referrals: r.try_get(2)?,
+        disqualified_self_referral: r.try_get(3)?,
+        disqualified_cooldown: r.try_get(4)?,
+        disqualified_missing_ip: r.try_get(5)?,
+        disqualified_shared_ip: r.try_get(6)?,
+        disqualified_duplicate_ip: r.try_get(7)?,
+        bonus_slots: r.try_get(8)?,
+        badge: r.try_get(9)?,
+    })
+}

@@ -1,0 +1,192 @@
+//! Human-readable output: the run summary, `explain` and `runs`.
+
+use std::fmt::Write;
+
+use crate::compute::ReferralOutcome;
+use crate::engine::RunReport;
+use crate::instant;
+use crate::plan::PlanEntry;
+use crate::rules::Outcome;
+use crate::store::RunRow;
+
+/// The summary a run prints: referrers processed, rewards up / down, total bonus delta, counts
+/// per outcome, conflicts, the digest and the elapsed time.
+pub fn run_summary(r: &RunReport) -> String {
+    let mut s = String::new();
+    let req = &r.request;
+    let what = match req.scope.referrer() {
+        None => "full run".to_owned(),
+        Some(id) => format!("referrer {id}"),
+    };
+    let mode = if req.dry_run { "dry run, nothing written" } else { "apply" };
+    let _ = writeln!(
+        s,
+        "reconcile {what} ({mode}) on {} as of {}",
+        r.backend,
+        instant::to_rfc3339(req.as_of)
+    );
+    let st = &r.stats;
+    let _ = writeln!(s, "  referrers processed  {}", st.referrers);
+    let _ = writeln!(s, "  rewards up / down    {} / {}", st.rewards_up, st.rewards_down);
+    let _ = writeln!(s, "  total bonus delta    {:+}", st.bonus_delta);
+    let counts = r.computation.outcome_counts();
+    let line = |candidates: bool| {
+        counts
+            .iter()
+            .filter(|(o, _)| o.is_candidate() == candidates)
+            .map(|(o, n)| format!("{} {n}", o.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(s, "  outcomes             {}", line(true));
+    let _ = writeln!(s, "  not candidates       {}", line(false));
+    match &r.applied {
+        None => {
+            let _ = writeln!(
+                s,
+                "  would write          {} referral_rewards rows, {} host values",
+                st.reward_rows_to_write, st.host_values_to_write
+            );
+        }
+        Some(a) => {
+            let _ = writeln!(
+                s,
+                "  written              {} referral_rewards rows, {} host values, {} ledger rows",
+                a.reward_rows_written, a.host_values_written, a.ledger_rows_written
+            );
+            let _ = writeln!(s, "  conflicts            {}", a.conflicts.len());
+            if !a.conflicts.is_empty() {
+                let shown: Vec<String> = a.conflicts.iter().take(10).map(|c| c.to_string()).collect();
+                let _ = writeln!(
+                    s,
+                    "                       host column changed since the snapshot, left for the next run: {}{}",
+                    shown.join(", "),
+                    if a.conflicts.len() > 10 { ", …" } else { "" }
+                );
+            }
+        }
+    }
+    if r.abandoned_runs > 0 {
+        let _ = writeln!(s, "  abandoned runs       {} marked abandoned", r.abandoned_runs);
+    }
+    let _ = writeln!(s, "  digest               {}", r.plan.digest);
+    if let Some(id) = r.run_id {
+        let _ = writeln!(s, "  run                  {id} succeeded");
+    }
+    let _ = writeln!(s, "  elapsed              {:.3} s", r.elapsed.as_secs_f64());
+    if req.scope.referrer().is_some() {
+        for e in &r.plan.entries {
+            s.push_str(&entry_line(e));
+        }
+    }
+    s
+}
+
+/// One referrer's result against its current state.
+pub fn entry_line(e: &PlanEntry) -> String {
+    let d = &e.desired;
+    format!(
+        "  referrer {}: referred {}, qualified {}, self_referral {}, cooldown {}, missing_ip {}, \
+         shared_ip {}, duplicate_ip {}; bonus_slots {} (current {}), badge {}\n",
+        d.referrer_user_id,
+        d.referred_users_total,
+        d.qualified_referrals,
+        d.disqualified_self_referral,
+        d.disqualified_cooldown,
+        d.disqualified_missing_ip,
+        d.disqualified_shared_ip,
+        d.disqualified_duplicate_ip,
+        d.bonus_slots,
+        e.current_bonus_slots(),
+        d.badge.as_deref().unwrap_or("none")
+    )
+}
+
+/// `explain`: every referred user of one referrer with its outcome, as a table.
+pub fn explain(entry: Option<&PlanEntry>, referrals: &[ReferralOutcome], referrer: i64) -> String {
+    let mut s = String::new();
+    match entry {
+        Some(e) => s.push_str(entry_line(e).trim_start()),
+        None => {
+            let _ = writeln!(s, "user {referrer} is not a referrer and holds no reward");
+        }
+    }
+    if referrals.is_empty() {
+        let _ = writeln!(s, "no referred users");
+        return s;
+    }
+    let _ = writeln!(s, "{:>14}  {:<16}  {:>8}  signup_ip", "referred_user", "outcome", "position");
+    for r in referrals {
+        let _ = writeln!(
+            s,
+            "{:>14}  {:<16}  {:>8}  {}",
+            r.referred_user_id,
+            r.outcome.as_str(),
+            r.position.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            r.signup_ip.as_deref().map(|ip| format!("{ip:?}")).unwrap_or_else(|| "-".into()),
+        );
+    }
+    let why: Vec<&str> = Outcome::ALL
+        .iter()
+        .filter(|o| **o != Outcome::Qualified && referrals.iter().any(|r| r.outcome == **o))
+        .map(|o| reason(*o))
+        .collect();
+    if !why.is_empty() {
+        let _ = writeln!(s, "why:");
+        for w in why {
+            let _ = writeln!(s, "  {w}");
+        }
+    }
+    s
+}
+
+/// What each outcome means, for support agents.
+pub fn reason(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Qualified => "qualified: counts towards the reward",
+        Outcome::SelfReferral => "self_referral: the user referred itself",
+        Outcome::Cooldown => "cooldown: signed up or subscribed too recently (rules.cooldown_days)",
+        Outcome::MissingIp => "missing_ip: no usable IP hash on its registration event",
+        Outcome::SharedIp => "shared_ip: signed up from an IP the referrer used in the IP window",
+        Outcome::DuplicateIp => "duplicate_ip: an earlier subscriber of this referrer already qualified from the same IP",
+        Outcome::Inactive => "inactive: the account is not active",
+        Outcome::Unverified => "unverified: the account is not verified",
+        Outcome::NoSubscription => "no_subscription: the user has no subscription",
+        Outcome::Tier => "tier: the subscription tier does not qualify",
+        Outcome::Status => "status: the subscription status does not qualify",
+        Outcome::Expired => "expired: the subscription expired before the as-of time",
+    }
+}
+
+/// `runs`: the run history, newest first.
+pub fn runs_table(runs: &[RunRow]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:>6}  {:<9}  {:<10}  {:<27}  {:<27}  {:>9}  {:>5}  {:>5}  {:>7}  {:>9}  error",
+        "id", "mode", "status", "as_of", "started_at", "referrers", "up", "down", "delta", "conflicts"
+    );
+    let n = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    for r in runs {
+        let mode = match r.referrer_user_id {
+            Some(id) => format!("{}:{id}", r.mode),
+            None => r.mode.clone(),
+        };
+        let _ = writeln!(
+            s,
+            "{:>6}  {:<9}  {:<10}  {:<27}  {:<27}  {:>9}  {:>5}  {:>5}  {:>7}  {:>9}  {}",
+            r.id,
+            mode,
+            r.status,
+            instant::to_rfc3339(r.as_of),
+            instant::to_rfc3339(r.started_at),
+            n(r.referrers_processed),
+            n(r.rewards_up),
+            n(r.rewards_down),
+            n(r.bonus_delta),
+            n(r.conflicts),
+            r.error.as_deref().unwrap_or("")
+        );
+    }
+    s
+}
