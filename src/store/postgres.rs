@@ -323,7 +323,7 @@ impl PgStore {
 
         let s = &finish.stats;
         sqlx::query(
-            "UPDATE reward_runs SET status = 'succeeded', finished_at = now(), referrers_processed = $1, \
+            "UPDATE reward_runs SET status = 'succeeded', finished_at = clock_timestamp(), referrers_processed = $1, \
              rewards_up = $2, rewards_down = $3, bonus_delta = $4, reward_rows_written = $5, \
              host_values_written = $6, conflicts = $7, outcome_counts = $8, digest = $9 WHERE id = $10",
         )

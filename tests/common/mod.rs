@@ -1,0 +1,480 @@
+//! Test databases: a fresh SQLite file or a fresh PostgreSQL database per test, over real
+//! connections, so tests run in parallel and never see each other's rows.
+//!
+//! PostgreSQL comes from `REFERRAL_REWARDS_TEST_PG_URL` (the Makefile sets it). When it is
+//! unreachable, tests fail under `CI=true` and are skipped loudly elsewhere.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use referral_rewards::config::Config;
+use referral_rewards::engine::{self, EngineError, RunReport, RunRequest};
+use referral_rewards::instant::{self, Instant};
+use referral_rewards::snapshot::Scope;
+use referral_rewards::store::{ConnectOptions, Store};
+use sqlx::{AssertSqlSafe, Connection, Row};
+
+pub const PG_ENV: &str = "REFERRAL_REWARDS_TEST_PG_URL";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    /// The reference schema: `TIMESTAMP` columns; the database's TimeZone is far from UTC.
+    PgTimestamp,
+    /// `TIMESTAMPTZ` columns, another far TimeZone, and a case-insensitive ICU collation.
+    PgTimestamptz,
+}
+
+pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::PgTimestamp, Backend::PgTimestamptz];
+
+pub enum Admin {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+}
+
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub admin: Admin,
+    _dir: Option<tempfile::TempDir>,
+    pg_name: Option<String>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn pg_base_url() -> Option<String> {
+    std::env::var(PG_ENV).ok().filter(|u| !u.is_empty())
+}
+
+/// The PostgreSQL server URL, or `None` (with a loud notice) when tests must skip it.
+pub async fn pg_available() -> Option<String> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let Some(url) = pg_base_url() else {
+        assert!(!ci, "CI=true but {PG_ENV} is not set");
+        eprintln!("!!! SKIPPED PostgreSQL: {PG_ENV} is not set (make test sets it)");
+        return None;
+    };
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&url)).await {
+        Ok(Ok(c)) => {
+            let _ = c.close().await;
+            Some(url)
+        }
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            assert!(!ci, "CI=true but PostgreSQL at {url} is unreachable: {why}");
+            eprintln!("!!! SKIPPED PostgreSQL: {url} is unreachable: {why}");
+            None
+        }
+    }
+}
+
+fn with_db(url: &str, db: &str) -> String {
+    let mut u = url::Url::parse(url).expect("PostgreSQL URL");
+    u.set_path(&format!("/{db}"));
+    u.to_string()
+}
+
+impl TestDb {
+    /// A fresh, migrated database with the reference host schema, or `None` if the backend
+    /// is PostgreSQL and it is unavailable outside CI.
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        let db = Self::empty(backend).await?;
+        db.store().await.migrate(true).await.expect("migrate");
+        if backend == Backend::PgTimestamptz {
+            for (table, cols) in [
+                ("users", &["created_at"][..]),
+                ("subscriptions", &["started_at", "expires_at"][..]),
+                ("telemetry_events", &["created_at"][..]),
+            ] {
+                for c in cols {
+                    // The values are UTC instants whatever the session says.
+                    db.exec(&format!(
+                        "ALTER TABLE {table} ALTER COLUMN {c} TYPE TIMESTAMPTZ USING {c} AT TIME ZONE 'UTC'"
+                    ))
+                    .await;
+                }
+            }
+        }
+        Some(db)
+    }
+
+    /// A fresh database with nothing in it.
+    pub async fn empty(backend: Backend) -> Option<TestDb> {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}_{}_{}", std::process::id(), n, rand_suffix());
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let path = dir.path().join("test.db");
+                let url = format!("sqlite://{}", path.display());
+                let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true)
+                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .busy_timeout(Duration::from_secs(10));
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(opts)
+                    .await
+                    .expect("sqlite");
+                Some(TestDb {
+                    backend,
+                    url,
+                    admin: Admin::Sqlite(pool),
+                    _dir: Some(dir),
+                    pg_name: None,
+                })
+            }
+            Backend::PgTimestamp | Backend::PgTimestamptz => {
+                let base = pg_available().await?;
+                let name = format!("rr_test_{tag}");
+                let mut admin = sqlx::PgConnection::connect(&base).await.expect("pg admin");
+                let create = if backend == Backend::PgTimestamptz {
+                    format!(
+                        "CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu \
+                         ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+                    )
+                } else {
+                    format!("CREATE DATABASE {name}")
+                };
+                sqlx::raw_sql(AssertSqlSafe(create)).execute(&mut admin).await.expect("create db");
+                // Sessions default to a time zone far from UTC: the job must not care.
+                let tz = if backend == Backend::PgTimestamp { "Pacific/Chatham" } else { "America/St_Johns" };
+                sqlx::raw_sql(AssertSqlSafe(format!("ALTER DATABASE {name} SET timezone = '{tz}'")))
+                    .execute(&mut admin)
+                    .await
+                    .expect("set tz");
+                let _ = admin.close().await;
+                let url = with_db(&base, &name);
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(&url)
+                    .await
+                    .expect("pg");
+                Some(TestDb {
+                    backend,
+                    url,
+                    admin: Admin::Pg(pool),
+                    _dir: None,
+                    pg_name: Some(name),
+                })
+            }
+        }
+    }
+
+    pub fn is_pg(&self) -> bool {
+        self.backend != Backend::Sqlite
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(
+            &self.url,
+            &ConnectOptions {
+                read_only: false,
+                busy_timeout: Duration::from_secs(10),
+            },
+        )
+        .await
+        .expect("store")
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        let r = match &self.admin {
+            Admin::Sqlite(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(p).await.map(|_| ()),
+            Admin::Pg(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(p).await.map(|_| ()),
+        };
+        r.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match &self.admin {
+            Admin::Sqlite(p) => sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned())).fetch_one(p).await,
+            Admin::Pg(p) => sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned())).fetch_one(p).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Rows of a query with every column cast to text by the caller, as strings.
+    pub async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        fn take<R: Row>(r: &R, n: usize) -> Vec<Option<String>>
+        where
+            for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            (0..n).map(|i| r.get::<Option<String>, _>(i)).collect()
+        }
+        match &self.admin {
+            Admin::Sqlite(p) => sqlx::query(AssertSqlSafe(sql.to_owned()))
+                .fetch_all(p)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| take(r, r.len()))
+                .collect(),
+            Admin::Pg(p) => sqlx::query(AssertSqlSafe(sql.to_owned()))
+                .fetch_all(p)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| take(r, r.len()))
+                .collect(),
+        }
+    }
+
+    /// A time literal for this backend: SPEC's text on SQLite, an explicit UTC instant on
+    /// PostgreSQL (a naive literal would be read in the session's far-away time zone).
+    pub fn ts(&self, t: Instant) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("'{}'", instant::to_sql_text(t)),
+            Backend::PgTimestamp => format!("'{}'::timestamp", instant::to_sql_text(t)),
+            Backend::PgTimestamptz => format!("'{}+00'::timestamptz", instant::to_sql_text(t)),
+        }
+    }
+
+    pub fn opt_ts(&self, t: Option<Instant>) -> String {
+        t.map_or_else(|| "NULL".into(), |t| self.ts(t))
+    }
+
+    pub fn bool(&self, b: bool) -> &'static str {
+        match (self.backend, b) {
+            (Backend::Sqlite, true) => "1",
+            (Backend::Sqlite, false) => "0",
+            (_, true) => "TRUE",
+            (_, false) => "FALSE",
+        }
+    }
+
+    /// Everything a run may write, as text, for before/after comparisons.
+    pub async fn state(&self) -> Vec<Vec<Option<String>>> {
+        let mut all = self
+            .rows(
+                "SELECT 'rr', CAST(referrer_user_id AS TEXT), CAST(referred_users_total AS TEXT), \
+                 CAST(qualified_referrals AS TEXT), CAST(disqualified_self_referral AS TEXT), \
+                 CAST(disqualified_cooldown AS TEXT), CAST(disqualified_missing_ip AS TEXT), \
+                 CAST(disqualified_shared_ip AS TEXT), CAST(disqualified_duplicate_ip AS TEXT), \
+                 CAST(bonus_slots AS TEXT), badge, CAST(last_run_id AS TEXT) \
+                 FROM referral_rewards ORDER BY referrer_user_id",
+            )
+            .await;
+        all.extend(
+            self.rows(
+                "SELECT 'sub', CAST(id AS TEXT), CAST(user_id AS TEXT), tier, status, \
+                 CAST(max_domains AS TEXT), CAST(referral_bonus_domains AS TEXT), \
+                 CAST(started_at AS TEXT), CAST(expires_at AS TEXT) FROM subscriptions ORDER BY user_id",
+            )
+            .await,
+        );
+        all.extend(
+            self.rows(
+                "SELECT 'chg', CAST(run_id AS TEXT), CAST(referrer_user_id AS TEXT), field, old_value, new_value \
+                 FROM reward_changes ORDER BY id",
+            )
+            .await,
+        );
+        all.extend(
+            self.rows("SELECT 'usr', CAST(id AS TEXT), invite_code, CAST(referred_by_user_id AS TEXT) FROM users ORDER BY id")
+                .await,
+        );
+        all
+    }
+
+    /// Host column per user.
+    pub async fn bonus(&self, user: i64) -> Option<i64> {
+        let rows = self
+            .rows(&format!(
+                "SELECT CAST(referral_bonus_domains AS TEXT) FROM subscriptions WHERE user_id = {user}"
+            ))
+            .await;
+        rows.first().and_then(|r| r[0].as_ref()).map(|v| v.parse().unwrap())
+    }
+
+    /// The `referral_rewards` row of a referrer, as text, without its run id.
+    pub async fn reward_row(&self, user: i64) -> Option<Vec<Option<String>>> {
+        self.rows(&format!(
+            "SELECT CAST(referred_users_total AS TEXT), CAST(qualified_referrals AS TEXT), \
+             CAST(disqualified_self_referral AS TEXT), CAST(disqualified_cooldown AS TEXT), \
+             CAST(disqualified_missing_ip AS TEXT), CAST(disqualified_shared_ip AS TEXT), \
+             CAST(disqualified_duplicate_ip AS TEXT), CAST(bonus_slots AS TEXT), badge \
+             FROM referral_rewards WHERE referrer_user_id = {user}"
+        ))
+        .await
+        .into_iter()
+        .next()
+    }
+
+    pub async fn reconcile(&self, scope: Scope, as_of: Instant, dry_run: bool) -> Result<RunReport, EngineError> {
+        self.reconcile_with(&Config::default(), scope, as_of, dry_run).await
+    }
+
+    pub async fn reconcile_with(
+        &self,
+        cfg: &Config,
+        scope: Scope,
+        as_of: Instant,
+        dry_run: bool,
+    ) -> Result<RunReport, EngineError> {
+        let store = self.store().await;
+        let r = engine::run(&store, cfg, RunRequest { scope, as_of, dry_run }).await;
+        store.close().await;
+        r
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let (Some(name), Some(base)) = (self.pg_name.take(), pg_base_url()) {
+            // Best effort, on a thread of its own: Drop cannot await.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
+                        let _ = sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                            .execute(&mut c)
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+fn rand_suffix() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    t % 100_000
+}
+
+/// Host rows for a fixture, written with plain INSERTs on either backend.
+#[derive(Debug, Clone, Default)]
+pub struct Fixture {
+    pub users: Vec<U>,
+    pub subs: Vec<S>,
+    pub events: Vec<E>,
+}
+
+#[derive(Debug, Clone)]
+pub struct U {
+    pub id: i64,
+    pub created_at: Instant,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub invite_code: Option<String>,
+    pub referred_by: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct S {
+    pub user_id: i64,
+    pub tier: String,
+    pub status: String,
+    pub bonus: i64,
+    pub started_at: Option<Instant>,
+    pub expires_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct E {
+    pub id: i64,
+    pub user_id: Option<i64>,
+    pub name: String,
+    pub ip_hash: Option<String>,
+    pub created_at: Instant,
+}
+
+fn lit(s: &Option<String>) -> String {
+    s.as_ref().map_or_else(|| "NULL".into(), |v| format!("'{}'", v.replace('\'', "''")))
+}
+
+impl TestDb {
+    /// Inserts a fixture's rows in the order given (tests shuffle it).
+    pub async fn load(&self, f: &Fixture) {
+        let mut sql = String::new();
+        if self.is_pg() {
+            sql.push_str("BEGIN; SET CONSTRAINTS ALL DEFERRED;\n");
+        } else {
+            sql.push_str("PRAGMA foreign_keys = OFF; BEGIN;\n");
+        }
+        for u in &f.users {
+            sql.push_str(&format!(
+                "INSERT INTO users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) \
+                 VALUES ({}, 'u{}@example.com', {}, {}, {}, {}, {});\n",
+                u.id,
+                u.id,
+                self.ts(u.created_at),
+                self.bool(u.is_active),
+                self.bool(u.is_verified),
+                lit(&u.invite_code),
+                u.referred_by.map_or("NULL".into(), |r| r.to_string())
+            ));
+        }
+        for s in &f.subs {
+            sql.push_str(&format!(
+                "INSERT INTO subscriptions (user_id, tier, status, referral_bonus_domains, started_at, expires_at) \
+                 VALUES ({}, {}, {}, {}, {}, {});\n",
+                s.user_id,
+                lit(&Some(s.tier.clone())),
+                lit(&Some(s.status.clone())),
+                s.bonus,
+                self.opt_ts(s.started_at),
+                self.opt_ts(s.expires_at)
+            ));
+        }
+        for e in &f.events {
+            sql.push_str(&format!(
+                "INSERT INTO telemetry_events (id, user_id, event_name, ip_hash, created_at) VALUES ({}, {}, {}, {}, {});\n",
+                e.id,
+                e.user_id.map_or("NULL".into(), |u| u.to_string()),
+                lit(&Some(e.name.clone())),
+                lit(&e.ip_hash),
+                self.ts(e.created_at)
+            ));
+        }
+        sql.push_str("COMMIT;\n");
+        if !self.is_pg() {
+            sql.push_str("PRAGMA foreign_keys = ON;\n");
+        }
+        self.exec(&sql).await;
+    }
+}
+
+pub fn at(s: &str) -> Instant {
+    instant::parse_sql_text(s).expect("time")
+}
+
+pub const DAY: i64 = instant::MICROS_PER_DAY;
+
+/// Runs `f` once per backend that is available.
+#[macro_export]
+macro_rules! each_backend {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                if let Some(db) = TestDb::new(Backend::Sqlite).await {
+                    ($body)(db).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg_timestamp() {
+                if let Some(db) = TestDb::new(Backend::PgTimestamp).await {
+                    ($body)(db).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg_timestamptz() {
+                if let Some(db) = TestDb::new(Backend::PgTimestamptz).await {
+                    ($body)(db).await;
+                }
+            }
+        }
+    };
+}

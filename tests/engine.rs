@@ -1,0 +1,403 @@
+//! The engine end to end on SQLite and PostgreSQL (TIMESTAMP and TIMESTAMPTZ schemas, sessions
+//! in far time zones, a case-insensitive collation), over real connections.
+
+mod common;
+
+use common::*;
+use referral_rewards::compute;
+use referral_rewards::config::Config;
+use referral_rewards::engine::EngineError;
+use referral_rewards::plan::Plan;
+use referral_rewards::rules;
+use referral_rewards::snapshot::Scope;
+use referral_rewards::store::RunFinish;
+
+fn now() -> i64 {
+    at("2026-11-01 12:00:00")
+}
+
+fn user(id: i64, referred_by: Option<i64>) -> U {
+    U {
+        id,
+        created_at: now() - 100 * DAY,
+        is_active: true,
+        is_verified: true,
+        invite_code: None,
+        referred_by,
+    }
+}
+
+fn sub(user_id: i64) -> S {
+    S {
+        user_id,
+        tier: "trader".into(),
+        status: "active".into(),
+        bonus: 0,
+        started_at: Some(now() - 90 * DAY),
+        expires_at: None,
+    }
+}
+
+fn ev(id: i64, user: i64, name: &str, ip: Option<&str>, t: i64) -> E {
+    E {
+        id,
+        user_id: Some(user),
+        name: name.into(),
+        ip_hash: ip.map(str::to_owned),
+        created_at: t,
+    }
+}
+
+/// Referrer 1 (no subscription) with referred users covering every outcome and boundary;
+/// referrer 30 (empty-string invite code) who referred itself and holds a stale bonus; user 40,
+/// not a referrer, holding a bonus; user 41, referred by 40.
+fn every_outcome() -> Fixture {
+    let mut f = Fixture::default();
+    let mut r1 = user(1, None);
+    r1.invite_code = Some("R1".into());
+    f.users.push(r1);
+    // Referrer 1's own events: two inside the window at its ends, two just outside.
+    let n = now();
+    f.events.push(ev(1001, 1, "login", Some("r-ip"), n - DAY));
+    f.events.push(ev(1002, 1, "page_view", Some("edge-ip"), n - 30 * DAY));
+    f.events.push(ev(1003, 1, "login", Some("now-ip"), n));
+    f.events.push(ev(1004, 1, "login", Some("old-ip"), n - 30 * DAY - 1));
+    f.events.push(ev(1005, 1, "login", Some("future"), n + 1));
+    f.events.push(ev(1006, 1, "login", Some("  "), n - DAY));
+
+    let mut eid = 2000;
+    let mut add = |f: &mut Fixture, id: i64, ip: Option<&str>, tweak: &dyn Fn(&mut U, &mut S) -> bool| {
+        let mut u = user(id, Some(1));
+        let mut s = sub(id);
+        let keep_sub = tweak(&mut u, &mut s);
+        f.users.push(u);
+        if keep_sub {
+            f.subs.push(s);
+        }
+        if let Some(ip) = ip {
+            eid += 1;
+            f.events.push(ev(eid, id, "user_registered", Some(ip), n - 100 * DAY));
+        }
+    };
+    let plain = |_: &mut U, _: &mut S| true;
+    add(&mut f, 2, Some("u2"), &plain); // qualified
+    add(&mut f, 3, Some("u3"), &plain); // qualified
+    add(&mut f, 4, Some("a1"), &plain); // qualified; also registered from "B2" below
+    add(&mut f, 5, Some("u5"), &|u, _| {
+        u.created_at = now() - 7 * DAY + 1; // cooldown, one microsecond inside
+        true
+    });
+    add(&mut f, 6, Some("u6"), &|u, _| {
+        u.created_at = now() - 7 * DAY; // exactly at the cutoff: no cooldown
+        true
+    });
+    add(&mut f, 7, Some("  "), &plain); // missing_ip (blank)
+    add(&mut f, 8, Some(""), &plain); // missing_ip (empty)
+    add(&mut f, 9, None, &plain); // missing_ip (no registration event)
+    add(&mut f, 10, Some("r-ip"), &plain); // shared_ip
+    add(&mut f, 11, Some("edge-ip"), &plain); // shared_ip: the window's first instant
+    add(&mut f, 12, Some("old-ip"), &plain); // qualified: one microsecond before the window
+    add(&mut f, 13, Some("future"), &plain); // qualified: one microsecond after now
+    add(&mut f, 14, Some("u2"), &|_, s| {
+        s.started_at = Some(now() - 80 * DAY); // duplicate of 2, who subscribed earlier
+        true
+    });
+    add(&mut f, 15, Some("u3"), &|_, s| {
+        s.started_at = None; // NULL sorts last: duplicate of 3
+        true
+    });
+    add(&mut f, 16, Some("u16"), &|_, s| {
+        s.expires_at = Some(now()); // expires exactly now: a candidate
+        true
+    });
+    add(&mut f, 17, Some("u17"), &|_, s| {
+        s.expires_at = Some(now() - 1);
+        true
+    });
+    add(&mut f, 18, Some("u18"), &|u, _| {
+        u.is_active = false;
+        true
+    });
+    add(&mut f, 19, Some("u19"), &|u, _| {
+        u.is_verified = false;
+        true
+    });
+    add(&mut f, 20, Some("u20"), &|_, _| false);
+    add(&mut f, 21, Some("u21"), &|_, s| {
+        s.tier = "Trader".into();
+        true
+    });
+    add(&mut f, 22, Some("u22"), &|_, s| {
+        s.status = "canceled".into();
+        true
+    });
+    add(&mut f, 23, Some("now-ip"), &plain); // shared_ip: the window's last instant
+    add(&mut f, 24, Some("u24"), &|_, s| {
+        s.started_at = Some(now() - 7 * DAY + 1); // cooldown through started_at
+        true
+    });
+    add(&mut f, 25, Some("u25"), &|_, s| {
+        s.started_at = Some(now() - 7 * DAY);
+        true
+    });
+    add(&mut f, 26, Some("B2"), &|_, s| {
+        // Qualifies only if user 4's signup IP is "a1" (byte order), not "B2" (en-US order).
+        s.started_at = Some(now() - 80 * DAY);
+        true
+    });
+    f.events.push(ev(2900, 4, "user_registered", Some("B2"), n - 100 * DAY));
+    f.events.push(ev(2901, 4, "user_registered", Some("\u{3000}"), n - 100 * DAY));
+    // Not a registration (name compared exactly): ignored for the signup IP.
+    f.events.push(ev(2902, 9, "User_Registered", Some("x9"), n - 100 * DAY));
+
+    // Referrer 30: empty-string invite code, referred itself, holds a stale bonus.
+    let mut r30 = user(30, Some(30));
+    r30.invite_code = Some(String::new());
+    f.users.push(r30);
+    let mut s30 = sub(30);
+    s30.bonus = 99;
+    f.subs.push(s30);
+    f.events.push(ev(3001, 30, "user_registered", Some("u30"), n - 100 * DAY));
+
+    // User 40 is no referrer but holds a bonus; 41 was referred by 40.
+    f.users.push(user(40, None));
+    let mut s40 = sub(40);
+    s40.bonus = 10;
+    f.subs.push(s40);
+    f.users.push(user(41, Some(40)));
+    f.subs.push(sub(41));
+    f
+}
+
+fn row(v: [&str; 8], badge: Option<&str>) -> Vec<Option<String>> {
+    let mut r: Vec<Option<String>> = v.iter().map(|s| Some(s.to_string())).collect();
+    r.push(badge.map(str::to_owned));
+    r
+}
+
+each_backend!(every_outcome_applied_then_nothing_to_do, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+
+    let dry = db.reconcile(Scope::Full, now(), true).await.unwrap();
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0, "a dry run leaves no run row");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM referral_rewards").await, 0);
+
+    let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(r.plan.digest, dry.plan.digest, "the dry run planned what the apply did");
+    assert_eq!(
+        db.reward_row(1).await.unwrap(),
+        row(["25", "9", "0", "2", "3", "3", "2", "15"], Some("verified_referrer"))
+    );
+    assert_eq!(
+        db.reward_row(30).await.unwrap(),
+        row(["1", "0", "1", "0", "0", "0", "0", "0"], None)
+    );
+    assert_eq!(db.reward_row(40).await, None, "no row is written for all zeros");
+    // The referrer without a subscription got a scout one carrying the bonus.
+    let scout = db
+        .rows("SELECT tier, status, CAST(max_domains AS TEXT), CAST(referral_bonus_domains AS TEXT), CAST(expires_at AS TEXT) FROM subscriptions WHERE user_id = 1")
+        .await;
+    assert_eq!(
+        scout,
+        [[Some("scout".into()), Some("active".into()), Some("5".into()), Some("15".into()), None]]
+    );
+    assert_eq!(db.bonus(30).await, Some(0), "stale bonus set back");
+    assert_eq!(db.bonus(40).await, Some(0), "a non-referrer's bonus is revoked");
+    assert_eq!(db.bonus(41).await, Some(0));
+    let a = r.applied.as_ref().unwrap();
+    assert_eq!((a.reward_rows_written, a.host_values_written), (2, 3));
+    assert!(a.conflicts.is_empty());
+    let ledger = db.scalar("SELECT COUNT(*) FROM reward_changes").await;
+    // Referrer 1: 7 non-zero counts + badge + host; 30: 2 counts + host; 40: host.
+    assert_eq!(ledger, 9 + 3 + 1);
+    assert_eq!(
+        db.rows("SELECT status, digest FROM reward_runs").await,
+        [[Some("succeeded".into()), Some(r.plan.digest.clone())]]
+    );
+
+    // A second run at the same as-of writes nothing.
+    let before = db.state().await;
+    let again = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    let a = again.applied.unwrap();
+    assert_eq!((a.reward_rows_written, a.host_values_written, a.ledger_rows_written), (0, 0, 0));
+    assert_eq!(db.state().await, before);
+});
+
+each_backend!(one_referrer_equals_the_full_run, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    for id in [1, 30, 40] {
+        db.reconcile(Scope::Referrer(id), now(), false).await.unwrap();
+    }
+    let one: Vec<_> = [db.reward_row(1).await, db.reward_row(30).await, db.reward_row(40).await].into();
+    let bonuses = [db.bonus(1).await, db.bonus(30).await, db.bonus(40).await];
+    let full = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(full.applied.unwrap().reward_rows_written, 0, "nothing left for the full run");
+    let after: Vec<_> = [db.reward_row(1).await, db.reward_row(30).await, db.reward_row(40).await].into();
+    assert_eq!(one, after);
+    assert_eq!(bonuses, [Some(15), Some(0), Some(0)]);
+});
+
+each_backend!(revocation_of_a_user_who_lost_the_invite_code, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(db.bonus(1).await, Some(15));
+    db.exec("UPDATE users SET invite_code = NULL WHERE id = 1").await;
+
+    let r = db.reconcile(Scope::Referrer(1), now(), false).await.unwrap();
+    assert_eq!(r.plan.entries.len(), 1);
+    assert_eq!(db.bonus(1).await, Some(0));
+    assert_eq!(db.reward_row(1).await.unwrap(), row(["0"; 8], None));
+    let full = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(full.applied.unwrap().ledger_rows_written, 0);
+});
+
+each_backend!(unknown_referrer_is_refused, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    let e = db.reconcile(Scope::Referrer(999), now(), true).await.unwrap_err();
+    assert!(matches!(e, EngineError::UnknownReferrer(999)), "{e}");
+});
+
+each_backend!(failure_mid_apply_leaves_everything_as_it_was, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    // The host raises on the second subscription update.
+    if db.is_pg() {
+        db.exec(
+            "CREATE SEQUENCE fault_seq;
+             CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF nextval('fault_seq') >= 2 THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END $$;
+             CREATE TRIGGER fault BEFORE UPDATE ON subscriptions FOR EACH ROW EXECUTE FUNCTION fault();",
+        )
+        .await;
+    } else {
+        db.exec(
+            "CREATE TABLE fault_counter (n INTEGER NOT NULL); INSERT INTO fault_counter VALUES (0);
+             CREATE TRIGGER fault BEFORE UPDATE ON subscriptions BEGIN
+               UPDATE fault_counter SET n = n + 1;
+               SELECT RAISE(ABORT, 'injected fault') WHERE (SELECT n FROM fault_counter) >= 2;
+             END;",
+        )
+        .await;
+    }
+    let before = db.state().await;
+    let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
+    let EngineError::RunFailed { run_id, message } = &e else { panic!("{e}") };
+    assert!(message.contains("injected fault"), "{message}");
+    assert_eq!(db.state().await, before, "no host or job-owned row changed");
+    let runs = db.rows("SELECT CAST(id AS TEXT), status, error FROM reward_runs").await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0][0].as_deref(), Some(run_id.to_string().as_str()));
+    assert_eq!(runs[0][1].as_deref(), Some("failed"));
+    assert!(runs[0][2].as_deref().unwrap().contains("injected fault"));
+});
+
+each_backend!(host_value_changed_between_snapshot_and_write_is_a_conflict, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    let cfg = Config::default();
+    let store = db.store().await;
+    let window = rules::ip_window(now(), cfg.rules.ip_window_days);
+    let snap = store.snapshot(Scope::Full, window).await.unwrap();
+    let c = compute::compute(&snap, &cfg, now()).unwrap();
+    let plan = Plan::build(c.results, snap.stored_rewards, &snap.host_bonus, Scope::Full);
+
+    // The host changes user 30's bonus after the snapshot.
+    db.exec("UPDATE subscriptions SET referral_bonus_domains = 7 WHERE user_id = 30").await;
+
+    let lock = store.try_lock().await.unwrap().expect("lock");
+    let run_id = store.start_run(Scope::Full, now(), now()).await.unwrap();
+    let finish = RunFinish { stats: plan.stats(), outcome_counts: "{}".into(), digest: plan.digest.clone() };
+    let out = store.apply(&plan, run_id, now(), &cfg.new_subscription, &finish).await.unwrap();
+    drop(lock);
+    assert_eq!(out.conflicts, [30]);
+    assert_eq!(db.bonus(30).await, Some(7), "not overwritten");
+    assert_eq!(db.bonus(40).await, Some(0), "the others applied");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM reward_changes WHERE referrer_user_id = 30 AND field = 'subscriptions.referral_bonus_domains'").await,
+        0,
+        "no ledger row for a value not written"
+    );
+    assert_eq!(db.scalar("SELECT conflicts FROM reward_runs").await, 1);
+    store.close().await;
+
+    // The next run picks it up.
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(db.bonus(30).await, Some(0));
+});
+
+each_backend!(a_second_applying_run_is_refused_while_the_lock_is_held, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    let store = db.store().await;
+    let lock = store.try_lock().await.unwrap().expect("first lock");
+    let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
+    assert!(matches!(e, EngineError::Locked), "{e}");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
+    // A dry run needs no lock.
+    db.reconcile(Scope::Full, now(), true).await.unwrap();
+    drop(lock);
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+});
+
+each_backend!(orphaned_running_row_is_marked_abandoned, |db: TestDb| async move {
+    db.load(&every_outcome()).await;
+    let store = db.store().await;
+    store.start_run(Scope::Full, now(), now()).await.unwrap();
+    store.close().await;
+    let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(r.abandoned_runs, 1);
+    assert_eq!(
+        db.rows("SELECT status FROM reward_runs ORDER BY id").await,
+        [[Some("abandoned".into())], [Some("succeeded".into())]]
+    );
+});
+
+each_backend!(unparseable_or_odd_times, |db: TestDb| async move {
+    if db.is_pg() {
+        return; // PostgreSQL types its columns; text times are SQLite's concern.
+    }
+    db.load(&every_outcome()).await;
+    // 'T' separator and no fraction are the same instant as the canonical form.
+    db.exec("UPDATE users SET created_at = '2026-10-25T12:00:00' WHERE id = 6").await;
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert_eq!(db.reward_row(1).await.unwrap()[1].as_deref(), Some("9"));
+    db.exec("UPDATE users SET created_at = 'yesterday' WHERE id = 6").await;
+    let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("users.created_at") && text.contains("row 6") && text.contains("yesterday"), "{text}");
+});
+
+/// Two applies started together on PostgreSQL: never both write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_applies_on_postgres_never_both_write() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else { return };
+    db.load(&every_outcome()).await;
+    for round in 0..5 {
+        // A different as-of each round so that there is something to write.
+        let as_of = now() + round * 8 * DAY;
+        let (a, b) = tokio::join!(
+            db.reconcile(Scope::Full, as_of, false),
+            db.reconcile(Scope::Full, as_of, false)
+        );
+        let ok = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        for r in [&a, &b] {
+            if let Err(e) = r {
+                assert!(matches!(e, EngineError::Locked), "{e}");
+            }
+        }
+        assert!(ok >= 1);
+        let writers = db
+            .scalar(&format!(
+                "SELECT COUNT(DISTINCT c.run_id) FROM reward_changes c JOIN reward_runs r ON r.id = c.run_id \
+                 WHERE r.as_of = '{}+00'::timestamptz",
+                referral_rewards::instant::to_sql_text(as_of)
+            ))
+            .await;
+        assert!(writers <= 1, "round {round}: {writers} runs wrote");
+    }
+    // No two succeeded runs overlap in time.
+    let overlaps = db
+        .scalar(
+            "SELECT COUNT(*) FROM reward_runs a JOIN reward_runs b ON a.id < b.id \
+             WHERE a.started_at < b.finished_at AND b.started_at < a.finished_at",
+        )
+        .await;
+    assert_eq!(overlaps, 0);
+}
