@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use referral_rewards::instant::{self, Instant};
 
 #[derive(Debug, Parser)]
-#[command(name = "referral-rewards", version, about = "Reconciles referral-program rewards with the database")]
+#[command(
+    name = "referral-rewards",
+    version,
+    about = "Reconciles referral-program rewards with the database"
+)]
 pub struct Cli {
     /// Configuration file [default: config.toml, optional]
     #[arg(long, global = true)]

@@ -39,7 +39,10 @@ impl Computation {
         for r in &self.referrals {
             counts[r.outcome.code() as usize] += 1;
         }
-        Outcome::ALL.iter().map(|o| (*o, counts[o.code() as usize])).collect()
+        Outcome::ALL
+            .iter()
+            .map(|o| (*o, counts[o.code() as usize]))
+            .collect()
     }
 }
 
@@ -54,7 +57,9 @@ pub fn compute(snap: &Snapshot, cfg: &Config, now: Instant) -> PolarsResult<Comp
     order.sort_unstable_by_key(|&i| (snap.referred[i].referrer_id, snap.referred[i].id));
 
     let mut referrals = Vec::with_capacity(order.len());
-    for group in order.chunk_by(|&a, &b| snap.referred[a].referrer_id == snap.referred[b].referrer_id) {
+    for group in
+        order.chunk_by(|&a, &b| snap.referred[a].referrer_id == snap.referred[b].referrer_id)
+    {
         let referrer = snap.referred[group[0]].referrer_id;
         let facts: Vec<ReferredFacts> = group
             .iter()
@@ -144,7 +149,10 @@ fn per_referrer(
     let out = referrers
         .lazy()
         .left_join(
-            outcomes.lazy().group_by([col("referrer_user_id")]).agg(aggs),
+            outcomes
+                .lazy()
+                .group_by([col("referrer_user_id")])
+                .agg(aggs),
             col("referrer_user_id"),
             col("referrer_user_id"),
         )

@@ -28,7 +28,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -171,18 +171,6 @@ impl Default for HttpConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            database: DatabaseConfig::default(),
-            rules: RulesConfig::default(),
-            rewards: RewardsConfig::default(),
-            new_subscription: NewSubscriptionConfig::default(),
-            schedule: ScheduleConfig::default(),
-            http: HttpConfig::default(),
-        }
-    }
-}
 
 /// Upper bound on day counts: keeps every `days * 86_400_000_000` microsecond product far from
 /// overflow while allowing any window an operator could mean.
@@ -219,7 +207,11 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: String::new(),
             // toml's message carries the key and its line; keep it on one line.
-            message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+            message: e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })?;
         config.validate()?;
         Ok(config)
@@ -331,7 +323,10 @@ pub fn validate_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
             ));
         }
     }
-    if url.split_once("://").is_some_and(|(_, rest)| rest.is_empty()) {
+    if url
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.is_empty())
+    {
         return Err(invalid(key, format!("no path or host in {url:?}")));
     }
     Ok(())
@@ -390,7 +385,10 @@ mod tests {
     fn badge_thresholds_out_of_order_are_refused() {
         let e = err(r#"[rewards]
 badges = [{ name = "a", threshold = 5 }, { name = "b", threshold = 5 }]"#);
-        assert!(e.contains("rewards.badges") && e.contains("strictly increasing"), "{e}");
+        assert!(
+            e.contains("rewards.badges") && e.contains("strictly increasing"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -64,7 +64,8 @@ struct Rng(u64);
 
 impl Rng {
     fn new(seed: u64, stream: u64, id: i64) -> Self {
-        let mut r = Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (id as u64).rotate_left(17));
+        let mut r =
+            Rng(seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (id as u64).rotate_left(17));
         r.next();
         r
     }
@@ -171,12 +172,22 @@ impl DemoSpec {
             is_verified: rng.chance(0.92),
             invite_code: referrer.then(|| {
                 // One empty-string code: still a referrer.
-                if id == 1 { String::new() } else { format!("INV{id:07}") }
+                if id == 1 {
+                    String::new()
+                } else {
+                    format!("INV{id:07}")
+                }
             }),
             referred_by_user_id: referred_by,
         });
 
-        let has_subscription = rng.chance(if referrer { 0.8 } else if referred_by.is_some() { 0.85 } else { 0.5 });
+        let has_subscription = rng.chance(if referrer {
+            0.8
+        } else if referred_by.is_some() {
+            0.85
+        } else {
+            0.5
+        });
         if has_subscription {
             let started_at = if rng.chance(0.03) {
                 None
@@ -192,11 +203,27 @@ impl DemoSpec {
                 2 => Some(self.anchor - 1 - micros(&mut rng, 365)),
                 _ => Some(self.anchor),
             };
-            let stale_bonus = if rng.chance(0.05) { 5 * (1 + rng.below(4) as i32) } else { 0 };
+            let stale_bonus = if rng.chance(0.05) {
+                5 * (1 + rng.below(4) as i32)
+            } else {
+                0
+            };
             out.subscriptions.push(DemoSubscription {
                 user_id: id,
-                tier: rng.pick(&[("trader", 0.45), ("tycoon", 0.20), ("scout", 0.30), ("Trader", 0.02), ("enterprise", 0.03)]),
-                status: rng.pick(&[("active", 0.80), ("past_due", 0.08), ("canceled", 0.06), ("expired", 0.04), ("Active", 0.02)]),
+                tier: rng.pick(&[
+                    ("trader", 0.45),
+                    ("tycoon", 0.20),
+                    ("scout", 0.30),
+                    ("Trader", 0.02),
+                    ("enterprise", 0.03),
+                ]),
+                status: rng.pick(&[
+                    ("active", 0.80),
+                    ("past_due", 0.08),
+                    ("canceled", 0.06),
+                    ("expired", 0.04),
+                    ("Active", 0.02),
+                ]),
                 max_domains: 5,
                 referral_bonus_domains: stale_bonus,
                 started_at,
@@ -217,30 +244,40 @@ impl DemoSpec {
     fn events(&self, id: i64, created_at: Instant, referred_by: Option<i64>, out: &mut DemoChunk) {
         let mut rng = Rng::new(self.seed, S_EVENTS, id);
         let mut seq = 0i64;
-        let mut push = |user_id: Option<i64>, name: &'static str, ip: Option<String>, at: Instant| {
-            out.events.push(DemoEvent {
-                id: id * 16 + seq,
-                user_id,
-                event_name: name,
-                ip_hash: ip,
-                created_at: at,
-            });
-            seq += 1;
-        };
+        let mut push =
+            |user_id: Option<i64>, name: &'static str, ip: Option<String>, at: Instant| {
+                out.events.push(DemoEvent {
+                    id: id * 16 + seq,
+                    user_id,
+                    event_name: name,
+                    ip_hash: ip,
+                    created_at: at,
+                });
+                seq += 1;
+            };
 
         // The signup: its IP hash carries the fraud patterns.
         let signup_ip = match referred_by {
             Some(r) if r != id => {
-                let pattern = rng.pick(&[(0u8, 0.855), (1, 0.03), (2, 0.06), (3, 0.02), (4, 0.01), (5, 0.005), (6, 0.005), (7, 0.015)]);
+                let pattern = rng.pick(&[
+                    (0u8, 0.855),
+                    (1, 0.03),
+                    (2, 0.06),
+                    (3, 0.02),
+                    (4, 0.01),
+                    (5, 0.005),
+                    (6, 0.005),
+                    (7, 0.015),
+                ]);
                 match pattern {
                     0 => Some(self.home_ip(id)),
-                    1 => Some(self.home_ip(r)),                                          // shared with the referrer
+                    1 => Some(self.home_ip(r)), // shared with the referrer
                     2 => Some(hash_hex(self.seed, S_RING_IP, r * 4 + rng.below(2) as i64)), // a ring under one referrer
                     3 => None,
                     4 => Some(String::new()),
                     5 => Some("   ".into()),
-                    6 => Some("\u{3000}".into()),                                        // Unicode blank
-                    _ => Some(self.home_ip(id).to_uppercase()),                          // case differs: not the same hash
+                    6 => Some("\u{3000}".into()), // Unicode blank
+                    _ => Some(self.home_ip(id).to_uppercase()), // case differs: not the same hash
                 }
             }
             _ => Some(self.home_ip(id)),
@@ -250,13 +287,22 @@ impl DemoSpec {
         } else {
             push(Some(id), "user_registered", signup_ip, created_at);
             if rng.chance(0.03) {
-                push(Some(id), "user_registered", Some(hash_hex(self.seed, S_SECOND_IP, id)), created_at + 1);
+                push(
+                    Some(id),
+                    "user_registered",
+                    Some(hash_hex(self.seed, S_SECOND_IP, id)),
+                    created_at + 1,
+                );
             }
         }
 
         // Everyday events; referrers are active recently, some only outside the IP window.
         let n = 2 + rng.below(5);
-        let recent_days = if self.is_referrer(id) && rng.chance(0.85) { 40 } else { 400 };
+        let recent_days = if self.is_referrer(id) && rng.chance(0.85) {
+            40
+        } else {
+            400
+        };
         for _ in 0..n {
             let at = self.anchor - (rng.below(recent_days * MICROS_PER_DAY as u64) as i64);
             let at = at.max(created_at);
@@ -267,7 +313,11 @@ impl DemoSpec {
             } else {
                 Some(self.home_ip(id))
             };
-            let name = if rng.chance(0.5) { "login" } else { "page_view" };
+            let name = if rng.chance(0.5) {
+                "login"
+            } else {
+                "page_view"
+            };
             let user = if rng.chance(0.005) { None } else { Some(id) };
             push(user, name, ip, at);
         }
@@ -302,12 +352,23 @@ mod tests {
     fn proportions_are_realistic() {
         let c = spec(20_000).chunk(1, 20_001);
         let referrers = c.users.iter().filter(|u| u.invite_code.is_some()).count();
-        let referred = c.users.iter().filter(|u| u.referred_by_user_id.is_some()).count();
+        let referred = c
+            .users
+            .iter()
+            .filter(|u| u.referred_by_user_id.is_some())
+            .count();
         assert!((1_900..2_100).contains(&referrers), "{referrers}");
         assert!((7_000..9_000).contains(&referred), "{referred}");
-        assert!((90_000..130_000).contains(&c.events.len()), "{}", c.events.len());
+        assert!(
+            (90_000..130_000).contains(&c.events.len()),
+            "{}",
+            c.events.len()
+        );
         let ids: std::collections::HashSet<_> = c.events.iter().map(|e| e.id).collect();
         assert_eq!(ids.len(), c.events.len(), "event ids are unique");
-        assert!(c.users.iter().all(|u| u.referred_by_user_id.is_none_or(|r| (1..=20_000).contains(&r))));
+        assert!(c.users.iter().all(|u| {
+            u.referred_by_user_id
+                .is_none_or(|r| (1..=20_000).contains(&r))
+        }));
     }
 }

@@ -56,12 +56,17 @@ fn now() -> Instant {
 }
 
 /// Reads, computes and plans, without writing anything.
-pub async fn plan(store: &Store, cfg: &Config, req: RunRequest) -> Result<(Plan, Computation), EngineError> {
+pub async fn plan(
+    store: &Store,
+    cfg: &Config,
+    req: RunRequest,
+) -> Result<(Plan, Computation), EngineError> {
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let snapshot = store.snapshot(req.scope, window).await?;
     let cfg = cfg.clone();
     let (plan, computation) = tokio::task::spawn_blocking(move || {
-        let computation = compute::compute(&snapshot, &cfg, req.as_of).map_err(|e| EngineError::Compute(e.to_string()))?;
+        let computation = compute::compute(&snapshot, &cfg, req.as_of)
+            .map_err(|e| EngineError::Compute(e.to_string()))?;
         let plan = Plan::build(
             computation.results.clone(),
             snapshot.stored_rewards,
@@ -138,7 +143,12 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
 }
 
 /// A one-referrer run on an id that is neither a user nor holds a stored reward is a mistake.
-async fn check_known(store: &Store, cfg: &Config, req: RunRequest, id: i64) -> Result<(), EngineError> {
+async fn check_known(
+    store: &Store,
+    cfg: &Config,
+    req: RunRequest,
+    id: i64,
+) -> Result<(), EngineError> {
     if store.user_exists(id).await? {
         return Ok(());
     }

@@ -34,7 +34,10 @@ struct Failure {
 
 impl From<ConfigError> for Failure {
     fn from(e: ConfigError) -> Self {
-        Failure { exit: Exit::Usage, message: e.to_string() }
+        Failure {
+            exit: Exit::Usage,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -44,7 +47,10 @@ impl From<StoreError> for Failure {
             StoreError::Invalid(_) => Exit::Usage,
             _ => Exit::RunFailed,
         };
-        Failure { exit, message: e.to_string() }
+        Failure {
+            exit,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -54,9 +60,14 @@ impl From<EngineError> for Failure {
             EngineError::Locked => Exit::Refused,
             EngineError::UnknownReferrer(_) => Exit::Usage,
             EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
-            EngineError::RunFailed { .. } | EngineError::Store(_) | EngineError::Compute(_) => Exit::RunFailed,
+            EngineError::RunFailed { .. } | EngineError::Store(_) | EngineError::Compute(_) => {
+                Exit::RunFailed
+            }
         };
-        Failure { exit, message: e.to_string() }
+        Failure {
+            exit,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -65,9 +76,20 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
-                return ExitCode::from(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 });
+                return ExitCode::from(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
             }
             // One line: clap's first line names the argument and the problem.
             let text = e.render().to_string();
@@ -132,21 +154,37 @@ fn now() -> instant::Instant {
 async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let config = load_config(&cli)?;
     match cli.command {
-        Command::Migrate { with_reference_schema } => {
+        Command::Migrate {
+            with_reference_schema,
+        } => {
             let store = connect(&config, false).await?;
             store.migrate(with_reference_schema).await?;
             println!(
                 "migrated {} database{}",
                 store.backend(),
-                if with_reference_schema { " (with the reference host schema)" } else { "" }
+                if with_reference_schema {
+                    " (with the reference host schema)"
+                } else {
+                    ""
+                }
             );
             store.close().await;
         }
-        Command::DemoData { users, seed, anchor } => {
+        Command::DemoData {
+            users,
+            seed,
+            anchor,
+        } => {
             let store = connect(&config, false).await?;
             store.migrate(true).await?;
             let started = std::time::Instant::now();
-            let (u, s, e) = store.load_demo(&DemoSpec { users, seed, anchor }).await?;
+            let (u, s, e) = store
+                .load_demo(&DemoSpec {
+                    users,
+                    seed,
+                    anchor,
+                })
+                .await?;
             println!(
                 "loaded {u} users, {s} subscriptions, {e} telemetry events into {} in {:.1} s (seed {seed}, anchor {})",
                 store.backend(),
@@ -155,7 +193,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
             store.close().await;
         }
-        Command::Reconcile { referrer, dry_run, as_of } => {
+        Command::Reconcile {
+            referrer,
+            dry_run,
+            as_of,
+        } => {
             let store = connect(&config, dry_run).await?;
             let req = RunRequest {
                 scope: referrer.map_or(Scope::Full, Scope::Referrer),
@@ -176,7 +218,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let report = engine::run(&store, &config, req).await;
             store.close().await;
             let report = report?;
-            let entry = report.plan.entries.iter().find(|e| e.referrer_user_id() == referrer);
+            let entry = report
+                .plan
+                .entries
+                .iter()
+                .find(|e| e.referrer_user_id() == referrer);
             print!(
                 "{}",
                 summary::explain(entry, &report.computation.referrals, referrer)

@@ -107,8 +107,10 @@ impl Plan {
         host_bonus: &[(i64, i64)],
         scope: Scope,
     ) -> Plan {
-        let mut stored: HashMap<i64, RewardResult> =
-            stored.into_iter().map(|r| (r.referrer_user_id, r)).collect();
+        let mut stored: HashMap<i64, RewardResult> = stored
+            .into_iter()
+            .map(|r| (r.referrer_user_id, r))
+            .collect();
         let mut host: HashMap<i64, i64> = host_bonus.iter().copied().collect();
         let take_host = |host: &mut HashMap<i64, i64>, id| {
             host.remove(&id)
@@ -315,8 +317,17 @@ mod tests {
 
     #[test]
     fn non_referrer_holding_a_bonus_is_revoked() {
-        let plan = Plan::build(vec![], vec![result(7, 3, 5)], &[(7, 5), (8, 0)], Scope::Full);
-        assert_eq!(plan.entries.len(), 1, "user 8 holds nothing and needs no entry");
+        let plan = Plan::build(
+            vec![],
+            vec![result(7, 3, 5)],
+            &[(7, 5), (8, 0)],
+            Scope::Full,
+        );
+        assert_eq!(
+            plan.entries.len(),
+            1,
+            "user 8 holds nothing and needs no entry"
+        );
         let e = &plan.entries[0];
         assert_eq!(e.desired, RewardResult::zero(7));
         assert_eq!(e.host_change(), Some(HostChange::Update { old: 5, new: 0 }));
@@ -345,9 +356,24 @@ mod tests {
 
     #[test]
     fn digest_changes_when_one_result_changes() {
-        let a = Plan::build(vec![result(1, 3, 5), result(2, 0, 0)], vec![], &[], Scope::Full);
-        let b = Plan::build(vec![result(1, 3, 5), result(2, 1, 0)], vec![], &[], Scope::Full);
-        let c = Plan::build(vec![result(2, 0, 0), result(1, 3, 5)], vec![], &[], Scope::Full);
+        let a = Plan::build(
+            vec![result(1, 3, 5), result(2, 0, 0)],
+            vec![],
+            &[],
+            Scope::Full,
+        );
+        let b = Plan::build(
+            vec![result(1, 3, 5), result(2, 1, 0)],
+            vec![],
+            &[],
+            Scope::Full,
+        );
+        let c = Plan::build(
+            vec![result(2, 0, 0), result(1, 3, 5)],
+            vec![],
+            &[],
+            Scope::Full,
+        );
         assert_ne!(a.digest, b.digest);
         assert_eq!(a.digest, c.digest);
     }
@@ -362,6 +388,9 @@ mod tests {
             stored: None,
             host: HostBonus::NoSubscription,
         };
-        assert_eq!(canonical_line(&e), "[42,5,3,0,0,0,0,0,5,\"verified_referrer\",0]\n");
+        assert_eq!(
+            canonical_line(&e),
+            "[42,5,3,0,0,0,0,0,5,\"verified_referrer\",0]\n"
+        );
     }
 }

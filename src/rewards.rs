@@ -47,15 +47,30 @@ impl RewardResult {
     /// field. Numbers as decimal text, the badge as its name or NULL.
     pub fn fields(&self) -> [(&'static str, Option<String>); 9] {
         [
-            ("referred_users_total", Some(self.referred_users_total.to_string())),
-            ("qualified_referrals", Some(self.qualified_referrals.to_string())),
+            (
+                "referred_users_total",
+                Some(self.referred_users_total.to_string()),
+            ),
+            (
+                "qualified_referrals",
+                Some(self.qualified_referrals.to_string()),
+            ),
             (
                 "disqualified_self_referral",
                 Some(self.disqualified_self_referral.to_string()),
             ),
-            ("disqualified_cooldown", Some(self.disqualified_cooldown.to_string())),
-            ("disqualified_missing_ip", Some(self.disqualified_missing_ip.to_string())),
-            ("disqualified_shared_ip", Some(self.disqualified_shared_ip.to_string())),
+            (
+                "disqualified_cooldown",
+                Some(self.disqualified_cooldown.to_string()),
+            ),
+            (
+                "disqualified_missing_ip",
+                Some(self.disqualified_missing_ip.to_string()),
+            ),
+            (
+                "disqualified_shared_ip",
+                Some(self.disqualified_shared_ip.to_string()),
+            ),
             (
                 "disqualified_duplicate_ip",
                 Some(self.disqualified_duplicate_ip.to_string()),
@@ -155,13 +170,25 @@ mod tests {
     fn three_badges_pick_the_highest_reached() {
         let cfg = RewardsConfig {
             badges: vec![
-                Badge { name: "a".into(), threshold: 1 },
-                Badge { name: "b".into(), threshold: 2 },
-                Badge { name: "c".into(), threshold: 4 },
+                Badge {
+                    name: "a".into(),
+                    threshold: 1,
+                },
+                Badge {
+                    name: "b".into(),
+                    threshold: 2,
+                },
+                Badge {
+                    name: "c".into(),
+                    threshold: 4,
+                },
             ],
             ..RewardsConfig::default()
         };
         let (_, badge) = eval(&[1, 3, 4], &cfg);
-        assert_eq!(badge, [Some("a".into()), Some("b".into()), Some("c".into())]);
+        assert_eq!(
+            badge,
+            [Some("a".into()), Some("b".into()), Some("c".into())]
+        );
     }
 }

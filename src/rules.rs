@@ -209,7 +209,12 @@ pub fn classify_referrer(
 ) -> Vec<(Outcome, Option<u32>)> {
     let mut out: Vec<(Outcome, Option<u32>)> = referred
         .iter()
-        .map(|f| (non_candidate_reason(f.user, p).unwrap_or(Outcome::Qualified), None))
+        .map(|f| {
+            (
+                non_candidate_reason(f.user, p).unwrap_or(Outcome::Qualified),
+                None,
+            )
+        })
         .collect();
     let mut candidates: Vec<usize> = (0..referred.len())
         .filter(|&i| out[i].0 == Outcome::Qualified)
@@ -320,10 +325,16 @@ mod tests {
     fn unverified_then_no_subscription() {
         let mut u = user(2, 1);
         u.is_verified = false;
-        assert_eq!(non_candidate_reason(&u, &params()), Some(Outcome::Unverified));
+        assert_eq!(
+            non_candidate_reason(&u, &params()),
+            Some(Outcome::Unverified)
+        );
         let mut u = user(2, 1);
         u.subscription = None;
-        assert_eq!(non_candidate_reason(&u, &params()), Some(Outcome::NoSubscription));
+        assert_eq!(
+            non_candidate_reason(&u, &params()),
+            Some(Outcome::NoSubscription)
+        );
     }
 
     #[test]
@@ -432,10 +443,7 @@ mod tests {
 
     #[test]
     fn missing_ip_when_required() {
-        assert_eq!(
-            classify(&[(user(2, 1), None)], &[]),
-            [Outcome::MissingIp]
-        );
+        assert_eq!(classify(&[(user(2, 1), None)], &[]), [Outcome::MissingIp]);
     }
 
     #[test]
@@ -444,8 +452,14 @@ mod tests {
         p.require_ip_hash = false;
         let (a, b) = (user(2, 1), user(3, 1));
         let facts = [
-            ReferredFacts { user: &a, signup_ip: None },
-            ReferredFacts { user: &b, signup_ip: None },
+            ReferredFacts {
+                user: &a,
+                signup_ip: None,
+            },
+            ReferredFacts {
+                user: &b,
+                signup_ip: None,
+            },
         ];
         let got = classify_referrer(1, &facts, &HashSet::from(["x"]), &p);
         assert_eq!(got[0].0, Outcome::Qualified);
@@ -512,10 +526,19 @@ mod tests {
         inactive.is_active = false;
         let other = user(3, 1);
         let facts = [
-            ReferredFacts { user: &inactive, signup_ip: Some("ip") },
-            ReferredFacts { user: &other, signup_ip: Some("ip") },
+            ReferredFacts {
+                user: &inactive,
+                signup_ip: Some("ip"),
+            },
+            ReferredFacts {
+                user: &other,
+                signup_ip: Some("ip"),
+            },
         ];
         let got = classify_referrer(1, &facts, &HashSet::new(), &params());
-        assert_eq!(got, [(Outcome::Inactive, None), (Outcome::Qualified, Some(0))]);
+        assert_eq!(
+            got,
+            [(Outcome::Inactive, None), (Outcome::Qualified, Some(0))]
+        );
     }
 }

@@ -18,7 +18,11 @@ pub fn run_summary(r: &RunReport) -> String {
         None => "full run".to_owned(),
         Some(id) => format!("referrer {id}"),
     };
-    let mode = if req.dry_run { "dry run, nothing written" } else { "apply" };
+    let mode = if req.dry_run {
+        "dry run, nothing written"
+    } else {
+        "apply"
+    };
     let _ = writeln!(
         s,
         "reconcile {what} ({mode}) on {} as of {}",
@@ -27,7 +31,11 @@ pub fn run_summary(r: &RunReport) -> String {
     );
     let st = &r.stats;
     let _ = writeln!(s, "  referrers processed  {}", st.referrers);
-    let _ = writeln!(s, "  rewards up / down    {} / {}", st.rewards_up, st.rewards_down);
+    let _ = writeln!(
+        s,
+        "  rewards up / down    {} / {}",
+        st.rewards_up, st.rewards_down
+    );
     let _ = writeln!(s, "  total bonus delta    {:+}", st.bonus_delta);
     let counts = r.computation.outcome_counts();
     let line = |candidates: bool| {
@@ -56,7 +64,8 @@ pub fn run_summary(r: &RunReport) -> String {
             );
             let _ = writeln!(s, "  conflicts            {}", a.conflicts.len());
             if !a.conflicts.is_empty() {
-                let shown: Vec<String> = a.conflicts.iter().take(10).map(|c| c.to_string()).collect();
+                let shown: Vec<String> =
+                    a.conflicts.iter().take(10).map(|c| c.to_string()).collect();
                 let _ = writeln!(
                     s,
                     "                       host column changed since the snapshot, left for the next run: {}{}",
@@ -67,7 +76,11 @@ pub fn run_summary(r: &RunReport) -> String {
         }
     }
     if r.abandoned_runs > 0 {
-        let _ = writeln!(s, "  abandoned runs       {} marked abandoned", r.abandoned_runs);
+        let _ = writeln!(
+            s,
+            "  abandoned runs       {} marked abandoned",
+            r.abandoned_runs
+        );
     }
     let _ = writeln!(s, "  digest               {}", r.plan.digest);
     if let Some(id) = r.run_id {
@@ -115,15 +128,24 @@ pub fn explain(entry: Option<&PlanEntry>, referrals: &[ReferralOutcome], referre
         let _ = writeln!(s, "no referred users");
         return s;
     }
-    let _ = writeln!(s, "{:>14}  {:<16}  {:>8}  signup_ip", "referred_user", "outcome", "position");
+    let _ = writeln!(
+        s,
+        "{:>14}  {:<16}  {:>8}  signup_ip",
+        "referred_user", "outcome", "position"
+    );
     for r in referrals {
         let _ = writeln!(
             s,
             "{:>14}  {:<16}  {:>8}  {}",
             r.referred_user_id,
             r.outcome.as_str(),
-            r.position.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            r.signup_ip.as_deref().map(|ip| format!("{ip:?}")).unwrap_or_else(|| "-".into()),
+            r.position
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r.signup_ip
+                .as_deref()
+                .map(|ip| format!("{ip:?}"))
+                .unwrap_or_else(|| "-".into()),
         );
     }
     let why: Vec<&str> = Outcome::ALL
@@ -148,7 +170,9 @@ pub fn reason(o: Outcome) -> &'static str {
         Outcome::Cooldown => "cooldown: signed up or subscribed too recently (rules.cooldown_days)",
         Outcome::MissingIp => "missing_ip: no usable IP hash on its registration event",
         Outcome::SharedIp => "shared_ip: signed up from an IP the referrer used in the IP window",
-        Outcome::DuplicateIp => "duplicate_ip: an earlier subscriber of this referrer already qualified from the same IP",
+        Outcome::DuplicateIp => {
+            "duplicate_ip: an earlier subscriber of this referrer already qualified from the same IP"
+        }
         Outcome::Inactive => "inactive: the account is not active",
         Outcome::Unverified => "unverified: the account is not verified",
         Outcome::NoSubscription => "no_subscription: the user has no subscription",
@@ -164,7 +188,16 @@ pub fn runs_table(runs: &[RunRow]) -> String {
     let _ = writeln!(
         s,
         "{:>6}  {:<9}  {:<10}  {:<27}  {:<27}  {:>9}  {:>5}  {:>5}  {:>7}  {:>9}  error",
-        "id", "mode", "status", "as_of", "started_at", "referrers", "up", "down", "delta", "conflicts"
+        "id",
+        "mode",
+        "status",
+        "as_of",
+        "started_at",
+        "referrers",
+        "up",
+        "down",
+        "delta",
+        "conflicts"
     );
     let n = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
     for r in runs {

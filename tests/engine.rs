@@ -59,26 +59,30 @@ fn every_outcome() -> Fixture {
     // Referrer 1's own events: two inside the window at its ends, two just outside.
     let n = now();
     f.events.push(ev(1001, 1, "login", Some("r-ip"), n - DAY));
-    f.events.push(ev(1002, 1, "page_view", Some("edge-ip"), n - 30 * DAY));
+    f.events
+        .push(ev(1002, 1, "page_view", Some("edge-ip"), n - 30 * DAY));
     f.events.push(ev(1003, 1, "login", Some("now-ip"), n));
-    f.events.push(ev(1004, 1, "login", Some("old-ip"), n - 30 * DAY - 1));
+    f.events
+        .push(ev(1004, 1, "login", Some("old-ip"), n - 30 * DAY - 1));
     f.events.push(ev(1005, 1, "login", Some("future"), n + 1));
     f.events.push(ev(1006, 1, "login", Some("  "), n - DAY));
 
     let mut eid = 2000;
-    let mut add = |f: &mut Fixture, id: i64, ip: Option<&str>, tweak: &dyn Fn(&mut U, &mut S) -> bool| {
-        let mut u = user(id, Some(1));
-        let mut s = sub(id);
-        let keep_sub = tweak(&mut u, &mut s);
-        f.users.push(u);
-        if keep_sub {
-            f.subs.push(s);
-        }
-        if let Some(ip) = ip {
-            eid += 1;
-            f.events.push(ev(eid, id, "user_registered", Some(ip), n - 100 * DAY));
-        }
-    };
+    let mut add =
+        |f: &mut Fixture, id: i64, ip: Option<&str>, tweak: &dyn Fn(&mut U, &mut S) -> bool| {
+            let mut u = user(id, Some(1));
+            let mut s = sub(id);
+            let keep_sub = tweak(&mut u, &mut s);
+            f.users.push(u);
+            if keep_sub {
+                f.subs.push(s);
+            }
+            if let Some(ip) = ip {
+                eid += 1;
+                f.events
+                    .push(ev(eid, id, "user_registered", Some(ip), n - 100 * DAY));
+            }
+        };
     let plain = |_: &mut U, _: &mut S| true;
     add(&mut f, 2, Some("u2"), &plain); // qualified
     add(&mut f, 3, Some("u3"), &plain); // qualified
@@ -145,10 +149,18 @@ fn every_outcome() -> Fixture {
         s.started_at = Some(now() - 80 * DAY);
         true
     });
-    f.events.push(ev(2900, 4, "user_registered", Some("B2"), n - 100 * DAY));
-    f.events.push(ev(2901, 4, "user_registered", Some("\u{3000}"), n - 100 * DAY));
+    f.events
+        .push(ev(2900, 4, "user_registered", Some("B2"), n - 100 * DAY));
+    f.events.push(ev(
+        2901,
+        4,
+        "user_registered",
+        Some("\u{3000}"),
+        n - 100 * DAY,
+    ));
     // Not a registration (name compared exactly): ignored for the signup IP.
-    f.events.push(ev(2902, 9, "User_Registered", Some("x9"), n - 100 * DAY));
+    f.events
+        .push(ev(2902, 9, "User_Registered", Some("x9"), n - 100 * DAY));
 
     // Referrer 30: empty-string invite code, referred itself, holds a stale bonus.
     let mut r30 = user(30, Some(30));
@@ -157,7 +169,8 @@ fn every_outcome() -> Fixture {
     let mut s30 = sub(30);
     s30.bonus = 99;
     f.subs.push(s30);
-    f.events.push(ev(3001, 30, "user_registered", Some("u30"), n - 100 * DAY));
+    f.events
+        .push(ev(3001, 30, "user_registered", Some("u30"), n - 100 * DAY));
 
     // User 40 is no referrer but holds a bonus; 41 was referred by 40.
     f.users.push(user(40, None));
@@ -175,101 +188,163 @@ fn row(v: [&str; 8], badge: Option<&str>) -> Vec<Option<String>> {
     r
 }
 
-each_backend!(every_outcome_applied_then_nothing_to_do, |db: TestDb| async move {
-    db.load(&every_outcome()).await;
+each_backend!(
+    every_outcome_applied_then_nothing_to_do,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
 
-    let dry = db.reconcile(Scope::Full, now(), true).await.unwrap();
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0, "a dry run leaves no run row");
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM referral_rewards").await, 0);
+        let dry = db.reconcile(Scope::Full, now(), true).await.unwrap();
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM reward_runs").await,
+            0,
+            "a dry run leaves no run row"
+        );
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM referral_rewards").await, 0);
 
-    let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
-    assert_eq!(r.plan.digest, dry.plan.digest, "the dry run planned what the apply did");
-    assert_eq!(
-        db.reward_row(1).await.unwrap(),
-        row(["25", "9", "0", "2", "3", "3", "2", "15"], Some("verified_referrer"))
-    );
-    assert_eq!(
-        db.reward_row(30).await.unwrap(),
-        row(["1", "0", "1", "0", "0", "0", "0", "0"], None)
-    );
-    assert_eq!(db.reward_row(40).await, None, "no row is written for all zeros");
-    // The referrer without a subscription got a scout one carrying the bonus.
-    let scout = db
+        let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
+        assert_eq!(
+            r.plan.digest, dry.plan.digest,
+            "the dry run planned what the apply did"
+        );
+        assert_eq!(
+            db.reward_row(1).await.unwrap(),
+            row(
+                ["25", "9", "0", "2", "3", "3", "2", "15"],
+                Some("verified_referrer")
+            )
+        );
+        assert_eq!(
+            db.reward_row(30).await.unwrap(),
+            row(["1", "0", "1", "0", "0", "0", "0", "0"], None)
+        );
+        assert_eq!(
+            db.reward_row(40).await,
+            None,
+            "no row is written for all zeros"
+        );
+        // The referrer without a subscription got a scout one carrying the bonus.
+        let scout = db
         .rows("SELECT tier, status, CAST(max_domains AS TEXT), CAST(referral_bonus_domains AS TEXT), CAST(expires_at AS TEXT) FROM subscriptions WHERE user_id = 1")
         .await;
-    assert_eq!(
-        scout,
-        [[Some("scout".into()), Some("active".into()), Some("5".into()), Some("15".into()), None]]
-    );
-    assert_eq!(db.bonus(30).await, Some(0), "stale bonus set back");
-    assert_eq!(db.bonus(40).await, Some(0), "a non-referrer's bonus is revoked");
-    assert_eq!(db.bonus(41).await, Some(0));
-    let a = r.applied.as_ref().unwrap();
-    assert_eq!((a.reward_rows_written, a.host_values_written), (2, 3));
-    assert!(a.conflicts.is_empty());
-    let ledger = db.scalar("SELECT COUNT(*) FROM reward_changes").await;
-    // Referrer 1: 7 non-zero counts + badge + host; 30: 2 counts + host; 40: host.
-    assert_eq!(ledger, 9 + 3 + 1);
-    assert_eq!(
-        db.rows("SELECT status, digest FROM reward_runs").await,
-        [[Some("succeeded".into()), Some(r.plan.digest.clone())]]
-    );
+        assert_eq!(
+            scout,
+            [[
+                Some("scout".into()),
+                Some("active".into()),
+                Some("5".into()),
+                Some("15".into()),
+                None
+            ]]
+        );
+        assert_eq!(db.bonus(30).await, Some(0), "stale bonus set back");
+        assert_eq!(
+            db.bonus(40).await,
+            Some(0),
+            "a non-referrer's bonus is revoked"
+        );
+        assert_eq!(db.bonus(41).await, Some(0));
+        let a = r.applied.as_ref().unwrap();
+        assert_eq!((a.reward_rows_written, a.host_values_written), (2, 3));
+        assert!(a.conflicts.is_empty());
+        let ledger = db.scalar("SELECT COUNT(*) FROM reward_changes").await;
+        // Referrer 1: 7 non-zero counts + badge + host; 30: 2 counts + host; 40: host.
+        assert_eq!(ledger, 9 + 3 + 1);
+        assert_eq!(
+            db.rows("SELECT status, digest FROM reward_runs").await,
+            [[Some("succeeded".into()), Some(r.plan.digest.clone())]]
+        );
 
-    // A second run at the same as-of writes nothing.
-    let before = db.state().await;
-    let again = db.reconcile(Scope::Full, now(), false).await.unwrap();
-    let a = again.applied.unwrap();
-    assert_eq!((a.reward_rows_written, a.host_values_written, a.ledger_rows_written), (0, 0, 0));
-    assert_eq!(db.state().await, before);
-});
+        // A second run at the same as-of writes nothing.
+        let before = db.state().await;
+        let again = db.reconcile(Scope::Full, now(), false).await.unwrap();
+        let a = again.applied.unwrap();
+        assert_eq!(
+            (
+                a.reward_rows_written,
+                a.host_values_written,
+                a.ledger_rows_written
+            ),
+            (0, 0, 0)
+        );
+        assert_eq!(db.state().await, before);
+    }
+);
 
 each_backend!(one_referrer_equals_the_full_run, |db: TestDb| async move {
     db.load(&every_outcome()).await;
     for id in [1, 30, 40] {
-        db.reconcile(Scope::Referrer(id), now(), false).await.unwrap();
+        db.reconcile(Scope::Referrer(id), now(), false)
+            .await
+            .unwrap();
     }
-    let one: Vec<_> = [db.reward_row(1).await, db.reward_row(30).await, db.reward_row(40).await].into();
+    let one: Vec<_> = [
+        db.reward_row(1).await,
+        db.reward_row(30).await,
+        db.reward_row(40).await,
+    ]
+    .into();
     let bonuses = [db.bonus(1).await, db.bonus(30).await, db.bonus(40).await];
     let full = db.reconcile(Scope::Full, now(), false).await.unwrap();
-    assert_eq!(full.applied.unwrap().reward_rows_written, 0, "nothing left for the full run");
-    let after: Vec<_> = [db.reward_row(1).await, db.reward_row(30).await, db.reward_row(40).await].into();
+    assert_eq!(
+        full.applied.unwrap().reward_rows_written,
+        0,
+        "nothing left for the full run"
+    );
+    let after: Vec<_> = [
+        db.reward_row(1).await,
+        db.reward_row(30).await,
+        db.reward_row(40).await,
+    ]
+    .into();
     assert_eq!(one, after);
     assert_eq!(bonuses, [Some(15), Some(0), Some(0)]);
 });
 
-each_backend!(revocation_of_a_user_who_lost_the_invite_code, |db: TestDb| async move {
-    db.load(&every_outcome()).await;
-    db.reconcile(Scope::Full, now(), false).await.unwrap();
-    assert_eq!(db.bonus(1).await, Some(15));
-    db.exec("UPDATE users SET invite_code = NULL WHERE id = 1").await;
+each_backend!(
+    revocation_of_a_user_who_lost_the_invite_code,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        db.reconcile(Scope::Full, now(), false).await.unwrap();
+        assert_eq!(db.bonus(1).await, Some(15));
+        db.exec("UPDATE users SET invite_code = NULL WHERE id = 1")
+            .await;
 
-    let r = db.reconcile(Scope::Referrer(1), now(), false).await.unwrap();
-    assert_eq!(r.plan.entries.len(), 1);
-    assert_eq!(db.bonus(1).await, Some(0));
-    assert_eq!(db.reward_row(1).await.unwrap(), row(["0"; 8], None));
-    let full = db.reconcile(Scope::Full, now(), false).await.unwrap();
-    assert_eq!(full.applied.unwrap().ledger_rows_written, 0);
-});
+        let r = db
+            .reconcile(Scope::Referrer(1), now(), false)
+            .await
+            .unwrap();
+        assert_eq!(r.plan.entries.len(), 1);
+        assert_eq!(db.bonus(1).await, Some(0));
+        assert_eq!(db.reward_row(1).await.unwrap(), row(["0"; 8], None));
+        let full = db.reconcile(Scope::Full, now(), false).await.unwrap();
+        assert_eq!(full.applied.unwrap().ledger_rows_written, 0);
+    }
+);
 
 each_backend!(unknown_referrer_is_refused, |db: TestDb| async move {
     db.load(&every_outcome()).await;
-    let e = db.reconcile(Scope::Referrer(999), now(), true).await.unwrap_err();
+    let e = db
+        .reconcile(Scope::Referrer(999), now(), true)
+        .await
+        .unwrap_err();
     assert!(matches!(e, EngineError::UnknownReferrer(999)), "{e}");
 });
 
-each_backend!(failure_mid_apply_leaves_everything_as_it_was, |db: TestDb| async move {
-    db.load(&every_outcome()).await;
-    // The host raises on the second subscription update.
-    if db.is_pg() {
-        db.exec(
+each_backend!(
+    failure_mid_apply_leaves_everything_as_it_was,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        // The host raises on the second subscription update.
+        if db.is_pg() {
+            db.exec(
             "CREATE SEQUENCE fault_seq;
              CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN IF nextval('fault_seq') >= 2 THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END $$;
              CREATE TRIGGER fault BEFORE UPDATE ON subscriptions FOR EACH ROW EXECUTE FUNCTION fault();",
         )
         .await;
-    } else {
-        db.exec(
+        } else {
+            db.exec(
             "CREATE TABLE fault_counter (n INTEGER NOT NULL); INSERT INTO fault_counter VALUES (0);
              CREATE TRIGGER fault BEFORE UPDATE ON subscriptions BEGIN
                UPDATE fault_counter SET n = n + 1;
@@ -277,77 +352,104 @@ each_backend!(failure_mid_apply_leaves_everything_as_it_was, |db: TestDb| async 
              END;",
         )
         .await;
+        }
+        let before = db.state().await;
+        let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
+        let EngineError::RunFailed { run_id, message } = &e else {
+            panic!("{e}")
+        };
+        assert!(message.contains("injected fault"), "{message}");
+        assert_eq!(db.state().await, before, "no host or job-owned row changed");
+        let runs = db
+            .rows("SELECT CAST(id AS TEXT), status, error FROM reward_runs")
+            .await;
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0][0].as_deref(), Some(run_id.to_string().as_str()));
+        assert_eq!(runs[0][1].as_deref(), Some("failed"));
+        assert!(runs[0][2].as_deref().unwrap().contains("injected fault"));
     }
-    let before = db.state().await;
-    let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
-    let EngineError::RunFailed { run_id, message } = &e else { panic!("{e}") };
-    assert!(message.contains("injected fault"), "{message}");
-    assert_eq!(db.state().await, before, "no host or job-owned row changed");
-    let runs = db.rows("SELECT CAST(id AS TEXT), status, error FROM reward_runs").await;
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0][0].as_deref(), Some(run_id.to_string().as_str()));
-    assert_eq!(runs[0][1].as_deref(), Some("failed"));
-    assert!(runs[0][2].as_deref().unwrap().contains("injected fault"));
-});
+);
 
-each_backend!(host_value_changed_between_snapshot_and_write_is_a_conflict, |db: TestDb| async move {
-    db.load(&every_outcome()).await;
-    let cfg = Config::default();
-    let store = db.store().await;
-    let window = rules::ip_window(now(), cfg.rules.ip_window_days);
-    let snap = store.snapshot(Scope::Full, window).await.unwrap();
-    let c = compute::compute(&snap, &cfg, now()).unwrap();
-    let plan = Plan::build(c.results, snap.stored_rewards, &snap.host_bonus, Scope::Full);
+each_backend!(
+    host_value_changed_between_snapshot_and_write_is_a_conflict,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let cfg = Config::default();
+        let store = db.store().await;
+        let window = rules::ip_window(now(), cfg.rules.ip_window_days);
+        let snap = store.snapshot(Scope::Full, window).await.unwrap();
+        let c = compute::compute(&snap, &cfg, now()).unwrap();
+        let plan = Plan::build(
+            c.results,
+            snap.stored_rewards,
+            &snap.host_bonus,
+            Scope::Full,
+        );
 
-    // The host changes user 30's bonus after the snapshot.
-    db.exec("UPDATE subscriptions SET referral_bonus_domains = 7 WHERE user_id = 30").await;
+        // The host changes user 30's bonus after the snapshot.
+        db.exec("UPDATE subscriptions SET referral_bonus_domains = 7 WHERE user_id = 30")
+            .await;
 
-    let lock = store.try_lock().await.unwrap().expect("lock");
-    let run_id = store.start_run(Scope::Full, now(), now()).await.unwrap();
-    let finish = RunFinish { stats: plan.stats(), outcome_counts: "{}".into(), digest: plan.digest.clone() };
-    let out = store.apply(&plan, run_id, now(), &cfg.new_subscription, &finish).await.unwrap();
-    drop(lock);
-    assert_eq!(out.conflicts, [30]);
-    assert_eq!(db.bonus(30).await, Some(7), "not overwritten");
-    assert_eq!(db.bonus(40).await, Some(0), "the others applied");
-    assert_eq!(
+        let lock = store.try_lock().await.unwrap().expect("lock");
+        let run_id = store.start_run(Scope::Full, now(), now()).await.unwrap();
+        let finish = RunFinish {
+            stats: plan.stats(),
+            outcome_counts: "{}".into(),
+            digest: plan.digest.clone(),
+        };
+        let out = store
+            .apply(&plan, run_id, now(), &cfg.new_subscription, &finish)
+            .await
+            .unwrap();
+        drop(lock);
+        assert_eq!(out.conflicts, [30]);
+        assert_eq!(db.bonus(30).await, Some(7), "not overwritten");
+        assert_eq!(db.bonus(40).await, Some(0), "the others applied");
+        assert_eq!(
         db.scalar("SELECT COUNT(*) FROM reward_changes WHERE referrer_user_id = 30 AND field = 'subscriptions.referral_bonus_domains'").await,
         0,
         "no ledger row for a value not written"
     );
-    assert_eq!(db.scalar("SELECT conflicts FROM reward_runs").await, 1);
-    store.close().await;
+        assert_eq!(db.scalar("SELECT conflicts FROM reward_runs").await, 1);
+        store.close().await;
 
-    // The next run picks it up.
-    db.reconcile(Scope::Full, now(), false).await.unwrap();
-    assert_eq!(db.bonus(30).await, Some(0));
-});
+        // The next run picks it up.
+        db.reconcile(Scope::Full, now(), false).await.unwrap();
+        assert_eq!(db.bonus(30).await, Some(0));
+    }
+);
 
-each_backend!(a_second_applying_run_is_refused_while_the_lock_is_held, |db: TestDb| async move {
-    db.load(&every_outcome()).await;
-    let store = db.store().await;
-    let lock = store.try_lock().await.unwrap().expect("first lock");
-    let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
-    assert!(matches!(e, EngineError::Locked), "{e}");
-    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
-    // A dry run needs no lock.
-    db.reconcile(Scope::Full, now(), true).await.unwrap();
-    drop(lock);
-    db.reconcile(Scope::Full, now(), false).await.unwrap();
-});
+each_backend!(
+    a_second_applying_run_is_refused_while_the_lock_is_held,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let store = db.store().await;
+        let lock = store.try_lock().await.unwrap().expect("first lock");
+        let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
+        assert!(matches!(e, EngineError::Locked), "{e}");
+        assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
+        // A dry run needs no lock.
+        db.reconcile(Scope::Full, now(), true).await.unwrap();
+        drop(lock);
+        db.reconcile(Scope::Full, now(), false).await.unwrap();
+    }
+);
 
-each_backend!(orphaned_running_row_is_marked_abandoned, |db: TestDb| async move {
-    db.load(&every_outcome()).await;
-    let store = db.store().await;
-    store.start_run(Scope::Full, now(), now()).await.unwrap();
-    store.close().await;
-    let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
-    assert_eq!(r.abandoned_runs, 1);
-    assert_eq!(
-        db.rows("SELECT status FROM reward_runs ORDER BY id").await,
-        [[Some("abandoned".into())], [Some("succeeded".into())]]
-    );
-});
+each_backend!(
+    orphaned_running_row_is_marked_abandoned,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let store = db.store().await;
+        store.start_run(Scope::Full, now(), now()).await.unwrap();
+        store.close().await;
+        let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
+        assert_eq!(r.abandoned_runs, 1);
+        assert_eq!(
+            db.rows("SELECT status FROM reward_runs ORDER BY id").await,
+            [[Some("abandoned".into())], [Some("succeeded".into())]]
+        );
+    }
+);
 
 each_backend!(unparseable_or_odd_times, |db: TestDb| async move {
     if db.is_pg() {
@@ -355,19 +457,26 @@ each_backend!(unparseable_or_odd_times, |db: TestDb| async move {
     }
     db.load(&every_outcome()).await;
     // 'T' separator and no fraction are the same instant as the canonical form.
-    db.exec("UPDATE users SET created_at = '2026-10-25T12:00:00' WHERE id = 6").await;
+    db.exec("UPDATE users SET created_at = '2026-10-25T12:00:00' WHERE id = 6")
+        .await;
     db.reconcile(Scope::Full, now(), false).await.unwrap();
     assert_eq!(db.reward_row(1).await.unwrap()[1].as_deref(), Some("9"));
-    db.exec("UPDATE users SET created_at = 'yesterday' WHERE id = 6").await;
+    db.exec("UPDATE users SET created_at = 'yesterday' WHERE id = 6")
+        .await;
     let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
     let text = e.to_string();
-    assert!(text.contains("users.created_at") && text.contains("row 6") && text.contains("yesterday"), "{text}");
+    assert!(
+        text.contains("users.created_at") && text.contains("row 6") && text.contains("yesterday"),
+        "{text}"
+    );
 });
 
 /// Two applies started together on PostgreSQL: never both write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_applies_on_postgres_never_both_write() {
-    let Some(db) = TestDb::new(Backend::PgTimestamp).await else { return };
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
     db.load(&every_outcome()).await;
     for round in 0..5 {
         // A different as-of each round so that there is something to write.

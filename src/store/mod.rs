@@ -112,7 +112,7 @@ pub enum RunLock {
 
 pub enum Store {
     Sqlite(SqliteStore),
-    Postgres(PgStore),
+    Postgres(Box<PgStore>),
 }
 
 impl Store {
@@ -120,7 +120,7 @@ impl Store {
         if url.starts_with("sqlite:") {
             Ok(Store::Sqlite(SqliteStore::connect(url, opts).await?))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Store::Postgres(PgStore::connect(url, opts).await?))
+            Ok(Store::Postgres(Box::new(PgStore::connect(url, opts).await?)))
         } else {
             Err(StoreError::Invalid(format!(
                 "database URL must start with sqlite:// or postgres://, got {url:?}"
@@ -180,7 +180,12 @@ impl Store {
         }
     }
 
-    pub async fn start_run(&self, scope: Scope, as_of: Instant, now: Instant) -> Result<i64, StoreError> {
+    pub async fn start_run(
+        &self,
+        scope: Scope,
+        as_of: Instant,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
         match self {
             Store::Sqlite(s) => s.start_run(scope, as_of, now).await,
             Store::Postgres(s) => s.start_run(scope, as_of, now).await,

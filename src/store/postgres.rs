@@ -10,7 +10,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError, host_int,
+    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError,
+    host_int,
 };
 use crate::config::NewSubscriptionConfig;
 use crate::demo::DemoSpec;
@@ -50,12 +51,18 @@ impl PgStore {
         if opts.read_only {
             options = options.options([("default_transaction_read_only", "on")]);
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect_with(options.clone())
+        // One direct attempt first: the pool would retry a refused connection until its
+        // acquire timeout, and an unreachable server should fail at once.
+        sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(connect_err)?
+            .close()
             .await
             .map_err(connect_err)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(30))
+            .connect_lazy_with(options.clone());
         Ok(Self { pool, options })
     }
 
@@ -73,15 +80,20 @@ impl PgStore {
     }
 
     pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
-        let row: Option<bool> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(q("reading users"))?;
+        let row: Option<bool> =
+            sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading users"))?;
         Ok(row.is_some())
     }
 
-    pub async fn snapshot(&self, scope: Scope, window: (Instant, Instant)) -> Result<Snapshot, StoreError> {
+    pub async fn snapshot(
+        &self,
+        scope: Scope,
+        window: (Instant, Instant),
+    ) -> Result<Snapshot, StoreError> {
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -96,11 +108,12 @@ impl PgStore {
                 .await
                 .map_err(q("reading referrers"))?,
             Some(id) => {
-                let r: Option<bool> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(q("reading the referrer"))?;
+                let r: Option<bool> =
+                    sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(q("reading the referrer"))?;
                 if r == Some(true) { vec![id] } else { vec![] }
             }
         };
@@ -108,56 +121,84 @@ impl PgStore {
 
         if referrer_in_scope {
             let rows: Vec<PgRow> = match one {
-                Some(id) => sqlx::query(include_str!("../../sql/queries/postgres/referred_one.sql"))
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await,
-                None => sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
-                    .fetch_all(&mut *tx)
-                    .await,
+                Some(id) => {
+                    sqlx::query(include_str!("../../sql/queries/postgres/referred_one.sql"))
+                        .bind(id)
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                None => {
+                    sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
             }
             .map_err(q("reading referred users"))?;
             let mut interner = Interner::default();
             snap.referred.reserve(rows.len());
             for r in &rows {
-                snap.referred.push(referred_from_row(r, &mut interner).map_err(q("decoding referred users"))?);
+                snap.referred.push(
+                    referred_from_row(r, &mut interner).map_err(q("decoding referred users"))?,
+                );
             }
 
             snap.registrations = match one {
-                None => sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
-                    .fetch_all(&mut *tx)
-                    .await,
-                Some(id) => sqlx::query_as(include_str!("../../sql/queries/postgres/registrations_one.sql"))
+                None => {
+                    sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Some(id) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/postgres/registrations_one.sql"
+                    ))
                     .bind(id)
                     .fetch_all(&mut *tx)
-                    .await,
+                    .await
+                }
             }
             .map_err(q("reading registration events"))?;
 
             snap.referrer_events = match one {
-                None => sqlx::query_as(include_str!("../../sql/queries/postgres/referrer_events.sql"))
+                None => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/postgres/referrer_events.sql"
+                    ))
                     .bind(dt(window.0))
                     .bind(dt(window.1))
                     .fetch_all(&mut *tx)
-                    .await,
-                Some(id) => sqlx::query_as(include_str!("../../sql/queries/postgres/referrer_events_one.sql"))
+                    .await
+                }
+                Some(id) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/postgres/referrer_events_one.sql"
+                    ))
                     .bind(dt(window.0))
                     .bind(dt(window.1))
                     .bind(id)
                     .fetch_all(&mut *tx)
-                    .await,
+                    .await
+                }
             }
             .map_err(q("reading referrer events"))?;
         }
 
         snap.stored_rewards = match one {
-            None => sqlx::query(include_str!("../../sql/queries/postgres/stored_rewards.sql"))
+            None => {
+                sqlx::query(include_str!(
+                    "../../sql/queries/postgres/stored_rewards.sql"
+                ))
                 .fetch_all(&mut *tx)
-                .await,
-            Some(id) => sqlx::query(include_str!("../../sql/queries/postgres/stored_rewards_one.sql"))
+                .await
+            }
+            Some(id) => {
+                sqlx::query(include_str!(
+                    "../../sql/queries/postgres/stored_rewards_one.sql"
+                ))
                 .bind(id)
                 .fetch_all(&mut *tx)
-                .await,
+                .await
+            }
         }
         .map_err(q("reading referral_rewards"))?
         .iter()
@@ -166,13 +207,19 @@ impl PgStore {
         .map_err(q("decoding referral_rewards"))?;
 
         snap.host_bonus = match one {
-            None => sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
-                .fetch_all(&mut *tx)
-                .await,
-            Some(id) => sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus_one.sql"))
+            None => {
+                sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
+                    .fetch_all(&mut *tx)
+                    .await
+            }
+            Some(id) => {
+                sqlx::query_as(include_str!(
+                    "../../sql/queries/postgres/host_bonus_one.sql"
+                ))
                 .bind(id)
                 .fetch_all(&mut *tx)
-                .await,
+                .await
+            }
         }
         .map_err(q("reading subscriptions"))?;
 
@@ -204,7 +251,12 @@ impl PgStore {
         Ok(r.rows_affected())
     }
 
-    pub async fn start_run(&self, scope: Scope, as_of: Instant, now: Instant) -> Result<i64, StoreError> {
+    pub async fn start_run(
+        &self,
+        scope: Scope,
+        as_of: Instant,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
         sqlx::query_scalar(
             "INSERT INTO reward_runs (mode, referrer_user_id, as_of, started_at, status) \
              VALUES ($1, $2, $3, $4, 'running') RETURNING id",
@@ -219,13 +271,15 @@ impl PgStore {
     }
 
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
-        sqlx::query("UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3")
-            .bind(dt(now))
-            .bind(error)
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("recording the failed run"))?;
+        sqlx::query(
+            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3",
+        )
+        .bind(dt(now))
+        .bind(error)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("recording the failed run"))?;
         Ok(())
     }
 
@@ -238,26 +292,38 @@ impl PgStore {
         finish: &RunFinish,
     ) -> Result<ApplyOutcome, StoreError> {
         let mut out = ApplyOutcome::default();
-        let mut tx = self.pool.begin().await.map_err(q("starting the write transaction"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting the write transaction"))?;
 
         let upserts: Vec<&RewardResult> = plan.reward_upserts().collect();
         if !upserts.is_empty() {
-            let col = |f: fn(&RewardResult) -> i64| upserts.iter().map(|r| f(r)).collect::<Vec<i64>>();
-            let r = sqlx::query(include_str!("../../sql/queries/postgres/upsert_rewards.sql"))
-                .bind(col(|r| r.referrer_user_id))
-                .bind(col(|r| r.referred_users_total))
-                .bind(col(|r| r.qualified_referrals))
-                .bind(col(|r| r.disqualified_self_referral))
-                .bind(col(|r| r.disqualified_cooldown))
-                .bind(col(|r| r.disqualified_missing_ip))
-                .bind(col(|r| r.disqualified_shared_ip))
-                .bind(col(|r| r.disqualified_duplicate_ip))
-                .bind(col(|r| r.bonus_slots))
-                .bind(upserts.iter().map(|r| r.badge.clone()).collect::<Vec<Option<String>>>())
-                .bind(run_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(q("writing referral_rewards"))?;
+            let col =
+                |f: fn(&RewardResult) -> i64| upserts.iter().map(|r| f(r)).collect::<Vec<i64>>();
+            let r = sqlx::query(include_str!(
+                "../../sql/queries/postgres/upsert_rewards.sql"
+            ))
+            .bind(col(|r| r.referrer_user_id))
+            .bind(col(|r| r.referred_users_total))
+            .bind(col(|r| r.qualified_referrals))
+            .bind(col(|r| r.disqualified_self_referral))
+            .bind(col(|r| r.disqualified_cooldown))
+            .bind(col(|r| r.disqualified_missing_ip))
+            .bind(col(|r| r.disqualified_shared_ip))
+            .bind(col(|r| r.disqualified_duplicate_ip))
+            .bind(col(|r| r.bonus_slots))
+            .bind(
+                upserts
+                    .iter()
+                    .map(|r| r.badge.clone())
+                    .collect::<Vec<Option<String>>>(),
+            )
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing referral_rewards"))?;
             out.reward_rows_written = r.rows_affected();
         }
 
@@ -278,26 +344,28 @@ impl PgStore {
         }
         let mut applied: HashSet<i64> = HashSet::new();
         if !up_ids.is_empty() {
-            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/update_host.sql"))
-                .bind(up_ids)
-                .bind(up_old)
-                .bind(up_new)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("writing subscriptions.referral_bonus_domains"))?;
+            let ids: Vec<i64> =
+                sqlx::query_scalar(include_str!("../../sql/queries/postgres/update_host.sql"))
+                    .bind(up_ids)
+                    .bind(up_old)
+                    .bind(up_new)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q("writing subscriptions.referral_bonus_domains"))?;
             applied.extend(ids);
         }
         if !in_ids.is_empty() {
-            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/postgres/insert_host.sql"))
-                .bind(in_ids)
-                .bind(in_new)
-                .bind(&new_sub.tier)
-                .bind(&new_sub.status)
-                .bind(new_sub.max_domains as i32)
-                .bind(dt(as_of))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("creating subscriptions"))?;
+            let ids: Vec<i64> =
+                sqlx::query_scalar(include_str!("../../sql/queries/postgres/insert_host.sql"))
+                    .bind(in_ids)
+                    .bind(in_new)
+                    .bind(&new_sub.tier)
+                    .bind(&new_sub.status)
+                    .bind(new_sub.max_domains as i32)
+                    .bind(dt(as_of))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q("creating subscriptions"))?;
             applied.extend(ids);
         }
         out.host_values_written = applied.len() as u64;
@@ -310,15 +378,37 @@ impl PgStore {
         let ledger = plan.ledger(|u| applied.contains(&u));
         out.ledger_rows_written = ledger.len() as u64;
         if !ledger.is_empty() {
-            sqlx::query(include_str!("../../sql/queries/postgres/insert_changes.sql"))
-                .bind(run_id)
-                .bind(ledger.iter().map(|c| c.referrer_user_id).collect::<Vec<_>>())
-                .bind(ledger.iter().map(|c| c.field.to_owned()).collect::<Vec<_>>())
-                .bind(ledger.iter().map(|c| c.old_value.clone()).collect::<Vec<_>>())
-                .bind(ledger.iter().map(|c| c.new_value.clone()).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await
-                .map_err(q("writing reward_changes"))?;
+            sqlx::query(include_str!(
+                "../../sql/queries/postgres/insert_changes.sql"
+            ))
+            .bind(run_id)
+            .bind(
+                ledger
+                    .iter()
+                    .map(|c| c.referrer_user_id)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                ledger
+                    .iter()
+                    .map(|c| c.field.to_owned())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                ledger
+                    .iter()
+                    .map(|c| c.old_value.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                ledger
+                    .iter()
+                    .map(|c| c.new_value.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing reward_changes"))?;
         }
 
         let s = &finish.stats;
@@ -358,7 +448,8 @@ impl PgStore {
         rows.iter()
             .map(|r| -> Result<RunRow, sqlx::Error> {
                 let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
-                    Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?.map(instant::from_datetime))
+                    Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?
+                        .map(instant::from_datetime))
                 };
                 Ok(RunRow {
                     id: r.try_get(0)?,
@@ -399,41 +490,55 @@ impl PgStore {
             from += DEMO_CHUNK_USERS;
             let mut buf = String::new();
             for u in &c.users {
-                copy_row(&mut buf, &[
-                    Some(u.id.to_string()),
-                    Some(u.email.clone()),
-                    Some(instant::to_sql_text(u.created_at)),
-                    Some(u.is_active.to_string()),
-                    Some(u.is_verified.to_string()),
-                    u.invite_code.clone(),
-                    u.referred_by_user_id.map(|r| r.to_string()),
-                ]);
+                copy_row(
+                    &mut buf,
+                    &[
+                        Some(u.id.to_string()),
+                        Some(u.email.clone()),
+                        Some(instant::to_sql_text(u.created_at)),
+                        Some(u.is_active.to_string()),
+                        Some(u.is_verified.to_string()),
+                        u.invite_code.clone(),
+                        u.referred_by_user_id.map(|r| r.to_string()),
+                    ],
+                );
             }
             nu += copy_in(&mut tx, "COPY users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) FROM STDIN", buf).await?;
             let mut buf = String::new();
             for s in &c.subscriptions {
-                copy_row(&mut buf, &[
-                    Some(s.user_id.to_string()),
-                    Some(s.tier.to_owned()),
-                    Some(s.status.to_owned()),
-                    Some(s.max_domains.to_string()),
-                    Some(s.referral_bonus_domains.to_string()),
-                    s.started_at.map(instant::to_sql_text),
-                    s.expires_at.map(instant::to_sql_text),
-                ]);
+                copy_row(
+                    &mut buf,
+                    &[
+                        Some(s.user_id.to_string()),
+                        Some(s.tier.to_owned()),
+                        Some(s.status.to_owned()),
+                        Some(s.max_domains.to_string()),
+                        Some(s.referral_bonus_domains.to_string()),
+                        s.started_at.map(instant::to_sql_text),
+                        s.expires_at.map(instant::to_sql_text),
+                    ],
+                );
             }
             ns += copy_in(&mut tx, "COPY subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) FROM STDIN", buf).await?;
             let mut buf = String::new();
             for e in &c.events {
-                copy_row(&mut buf, &[
-                    Some(e.id.to_string()),
-                    e.user_id.map(|u| u.to_string()),
-                    Some(e.event_name.to_owned()),
-                    e.ip_hash.clone(),
-                    Some(instant::to_sql_text(e.created_at)),
-                ]);
+                copy_row(
+                    &mut buf,
+                    &[
+                        Some(e.id.to_string()),
+                        e.user_id.map(|u| u.to_string()),
+                        Some(e.event_name.to_owned()),
+                        e.ip_hash.clone(),
+                        Some(instant::to_sql_text(e.created_at)),
+                    ],
+                );
             }
-            ne += copy_in(&mut tx, "COPY telemetry_events (id, user_id, event_name, ip_hash, created_at) FROM STDIN", buf).await?;
+            ne += copy_in(
+                &mut tx,
+                "COPY telemetry_events (id, user_id, event_name, ip_hash, created_at) FROM STDIN",
+                buf,
+            )
+            .await?;
         }
         tx.commit().await.map_err(q("committing demo data"))?;
         sqlx::query("ANALYZE users, subscriptions, telemetry_events")
@@ -444,9 +549,18 @@ impl PgStore {
     }
 }
 
-async fn copy_in(conn: &mut sqlx::PgConnection, statement: &str, data: String) -> Result<u64, StoreError> {
-    let mut copy = conn.copy_in_raw(statement).await.map_err(q("loading demo data"))?;
-    copy.send(data.into_bytes()).await.map_err(q("loading demo data"))?;
+async fn copy_in(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    data: String,
+) -> Result<u64, StoreError> {
+    let mut copy = conn
+        .copy_in_raw(statement)
+        .await
+        .map_err(q("loading demo data"))?;
+    copy.send(data.into_bytes())
+        .await
+        .map_err(q("loading demo data"))?;
     copy.finish().await.map_err(q("loading demo data"))
 }
 
@@ -489,7 +603,8 @@ fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser,
     let id: i64 = r.try_get(0)?;
     let has_sub: bool = r.try_get(5)?;
     let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
-        Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?.map(instant::from_datetime))
+        Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?
+            .map(instant::from_datetime))
     };
     let subscription = if has_sub {
         let tier: Option<&str> = r.try_get(6)?;

@@ -6,11 +6,14 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde_json::json;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError, host_int,
+    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError,
+    host_int,
 };
 use crate::config::NewSubscriptionConfig;
 use crate::demo::DemoSpec;
@@ -32,7 +35,12 @@ fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     StoreError::sql(what)
 }
 
-fn time(table: &'static str, column: &'static str, row: i64, value: &str) -> Result<Instant, StoreError> {
+fn time(
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+    value: &str,
+) -> Result<Instant, StoreError> {
     instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
         table,
         column,
@@ -69,6 +77,12 @@ impl SqliteStore {
         };
         let path = options.get_filename().to_path_buf();
         let in_memory = url.contains(":memory:") || path.as_os_str().is_empty();
+        if opts.read_only && !in_memory && !path.exists() {
+            return Err(StoreError::Connect {
+                url: url.to_owned(),
+                message: "no database file there".into(),
+            });
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -87,27 +101,33 @@ impl SqliteStore {
                 .await
                 .map_err(q("creating the reference schema"))?;
         }
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Sql {
-                what: "running migrations",
-                message: super::one_line(&e.to_string()),
-            })
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
+            what: "running migrations",
+            message: super::one_line(&e.to_string()),
+        })
     }
 
     pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
-        let row: Option<(bool,)> = sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(q("reading users"))?;
+        let row: Option<(bool,)> =
+            sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q("reading users"))?;
         Ok(row.is_some())
     }
 
-    pub async fn snapshot(&self, scope: Scope, window: (Instant, Instant)) -> Result<Snapshot, StoreError> {
+    pub async fn snapshot(
+        &self,
+        scope: Scope,
+        window: (Instant, Instant),
+    ) -> Result<Snapshot, StoreError> {
         // A deferred transaction: every read below sees the same committed state (WAL).
-        let mut tx = self.pool.begin().await.map_err(q("starting the snapshot"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("starting the snapshot"))?;
         let mut snap = Snapshot::default();
         let one = scope.referrer();
 
@@ -117,17 +137,29 @@ impl SqliteStore {
                 .await
                 .map_err(q("reading referrers"))?,
             Some(id) => {
-                let r: Option<bool> = sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(q("reading the referrer"))?;
+                let r: Option<bool> =
+                    sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(q("reading the referrer"))?;
                 if r == Some(true) { vec![id] } else { vec![] }
             }
         };
         let referrer_in_scope = one.is_none() || !snap.referrers.is_empty();
 
-        type ReferredRow = (i64, i64, String, bool, bool, bool, Option<String>, Option<String>, Option<String>, Option<String>);
+        type ReferredRow = (
+            i64,
+            i64,
+            String,
+            bool,
+            bool,
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
         let rows: Vec<ReferredRow> = if !referrer_in_scope {
             vec![]
         } else if let Some(id) = one {
@@ -144,7 +176,19 @@ impl SqliteStore {
         };
         let mut interner = Interner::default();
         snap.referred.reserve(rows.len());
-        for (id, referrer_id, created_at, is_active, is_verified, has_sub, tier, status, started_at, expires_at) in rows {
+        for (
+            id,
+            referrer_id,
+            created_at,
+            is_active,
+            is_verified,
+            has_sub,
+            tier,
+            status,
+            started_at,
+            expires_at,
+        ) in rows
+        {
             let subscription = if has_sub {
                 Some(Subscription {
                     tier: interner.intern(tier.as_deref().unwrap_or_default()),
@@ -167,13 +211,19 @@ impl SqliteStore {
 
         if referrer_in_scope {
             snap.registrations = match one {
-                None => sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations.sql"))
-                    .fetch_all(&mut *tx)
-                    .await,
-                Some(id) => sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations_one.sql"))
+                None => {
+                    sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Some(id) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/sqlite/registrations_one.sql"
+                    ))
                     .bind(id)
                     .fetch_all(&mut *tx)
-                    .await,
+                    .await
+                }
             }
             .map_err(q("reading registration events"))?;
 
@@ -181,17 +231,23 @@ impl SqliteStore {
             let lo = instant::date_text(window.0);
             let hi = instant::date_text(window.1 + instant::MICROS_PER_DAY);
             let events: Vec<(i64, String, String)> = match one {
-                None => sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events.sql"))
-                    .bind(&lo)
-                    .bind(&hi)
-                    .fetch_all(&mut *tx)
-                    .await,
-                Some(id) => sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events_one.sql"))
+                None => {
+                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events.sql"))
+                        .bind(&lo)
+                        .bind(&hi)
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Some(id) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/sqlite/referrer_events_one.sql"
+                    ))
                     .bind(&lo)
                     .bind(&hi)
                     .bind(id)
                     .fetch_all(&mut *tx)
-                    .await,
+                    .await
+                }
             }
             .map_err(q("reading referrer events"))?;
             let mut seen = HashSet::new();
@@ -204,13 +260,19 @@ impl SqliteStore {
         }
 
         snap.stored_rewards = match one {
-            None => sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards.sql"))
-                .fetch_all(&mut *tx)
-                .await,
-            Some(id) => sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards_one.sql"))
+            None => {
+                sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards.sql"))
+                    .fetch_all(&mut *tx)
+                    .await
+            }
+            Some(id) => {
+                sqlx::query(include_str!(
+                    "../../sql/queries/sqlite/stored_rewards_one.sql"
+                ))
                 .bind(id)
                 .fetch_all(&mut *tx)
-                .await,
+                .await
+            }
         }
         .map_err(q("reading referral_rewards"))?
         .iter()
@@ -219,13 +281,17 @@ impl SqliteStore {
         .map_err(q("decoding referral_rewards"))?;
 
         snap.host_bonus = match one {
-            None => sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus.sql"))
-                .fetch_all(&mut *tx)
-                .await,
-            Some(id) => sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus_one.sql"))
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await,
+            None => {
+                sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus.sql"))
+                    .fetch_all(&mut *tx)
+                    .await
+            }
+            Some(id) => {
+                sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus_one.sql"))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await
+            }
         }
         .map_err(q("reading subscriptions"))?;
 
@@ -246,7 +312,12 @@ impl SqliteStore {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| StoreError::Invalid(format!("cannot open lock file {}: {e}", PathBuf::from(&lock_path).display())))?;
+            .map_err(|e| {
+                StoreError::Invalid(format!(
+                    "cannot open lock file {}: {e}",
+                    PathBuf::from(&lock_path).display()
+                ))
+            })?;
         match file.try_lock() {
             Ok(()) => Ok(Some(RunLock::File(file))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -269,7 +340,12 @@ impl SqliteStore {
         Ok(r.rows_affected())
     }
 
-    pub async fn start_run(&self, scope: Scope, as_of: Instant, now: Instant) -> Result<i64, StoreError> {
+    pub async fn start_run(
+        &self,
+        scope: Scope,
+        as_of: Instant,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
         sqlx::query_scalar(
             "INSERT INTO reward_runs (mode, referrer_user_id, as_of, started_at, status) \
              VALUES ($1, $2, $3, $4, 'running') RETURNING id",
@@ -284,13 +360,15 @@ impl SqliteStore {
     }
 
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
-        sqlx::query("UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3")
-            .bind(instant::to_sql_text(now))
-            .bind(error)
-            .bind(run_id)
-            .execute(&self.pool)
-            .await
-            .map_err(q("recording the failed run"))?;
+        sqlx::query(
+            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3",
+        )
+        .bind(instant::to_sql_text(now))
+        .bind(error)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await
+        .map_err(q("recording the failed run"))?;
         Ok(())
     }
 
@@ -350,23 +428,25 @@ impl SqliteStore {
         }
         let mut applied: HashSet<i64> = HashSet::new();
         if !updates.is_empty() {
-            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/sqlite/update_host.sql"))
-                .bind(serde_json::Value::Array(updates).to_string())
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("writing subscriptions.referral_bonus_domains"))?;
+            let ids: Vec<i64> =
+                sqlx::query_scalar(include_str!("../../sql/queries/sqlite/update_host.sql"))
+                    .bind(serde_json::Value::Array(updates).to_string())
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q("writing subscriptions.referral_bonus_domains"))?;
             applied.extend(ids);
         }
         if !inserts.is_empty() {
-            let ids: Vec<i64> = sqlx::query_scalar(include_str!("../../sql/queries/sqlite/insert_host.sql"))
-                .bind(serde_json::Value::Array(inserts).to_string())
-                .bind(&new_sub.tier)
-                .bind(&new_sub.status)
-                .bind(new_sub.max_domains)
-                .bind(instant::to_sql_text(as_of))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("creating subscriptions"))?;
+            let ids: Vec<i64> =
+                sqlx::query_scalar(include_str!("../../sql/queries/sqlite/insert_host.sql"))
+                    .bind(serde_json::Value::Array(inserts).to_string())
+                    .bind(&new_sub.tier)
+                    .bind(&new_sub.status)
+                    .bind(new_sub.max_domains)
+                    .bind(instant::to_sql_text(as_of))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q("creating subscriptions"))?;
             applied.extend(ids);
         }
         out.host_values_written = applied.len() as u64;
@@ -430,7 +510,12 @@ impl SqliteStore {
             .map(|r| {
                 let id: i64 = r.get(0);
                 let t = |i: usize, col| -> Result<Option<Instant>, StoreError> {
-                    opt_time("reward_runs", col, id, r.get::<Option<String>, _>(i).as_deref())
+                    opt_time(
+                        "reward_runs",
+                        col,
+                        id,
+                        r.get::<Option<String>, _>(i).as_deref(),
+                    )
                 };
                 Ok(RunRow {
                     id,
@@ -471,21 +556,44 @@ impl SqliteStore {
                 .users
                 .iter()
                 .map(|u| {
-                    json!([u.id, u.email, instant::to_sql_text(u.created_at), u.is_active, u.is_verified, u.invite_code, u.referred_by_user_id])
+                    json!([
+                        u.id,
+                        u.email,
+                        instant::to_sql_text(u.created_at),
+                        u.is_active,
+                        u.is_verified,
+                        u.invite_code,
+                        u.referred_by_user_id
+                    ])
                 })
                 .collect();
             let subs: Vec<_> = c
                 .subscriptions
                 .iter()
                 .map(|s| {
-                    json!([s.user_id, s.tier, s.status, s.max_domains, s.referral_bonus_domains,
-                           s.started_at.map(instant::to_sql_text), s.expires_at.map(instant::to_sql_text)])
+                    json!([
+                        s.user_id,
+                        s.tier,
+                        s.status,
+                        s.max_domains,
+                        s.referral_bonus_domains,
+                        s.started_at.map(instant::to_sql_text),
+                        s.expires_at.map(instant::to_sql_text)
+                    ])
                 })
                 .collect();
             let events: Vec<_> = c
                 .events
                 .iter()
-                .map(|e| json!([e.id, e.user_id, e.event_name, e.ip_hash, instant::to_sql_text(e.created_at)]))
+                .map(|e| {
+                    json!([
+                        e.id,
+                        e.user_id,
+                        e.event_name,
+                        e.ip_hash,
+                        instant::to_sql_text(e.created_at)
+                    ])
+                })
                 .collect();
             nu += sqlx::query(
                 "INSERT INTO users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) \

@@ -27,7 +27,11 @@ pub enum Backend {
     PgTimestamptz,
 }
 
-pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::PgTimestamp, Backend::PgTimestamptz];
+pub const ALL: [Backend; 3] = [
+    Backend::Sqlite,
+    Backend::PgTimestamp,
+    Backend::PgTimestamptz,
+];
 
 pub enum Admin {
     Sqlite(sqlx::SqlitePool),
@@ -142,13 +146,22 @@ impl TestDb {
                 } else {
                     format!("CREATE DATABASE {name}")
                 };
-                sqlx::raw_sql(AssertSqlSafe(create)).execute(&mut admin).await.expect("create db");
-                // Sessions default to a time zone far from UTC: the job must not care.
-                let tz = if backend == Backend::PgTimestamp { "Pacific/Chatham" } else { "America/St_Johns" };
-                sqlx::raw_sql(AssertSqlSafe(format!("ALTER DATABASE {name} SET timezone = '{tz}'")))
+                sqlx::raw_sql(AssertSqlSafe(create))
                     .execute(&mut admin)
                     .await
-                    .expect("set tz");
+                    .expect("create db");
+                // Sessions default to a time zone far from UTC: the job must not care.
+                let tz = if backend == Backend::PgTimestamp {
+                    "Pacific/Chatham"
+                } else {
+                    "America/St_Johns"
+                };
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "ALTER DATABASE {name} SET timezone = '{tz}'"
+                )))
+                .execute(&mut admin)
+                .await
+                .expect("set tz");
                 let _ = admin.close().await;
                 let url = with_db(&base, &name);
                 let pool = sqlx::postgres::PgPoolOptions::new()
@@ -185,16 +198,30 @@ impl TestDb {
 
     pub async fn exec(&self, sql: &str) {
         let r = match &self.admin {
-            Admin::Sqlite(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(p).await.map(|_| ()),
-            Admin::Pg(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(p).await.map(|_| ()),
+            Admin::Sqlite(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+                .execute(p)
+                .await
+                .map(|_| ()),
+            Admin::Pg(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+                .execute(p)
+                .await
+                .map(|_| ()),
         };
         r.unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {
         match &self.admin {
-            Admin::Sqlite(p) => sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned())).fetch_one(p).await,
-            Admin::Pg(p) => sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned())).fetch_one(p).await,
+            Admin::Sqlite(p) => {
+                sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(p)
+                    .await
+            }
+            Admin::Pg(p) => {
+                sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.to_owned()))
+                    .fetch_one(p)
+                    .await
+            }
         }
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
@@ -290,7 +317,9 @@ impl TestDb {
                 "SELECT CAST(referral_bonus_domains AS TEXT) FROM subscriptions WHERE user_id = {user}"
             ))
             .await;
-        rows.first().and_then(|r| r[0].as_ref()).map(|v| v.parse().unwrap())
+        rows.first()
+            .and_then(|r| r[0].as_ref())
+            .map(|v| v.parse().unwrap())
     }
 
     /// The `referral_rewards` row of a referrer, as text, without its run id.
@@ -307,8 +336,14 @@ impl TestDb {
         .next()
     }
 
-    pub async fn reconcile(&self, scope: Scope, as_of: Instant, dry_run: bool) -> Result<RunReport, EngineError> {
-        self.reconcile_with(&Config::default(), scope, as_of, dry_run).await
+    pub async fn reconcile(
+        &self,
+        scope: Scope,
+        as_of: Instant,
+        dry_run: bool,
+    ) -> Result<RunReport, EngineError> {
+        self.reconcile_with(&Config::default(), scope, as_of, dry_run)
+            .await
     }
 
     pub async fn reconcile_with(
@@ -319,7 +354,16 @@ impl TestDb {
         dry_run: bool,
     ) -> Result<RunReport, EngineError> {
         let store = self.store().await;
-        let r = engine::run(&store, cfg, RunRequest { scope, as_of, dry_run }).await;
+        let r = engine::run(
+            &store,
+            cfg,
+            RunRequest {
+                scope,
+                as_of,
+                dry_run,
+            },
+        )
+        .await;
         store.close().await;
         r
     }
@@ -330,12 +374,17 @@ impl Drop for TestDb {
         if let (Some(name), Some(base)) = (self.pg_name.take(), pg_base_url()) {
             // Best effort, on a thread of its own: Drop cannot await.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
                 rt.block_on(async {
                     if let Ok(mut c) = sqlx::PgConnection::connect(&base).await {
-                        let _ = sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-                            .execute(&mut c)
-                            .await;
+                        let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut c)
+                        .await;
                     }
                 });
             })
@@ -390,7 +439,8 @@ pub struct E {
 }
 
 fn lit(s: &Option<String>) -> String {
-    s.as_ref().map_or_else(|| "NULL".into(), |v| format!("'{}'", v.replace('\'', "''")))
+    s.as_ref()
+        .map_or_else(|| "NULL".into(), |v| format!("'{}'", v.replace('\'', "''")))
 }
 
 impl TestDb {

@@ -1,0 +1,202 @@
+//! The binary, black-box: exit codes, one-line errors, and a demo round trip.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run the binary")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// One line, no panic, no backtrace, and the exit code wanted.
+fn assert_one_line_error(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("rr.db").display())
+}
+
+#[test]
+fn bad_config_value_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[rules]\ncooldown_days = -1\n",
+    )
+    .unwrap();
+    let o = run(dir.path(), &["runs"]);
+    assert_one_line_error(&o, 2, "rules.cooldown_days");
+}
+
+#[test]
+fn unknown_config_key_exits_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("custom.toml"),
+        "[rewards]\nbatch_sise = 3\n",
+    )
+    .unwrap();
+    let o = run(dir.path(), &["--config", "custom.toml", "runs"]);
+    assert_one_line_error(&o, 2, "batch_sise");
+}
+
+#[test]
+fn missing_named_config_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(dir.path(), &["--config", "nope.toml", "runs"]);
+    assert_one_line_error(&o, 2, "nope.toml");
+}
+
+#[test]
+fn malformed_database_url_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        dir.path(),
+        &["--database-url", "mysql://localhost/x", "runs"],
+    );
+    assert_one_line_error(&o, 2, "--database-url");
+}
+
+#[test]
+fn non_numeric_referrer_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(dir.path(), &["reconcile", "--referrer", "abc"]);
+    assert_one_line_error(&o, 2, "--referrer");
+}
+
+#[test]
+fn as_of_that_is_not_a_time_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(dir.path(), &["reconcile", "--as-of", "next tuesday"]);
+    assert_one_line_error(&o, 2, "--as-of");
+}
+
+#[test]
+fn unreachable_database_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        dir.path(),
+        &[
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/nothing",
+            "reconcile",
+            "--dry-run",
+        ],
+    );
+    assert_one_line_error(&o, 1, "cannot connect");
+}
+
+#[test]
+fn missing_tables_exit_1_and_say_migrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let o = run(
+        dir.path(),
+        &["--database-url", &url, "reconcile", "--dry-run"],
+    );
+    assert_one_line_error(&o, 1, "no database file");
+    // The job's tables exist, the host's do not.
+    assert_eq!(
+        run(dir.path(), &["--database-url", &url, "migrate"])
+            .status
+            .code(),
+        Some(0)
+    );
+    let o = run(
+        dir.path(),
+        &["--database-url", &url, "reconcile", "--dry-run"],
+    );
+    assert_one_line_error(&o, 1, "no such table: users");
+    assert!(stderr(&o).contains("migrate"));
+}
+
+#[test]
+fn demo_round_trip_then_lock_held_exits_3_then_failed_run_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    let ok = |args: &[&str]| {
+        let mut all = vec!["--database-url", &url];
+        all.extend_from_slice(args);
+        let o = run(dir.path(), &all);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    ok(&["migrate", "--with-reference-schema"]);
+    ok(&["demo-data", "--users", "3000", "--seed", "1"]);
+    let as_of = "2026-11-01T00:00:00Z";
+    let dry = ok(&["reconcile", "--dry-run", "--as-of", as_of]);
+    assert!(dry.contains("dry run") && dry.contains("digest"), "{dry}");
+    let applied = ok(&["reconcile", "--as-of", as_of]);
+    assert!(
+        applied.contains("run                  1 succeeded"),
+        "{applied}"
+    );
+    let digest = |s: &str| s.lines().find(|l| l.contains("digest")).unwrap().to_owned();
+    assert_eq!(digest(&dry), digest(&applied));
+    let explained = ok(&["explain", "--referrer", "11", "--as-of", as_of]);
+    assert!(explained.contains("referrer 11:"), "{explained}");
+    let one = ok(&["reconcile", "--referrer", "11", "--as-of", as_of]);
+    assert!(
+        one.contains("written              0 referral_rewards rows"),
+        "{one}"
+    );
+    let runs = ok(&["runs"]);
+    assert!(runs.contains("succeeded"), "{runs}");
+
+    // Another run holds the lock: refused with exit 3, nothing recorded.
+    let lock = std::fs::File::create(dir.path().join("rr.db.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let o = run(dir.path(), &["--database-url", &url, "reconcile"]);
+    assert_one_line_error(&o, 3, "lock");
+    drop(lock);
+
+    // A run that fails exits 1.
+    let unknown = run(
+        dir.path(),
+        &[
+            "--database-url",
+            &url,
+            "reconcile",
+            "--referrer",
+            "99999999",
+        ],
+    );
+    assert_one_line_error(&unknown, 2, "no user with id 99999999");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TRIGGER boom BEFORE INSERT ON reward_changes BEGIN SELECT RAISE(ABORT, 'boom'); END;
+             UPDATE users SET invite_code = NULL WHERE id = 11;",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    });
+    let o = run(
+        dir.path(),
+        &["--database-url", &url, "reconcile", "--as-of", as_of],
+    );
+    assert_one_line_error(&o, 1, "boom");
+    let runs = ok(&["runs"]);
+    assert!(runs.contains("failed"), "{runs}");
+}
