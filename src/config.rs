@@ -171,7 +171,6 @@ impl Default for HttpConfig {
     }
 }
 
-
 /// Upper bound on day counts: keeps every `days * 86_400_000_000` microsecond product far from
 /// overflow while allowing any window an operator could mean.
 const MAX_DAYS: i64 = 100_000;

@@ -3,7 +3,7 @@
 //! Every time crosses the store boundary as an `Instant`, so that the rules compare instants,
 //! never text: on SQLite `'… 12:00:00'` and `'… 12:00:00.000000'` are the same instant.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
 
 /// Microseconds since 1970-01-01T00:00:00Z.
 pub type Instant = i64;
@@ -22,7 +22,20 @@ pub fn to_datetime(t: Instant) -> DateTime<Utc> {
 
 /// `YYYY-MM-DD HH:MM:SS.ffffff`, the canonical text form written to SQLite.
 pub fn to_sql_text(t: Instant) -> String {
-    to_datetime(t).format("%Y-%m-%d %H:%M:%S%.6f").to_string()
+    // Field by field: chrono's `format` re-parses its pattern on every call, and this runs
+    // once per row when loading millions of rows.
+    let dt = to_datetime(t).naive_utc();
+    let (d, tm) = (dt.date(), dt.time());
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+        d.year(),
+        d.month(),
+        d.day(),
+        tm.hour(),
+        tm.minute(),
+        tm.second(),
+        t.rem_euclid(1_000_000)
+    )
 }
 
 /// RFC 3339 with microseconds, for people and JSON.

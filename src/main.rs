@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,sqlx::query=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -176,7 +176,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             anchor,
         } => {
             let store = connect(&config, false).await?;
-            store.migrate(true).await?;
+            store.migrate(false).await?;
             let started = std::time::Instant::now();
             let (u, s, e) = store
                 .load_demo(&DemoSpec {
@@ -225,7 +225,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 .find(|e| e.referrer_user_id() == referrer);
             print!(
                 "{}",
-                summary::explain(entry, &report.computation.referrals, referrer)
+                summary::explain(
+                    entry,
+                    !report.computation.results.is_empty(),
+                    &report.computation.referrals,
+                    referrer
+                )
             );
         }
         Command::Runs { limit } => {

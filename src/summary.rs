@@ -116,13 +116,21 @@ pub fn entry_line(e: &PlanEntry) -> String {
 }
 
 /// `explain`: every referred user of one referrer with its outcome, as a table.
-pub fn explain(entry: Option<&PlanEntry>, referrals: &[ReferralOutcome], referrer: i64) -> String {
+pub fn explain(
+    entry: Option<&PlanEntry>,
+    is_referrer: bool,
+    referrals: &[ReferralOutcome],
+    referrer: i64,
+) -> String {
     let mut s = String::new();
-    match entry {
-        Some(e) => s.push_str(entry_line(e).trim_start()),
-        None => {
-            let _ = writeln!(s, "user {referrer} is not a referrer and holds no reward");
-        }
+    if !is_referrer {
+        let _ = writeln!(
+            s,
+            "user {referrer} is not a referrer (no invite code): it earns nothing, and any reward it holds is revoked"
+        );
+    }
+    if let Some(e) = entry {
+        s.push_str(entry_line(e).trim_start());
     }
     if referrals.is_empty() {
         let _ = writeln!(s, "no referred users");

@@ -1,6 +1,6 @@
 -- The reference host schema of SPEC section 2, for demos, tests and benchmarks only
 -- (`migrate --with-reference-schema`). A real deployment maps its own tables onto these names.
--- Times are ISO-8601 text (SPEC section 2). The indexes are the ones referral-rewards relies on; README lists them for adopters.
+-- Times are ISO-8601 text (SPEC section 2). Its indexes are in sqlite_indexes.sql.
 
 CREATE TABLE IF NOT EXISTS users (
   id                  INTEGER PRIMARY KEY,
@@ -11,7 +11,6 @@ CREATE TABLE IF NOT EXISTS users (
   invite_code         TEXT UNIQUE,
   referred_by_user_id BIGINT REFERENCES users(id)
 );
-CREATE INDEX IF NOT EXISTS users_referred_by ON users (referred_by_user_id);
 
 CREATE TABLE IF NOT EXISTS subscriptions (
   id                     INTEGER PRIMARY KEY,
@@ -31,7 +30,3 @@ CREATE TABLE IF NOT EXISTS telemetry_events (
   ip_hash    TEXT,
   created_at TEXT NOT NULL
 );
--- Signup IPs of a user, and a referrer's events in the IP window.
-CREATE INDEX IF NOT EXISTS telemetry_events_registration
-  ON telemetry_events (user_id) WHERE event_name = 'user_registered';
-CREATE INDEX IF NOT EXISTS telemetry_events_user_time ON telemetry_events (user_id, created_at);

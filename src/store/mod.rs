@@ -120,7 +120,9 @@ impl Store {
         if url.starts_with("sqlite:") {
             Ok(Store::Sqlite(SqliteStore::connect(url, opts).await?))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Store::Postgres(Box::new(PgStore::connect(url, opts).await?)))
+            Ok(Store::Postgres(Box::new(
+                PgStore::connect(url, opts).await?,
+            )))
         } else {
             Err(StoreError::Invalid(format!(
                 "database URL must start with sqlite:// or postgres://, got {url:?}"
@@ -237,8 +239,55 @@ impl Store {
     }
 }
 
-/// Rows per bulk statement when loading demo data.
+/// Users per bulk statement when loading demo data.
 pub(crate) const DEMO_CHUNK_USERS: i64 = 20_000;
+
+/// Encoded demo rows, one buffer per host table: users, subscriptions, telemetry events.
+pub(crate) type EncodedChunk = [String; 3];
+
+/// Demo chunks, generated and encoded on a blocking thread one chunk ahead of the writer, so
+/// that generating and writing overlap.
+pub(crate) struct ChunkFeed {
+    spec: DemoSpec,
+    from: i64,
+    encode: fn(crate::demo::DemoChunk) -> EncodedChunk,
+    pending: Option<tokio::task::JoinHandle<EncodedChunk>>,
+}
+
+impl ChunkFeed {
+    pub(crate) fn new(spec: DemoSpec, encode: fn(crate::demo::DemoChunk) -> EncodedChunk) -> Self {
+        let mut feed = ChunkFeed {
+            spec,
+            from: 1,
+            encode,
+            pending: None,
+        };
+        feed.start_next();
+        feed
+    }
+
+    fn start_next(&mut self) {
+        if self.from > self.spec.users {
+            return;
+        }
+        let (spec, from, encode) = (self.spec, self.from, self.encode);
+        self.from += DEMO_CHUNK_USERS;
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            encode(spec.chunk(from, from + DEMO_CHUNK_USERS))
+        }));
+    }
+
+    pub(crate) async fn next(&mut self) -> Result<Option<EncodedChunk>, StoreError> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(None);
+        };
+        let chunk = pending
+            .await
+            .map_err(|e| StoreError::Invalid(format!("generating demo data: {e}")))?;
+        self.start_next();
+        Ok(Some(chunk))
+    }
+}
 
 /// Host column values are INTEGER: refuse a bonus that does not fit rather than wrap it.
 pub(crate) fn host_int(user_id: i64, v: i64) -> Result<i32, StoreError> {

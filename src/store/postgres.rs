@@ -10,11 +10,11 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, RunFinish, RunLock, RunRow, StoreError,
     host_int,
 };
 use crate::config::NewSubscriptionConfig;
-use crate::demo::DemoSpec;
+use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::plan::{HostChange, Plan};
 use crate::rewards::RewardResult;
@@ -68,15 +68,28 @@ impl PgStore {
 
     pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
         if with_reference_schema {
-            sqlx::raw_sql(include_str!("../../sql/reference/postgres.sql"))
-                .execute(&self.pool)
-                .await
-                .map_err(q("creating the reference schema"))?;
+            self.reference_schema(true).await?;
         }
         MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
             what: "running migrations",
             message: super::one_line(&e.to_string()),
         })
+    }
+
+    /// The host tables of SPEC section 2, and their indexes when asked (a bulk load creates
+    /// them afterwards).
+    async fn reference_schema(&self, indexes: bool) -> Result<(), StoreError> {
+        sqlx::raw_sql(include_str!("../../sql/reference/postgres.sql"))
+            .execute(&self.pool)
+            .await
+            .map_err(q("creating the reference schema"))?;
+        if indexes {
+            sqlx::raw_sql(include_str!("../../sql/reference/postgres_indexes.sql"))
+                .execute(&self.pool)
+                .await
+                .map_err(q("creating the reference indexes"))?;
+        }
+        Ok(())
     }
 
     pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
@@ -476,6 +489,17 @@ impl PgStore {
 
     /// Loads with `COPY … FROM STDIN` (text format) in one transaction.
     pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+        self.reference_schema(false).await?;
+        let existing: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM users LIMIT 1) AS t")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("reading users"))?;
+        if existing > 0 {
+            return Err(StoreError::Invalid(
+                "demo-data needs empty host tables; the users table already has rows".into(),
+            ));
+        }
         let mut conn = self.pool.acquire().await.map_err(q("connecting"))?;
         let mut tx = conn.begin().await.map_err(q("loading demo data"))?;
         // Referrers may have larger ids than the users they refer: check keys at commit.
@@ -484,69 +508,73 @@ impl PgStore {
             .await
             .map_err(q("loading demo data"))?;
         let (mut nu, mut ns, mut ne) = (0, 0, 0);
-        let mut from = 1;
-        while from <= spec.users {
-            let c = spec.chunk(from, from + DEMO_CHUNK_USERS);
-            from += DEMO_CHUNK_USERS;
-            let mut buf = String::new();
-            for u in &c.users {
-                copy_row(
-                    &mut buf,
-                    &[
-                        Some(u.id.to_string()),
-                        Some(u.email.clone()),
-                        Some(instant::to_sql_text(u.created_at)),
-                        Some(u.is_active.to_string()),
-                        Some(u.is_verified.to_string()),
-                        u.invite_code.clone(),
-                        u.referred_by_user_id.map(|r| r.to_string()),
-                    ],
-                );
-            }
-            nu += copy_in(&mut tx, "COPY users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) FROM STDIN", buf).await?;
-            let mut buf = String::new();
-            for s in &c.subscriptions {
-                copy_row(
-                    &mut buf,
-                    &[
-                        Some(s.user_id.to_string()),
-                        Some(s.tier.to_owned()),
-                        Some(s.status.to_owned()),
-                        Some(s.max_domains.to_string()),
-                        Some(s.referral_bonus_domains.to_string()),
-                        s.started_at.map(instant::to_sql_text),
-                        s.expires_at.map(instant::to_sql_text),
-                    ],
-                );
-            }
-            ns += copy_in(&mut tx, "COPY subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) FROM STDIN", buf).await?;
-            let mut buf = String::new();
-            for e in &c.events {
-                copy_row(
-                    &mut buf,
-                    &[
-                        Some(e.id.to_string()),
-                        e.user_id.map(|u| u.to_string()),
-                        Some(e.event_name.to_owned()),
-                        e.ip_hash.clone(),
-                        Some(instant::to_sql_text(e.created_at)),
-                    ],
-                );
-            }
+        let mut feed = ChunkFeed::new(*spec, encode_copy);
+        while let Some([users, subs, events]) = feed.next().await? {
+            nu += copy_in(&mut tx, "COPY users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) FROM STDIN", users).await?;
+            ns += copy_in(&mut tx, "COPY subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) FROM STDIN", subs).await?;
             ne += copy_in(
                 &mut tx,
                 "COPY telemetry_events (id, user_id, event_name, ip_hash, created_at) FROM STDIN",
-                buf,
+                events,
             )
             .await?;
         }
         tx.commit().await.map_err(q("committing demo data"))?;
+        self.reference_schema(true).await?;
         sqlx::query("ANALYZE users, subscriptions, telemetry_events")
             .execute(&mut *conn)
             .await
             .map_err(q("analyzing demo data"))?;
         Ok((nu, ns, ne))
     }
+}
+
+/// A demo chunk in COPY's text format.
+fn encode_copy(c: DemoChunk) -> EncodedChunk {
+    let mut users = String::with_capacity(c.users.len() * 80);
+    for u in &c.users {
+        copy_row(
+            &mut users,
+            &[
+                Some(&u.id.to_string()),
+                Some(&u.email),
+                Some(&instant::to_sql_text(u.created_at)),
+                Some(if u.is_active { "t" } else { "f" }),
+                Some(if u.is_verified { "t" } else { "f" }),
+                u.invite_code.as_deref(),
+                u.referred_by_user_id.map(|r| r.to_string()).as_deref(),
+            ],
+        );
+    }
+    let mut subs = String::with_capacity(c.subscriptions.len() * 80);
+    for s in &c.subscriptions {
+        copy_row(
+            &mut subs,
+            &[
+                Some(&s.user_id.to_string()),
+                Some(s.tier),
+                Some(s.status),
+                Some(&s.max_domains.to_string()),
+                Some(&s.referral_bonus_domains.to_string()),
+                s.started_at.map(instant::to_sql_text).as_deref(),
+                s.expires_at.map(instant::to_sql_text).as_deref(),
+            ],
+        );
+    }
+    let mut events = String::with_capacity(c.events.len() * 70);
+    for e in &c.events {
+        copy_row(
+            &mut events,
+            &[
+                Some(&e.id.to_string()),
+                e.user_id.map(|u| u.to_string()).as_deref(),
+                Some(e.event_name),
+                e.ip_hash.as_deref(),
+                Some(&instant::to_sql_text(e.created_at)),
+            ],
+        );
+    }
+    [users, subs, events]
 }
 
 async fn copy_in(
@@ -565,13 +593,20 @@ async fn copy_in(
 }
 
 /// One row of COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
-fn copy_row(buf: &mut String, fields: &[Option<String>]) {
+fn copy_row(buf: &mut String, fields: &[Option<&str>]) {
     for (i, f) in fields.iter().enumerate() {
         if i > 0 {
             buf.push('\t');
         }
         match f {
             None => buf.push_str("\\N"),
+            Some(s)
+                if !s
+                    .bytes()
+                    .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+            {
+                buf.push_str(s)
+            }
             Some(s) => {
                 for ch in s.chars() {
                     match ch {

@@ -12,11 +12,11 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ConnectOptions, DEMO_CHUNK_USERS, RunFinish, RunLock, RunRow, StoreError,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, RunFinish, RunLock, RunRow, StoreError,
     host_int,
 };
 use crate::config::NewSubscriptionConfig;
-use crate::demo::DemoSpec;
+use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::plan::{HostChange, Plan};
 use crate::rewards::RewardResult;
@@ -96,15 +96,28 @@ impl SqliteStore {
 
     pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
         if with_reference_schema {
-            sqlx::raw_sql(include_str!("../../sql/reference/sqlite.sql"))
-                .execute(&self.pool)
-                .await
-                .map_err(q("creating the reference schema"))?;
+            self.reference_schema(true).await?;
         }
         MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
             what: "running migrations",
             message: super::one_line(&e.to_string()),
         })
+    }
+
+    /// The host tables of SPEC section 2, and their indexes when asked (a bulk load creates
+    /// them afterwards).
+    async fn reference_schema(&self, indexes: bool) -> Result<(), StoreError> {
+        sqlx::raw_sql(include_str!("../../sql/reference/sqlite.sql"))
+            .execute(&self.pool)
+            .await
+            .map_err(q("creating the reference schema"))?;
+        if indexes {
+            sqlx::raw_sql(include_str!("../../sql/reference/sqlite_indexes.sql"))
+                .execute(&self.pool)
+                .await
+                .map_err(q("creating the reference indexes"))?;
+        }
+        Ok(())
     }
 
     pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
@@ -540,6 +553,17 @@ impl SqliteStore {
     }
 
     pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+        self.reference_schema(false).await?;
+        let existing: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM users LIMIT 1) AS t")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("reading users"))?;
+        if existing > 0 {
+            return Err(StoreError::Invalid(
+                "demo-data needs empty host tables; the users table already has rows".into(),
+            ));
+        }
         let mut conn = self.pool.acquire().await.map_err(q("connecting"))?;
         // Referrers may have larger ids than the users they refer: check keys at the end.
         sqlx::query("PRAGMA foreign_keys = OFF")
@@ -548,58 +572,13 @@ impl SqliteStore {
             .map_err(q("loading demo data"))?;
         let mut tx = conn.begin().await.map_err(q("loading demo data"))?;
         let (mut nu, mut ns, mut ne) = (0, 0, 0);
-        let mut from = 1;
-        while from <= spec.users {
-            let c = spec.chunk(from, from + DEMO_CHUNK_USERS);
-            from += DEMO_CHUNK_USERS;
-            let users: Vec<_> = c
-                .users
-                .iter()
-                .map(|u| {
-                    json!([
-                        u.id,
-                        u.email,
-                        instant::to_sql_text(u.created_at),
-                        u.is_active,
-                        u.is_verified,
-                        u.invite_code,
-                        u.referred_by_user_id
-                    ])
-                })
-                .collect();
-            let subs: Vec<_> = c
-                .subscriptions
-                .iter()
-                .map(|s| {
-                    json!([
-                        s.user_id,
-                        s.tier,
-                        s.status,
-                        s.max_domains,
-                        s.referral_bonus_domains,
-                        s.started_at.map(instant::to_sql_text),
-                        s.expires_at.map(instant::to_sql_text)
-                    ])
-                })
-                .collect();
-            let events: Vec<_> = c
-                .events
-                .iter()
-                .map(|e| {
-                    json!([
-                        e.id,
-                        e.user_id,
-                        e.event_name,
-                        e.ip_hash,
-                        instant::to_sql_text(e.created_at)
-                    ])
-                })
-                .collect();
+        let mut feed = ChunkFeed::new(*spec, encode_json);
+        while let Some([users, subs, events]) = feed.next().await? {
             nu += sqlx::query(
                 "INSERT INTO users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) \
                  SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6 FROM (SELECT value AS v FROM json_each($1))",
             )
-            .bind(serde_json::Value::Array(users).to_string())
+            .bind(users)
             .execute(&mut *tx)
             .await
             .map_err(q("inserting demo users"))?
@@ -608,7 +587,7 @@ impl SqliteStore {
                 "INSERT INTO subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) \
                  SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6 FROM (SELECT value AS v FROM json_each($1))",
             )
-            .bind(serde_json::Value::Array(subs).to_string())
+            .bind(subs)
             .execute(&mut *tx)
             .await
             .map_err(q("inserting demo subscriptions"))?
@@ -617,13 +596,14 @@ impl SqliteStore {
                 "INSERT INTO telemetry_events (id, user_id, event_name, ip_hash, created_at) \
                  SELECT v->>0, v->>1, v->>2, v->>3, v->>4 FROM (SELECT value AS v FROM json_each($1))",
             )
-            .bind(serde_json::Value::Array(events).to_string())
+            .bind(events)
             .execute(&mut *tx)
             .await
             .map_err(q("inserting demo events"))?
             .rows_affected();
         }
         tx.commit().await.map_err(q("committing demo data"))?;
+        self.reference_schema(true).await?;
         sqlx::query("PRAGMA foreign_keys = ON")
             .execute(&mut *conn)
             .await
@@ -634,6 +614,61 @@ impl SqliteStore {
             .map_err(q("analyzing demo data"))?;
         Ok((nu, ns, ne))
     }
+}
+
+/// A demo chunk as JSON arrays of rows, for `json_each`. Tuples serialize as arrays, without
+/// building a `Value` tree per row.
+fn encode_json(c: DemoChunk) -> EncodedChunk {
+    let users = serde_json::to_string(
+        &c.users
+            .iter()
+            .map(|u| {
+                (
+                    u.id,
+                    &u.email,
+                    instant::to_sql_text(u.created_at),
+                    u.is_active,
+                    u.is_verified,
+                    &u.invite_code,
+                    u.referred_by_user_id,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+    .expect("plain data serializes");
+    let subs = serde_json::to_string(
+        &c.subscriptions
+            .iter()
+            .map(|s| {
+                (
+                    s.user_id,
+                    s.tier,
+                    s.status,
+                    s.max_domains,
+                    s.referral_bonus_domains,
+                    s.started_at.map(instant::to_sql_text),
+                    s.expires_at.map(instant::to_sql_text),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+    .expect("plain data serializes");
+    let events = serde_json::to_string(
+        &c.events
+            .iter()
+            .map(|e| {
+                (
+                    e.id,
+                    e.user_id,
+                    e.event_name,
+                    &e.ip_hash,
+                    instant::to_sql_text(e.created_at),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+    .expect("plain data serializes");
+    [users, subs, events]
 }
 
 fn reward_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RewardResult, sqlx::Error> {

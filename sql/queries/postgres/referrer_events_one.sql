@@ -1,3 +1,3 @@
-SELECT DISTINCT e.user_id, e.ip_hash
+SELECT DISTINCT e.user_id, e.ip_hash COLLATE "C"
 FROM telemetry_events e
 WHERE e.user_id = $3 AND e.ip_hash IS NOT NULL AND e.created_at >= $1 AND e.created_at <= $2

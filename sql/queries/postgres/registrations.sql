@@ -1,5 +1,6 @@
--- The referred users' registration IP hashes; the greatest non-blank one is chosen in Rust.
-SELECT DISTINCT e.user_id, e.ip_hash
+-- The referred users' registration IP hashes; the greatest non-blank one is chosen in Rust
+-- (byte order). DISTINCT under "C": a case-insensitive collation must not merge hashes.
+SELECT DISTINCT e.user_id, e.ip_hash COLLATE "C"
 FROM telemetry_events e
 JOIN users u ON u.id = e.user_id
 JOIN users r ON r.id = u.referred_by_user_id AND r.invite_code IS NOT NULL
