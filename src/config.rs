@@ -309,26 +309,21 @@ impl Config {
     }
 }
 
-/// Checks the shape of a database URL; `key` names where it came from.
+/// Checks a database URL with the driver's own parser, without connecting; `key` names where
+/// the URL came from.
 pub fn validate_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
-    let scheme = url.split_once("://").map(|(s, _)| s);
-    match scheme {
-        Some("sqlite") | Some("postgres") | Some("postgresql") => {}
-        _ if url == "sqlite::memory:" => {}
-        _ => {
-            return Err(invalid(
-                key,
-                format!("expected sqlite://PATH or postgres://…, got {url:?}"),
-            ));
-        }
-    }
-    if url
-        .split_once("://")
-        .is_some_and(|(_, rest)| rest.is_empty())
-    {
-        return Err(invalid(key, format!("no path or host in {url:?}")));
-    }
-    Ok(())
+    use std::str::FromStr;
+    let parsed = if url.starts_with("sqlite:") {
+        sqlx::sqlite::SqliteConnectOptions::from_str(url).map(|_| ())
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        sqlx::postgres::PgConnectOptions::from_str(url).map(|_| ())
+    } else {
+        return Err(invalid(
+            key,
+            format!("expected sqlite://PATH or postgres://…, got {url:?}"),
+        ));
+    };
+    parsed.map_err(|e| invalid(key, format!("malformed URL {url:?}: {e}")))
 }
 
 #[cfg(test)]
@@ -394,5 +389,7 @@ badges = [{ name = "a", threshold = 5 }, { name = "b", threshold = 5 }]"#);
     fn malformed_url_names_the_key() {
         let e = err("[database]\nurl = \"mysql://x\"");
         assert!(e.contains("database.url"), "{e}");
+        let e = err("[database]\nurl = \"postgres://u@host:notaport/db\"");
+        assert!(e.contains("database.url") && e.contains("malformed"), "{e}");
     }
 }

@@ -87,7 +87,7 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
     }
     if req.dry_run {
         let (plan, computation) = plan(store, cfg, req).await?;
-        return Ok(RunReport {
+        let report = RunReport {
             request: req,
             backend: store.backend(),
             run_id: None,
@@ -97,7 +97,9 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
             applied: None,
             abandoned_runs: 0,
             elapsed: started.elapsed(),
-        });
+        };
+        log_run(&report);
+        return Ok(report);
     }
 
     let lock = store.try_lock().await?.ok_or(EngineError::Locked)?;
@@ -139,7 +141,31 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
         }
     };
     drop(lock);
+    match &outcome {
+        Ok(r) => log_run(r),
+        Err(e) => tracing::error!(run_id, mode = req.scope.mode(), error = %e, "run failed"),
+    }
     outcome
+}
+
+/// One log line per run, for operators and log search.
+fn log_run(r: &RunReport) {
+    let a = r.applied.clone().unwrap_or_default();
+    tracing::info!(
+        run_id = r.run_id,
+        mode = r.request.scope.mode(),
+        referrer = r.request.scope.referrer(),
+        dry_run = r.request.dry_run,
+        duration_ms = r.elapsed.as_millis() as u64,
+        referrers = r.stats.referrers,
+        rewards_up = r.stats.rewards_up,
+        rewards_down = r.stats.rewards_down,
+        reward_rows_written = a.reward_rows_written,
+        host_values_written = a.host_values_written,
+        conflicts = a.conflicts.len(),
+        digest = %r.plan.digest,
+        "run finished"
+    );
 }
 
 /// A one-referrer run on an id that is neither a user nor holds a stored reward is a mistake.
