@@ -18,8 +18,17 @@ pub struct Cli {
     /// Database URL (sqlite://PATH or postgres://…); overrides DATABASE_URL and the config
     #[arg(long, global = true)]
     pub database_url: Option<String>,
+    /// Log lines on stderr as text or JSON (RUST_LOG sets the levels)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +66,8 @@ pub enum Command {
         #[arg(long, value_parser = parse_time)]
         as_of: Option<Instant>,
     },
+    /// The scheduler and the HTTP API: a full run at each cron tick, until SIGINT/SIGTERM
+    Serve,
     /// The run history, newest first
     Runs {
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..))]

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant as Clock};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::compute::{self, Computation};
 use crate::config::Config;
 use crate::instant::{self, Instant};
@@ -30,6 +32,8 @@ pub enum EngineError {
     /// The run started and failed; its row says `failed`, nothing else was written.
     #[error("run {run_id} failed and wrote nothing: {message}")]
     RunFailed { run_id: i64, message: String },
+    #[error("aborted: the server is shutting down and the run outlived its grace period")]
+    Aborted,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("computing rewards: {0}")]
@@ -81,6 +85,17 @@ pub async fn plan(
 }
 
 pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunReport, EngineError> {
+    run_cancellable(store, cfg, req, &CancellationToken::new()).await
+}
+
+/// Like [`run`], but an applying run stops as soon as `abort` is cancelled: its transaction
+/// rolls back and its row is marked `failed` with the reason (shutdown past its grace period).
+pub async fn run_cancellable(
+    store: &Store,
+    cfg: &Config,
+    req: RunRequest,
+    abort: &CancellationToken,
+) -> Result<RunReport, EngineError> {
     let started = Clock::now();
     if let Scope::Referrer(id) = req.scope {
         check_known(store, cfg, req, id).await?;
@@ -105,7 +120,7 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
     let lock = store.try_lock().await?.ok_or(EngineError::Locked)?;
     let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
     let run_id = store.start_run(req.scope, req.as_of, now()).await?;
-    let result = async {
+    let work = async {
         let (plan, computation) = plan(store, cfg, req).await?;
         let stats = plan.stats();
         let finish = RunFinish {
@@ -117,8 +132,12 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
             .apply(&plan, run_id, req.as_of, &cfg.new_subscription, &finish)
             .await?;
         Ok::<_, EngineError>((plan, computation, stats, applied))
-    }
-    .await;
+    };
+    // Dropping `work` drops its open transaction, which rolls back.
+    let result = tokio::select! {
+        r = work => r,
+        _ = abort.cancelled() => Err(EngineError::Aborted),
+    };
     let outcome = match result {
         Ok((plan, computation, stats, applied)) => Ok(RunReport {
             request: req,

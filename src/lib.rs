@@ -14,6 +14,7 @@ pub mod instant;
 pub mod plan;
 pub mod rewards;
 pub mod rules;
+pub mod serve;
 pub mod snapshot;
 pub mod store;
 pub mod summary;

@@ -11,11 +11,12 @@ use referral_rewards::config::{self, Config, ConfigError};
 use referral_rewards::demo::DemoSpec;
 use referral_rewards::engine::{self, EngineError, RunRequest};
 use referral_rewards::instant;
+use referral_rewards::serve::{self, ServeError};
 use referral_rewards::snapshot::Scope;
 use referral_rewards::store::{ConnectOptions, Store, StoreError};
 use referral_rewards::summary;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, LogFormat};
 
 /// SPEC section 6's exit codes, in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,19 @@ impl From<ConfigError> for Failure {
     }
 }
 
+impl From<ServeError> for Failure {
+    fn from(e: ServeError) -> Self {
+        let exit = match e {
+            ServeError::Config { .. } => Exit::Usage,
+            ServeError::Runtime(_) => Exit::RunFailed,
+        };
+        Failure {
+            exit,
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         let exit = match e {
@@ -60,9 +74,10 @@ impl From<EngineError> for Failure {
             EngineError::Locked => Exit::Refused,
             EngineError::UnknownReferrer(_) => Exit::Usage,
             EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
-            EngineError::RunFailed { .. } | EngineError::Store(_) | EngineError::Compute(_) => {
-                Exit::RunFailed
-            }
+            EngineError::RunFailed { .. }
+            | EngineError::Aborted
+            | EngineError::Store(_)
+            | EngineError::Compute(_) => Exit::RunFailed,
         };
         Failure {
             exit,
@@ -97,13 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Usage as u8);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,sqlx::query=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -118,6 +127,25 @@ fn main() -> ExitCode {
             eprintln!("error: {}", f.message.replace('\n', " "));
             ExitCode::from(f.exit as u8)
         }
+    }
+}
+
+/// `RUST_LOG` wins; otherwise a server logs its runs (info) and one-shot commands only warnings.
+fn init_logging(cli: &Cli) {
+    let default = match cli.command {
+        Command::Serve => "info,sqlx::query=error",
+        _ => "warn,sqlx::query=error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -233,6 +261,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     referrer
                 )
             );
+        }
+        Command::Serve => {
+            // Fail on a bad schedule before touching the database.
+            serve::normalize_cron(&config.schedule.cron).map_err(Failure::from)?;
+            let store = connect(&config, false).await?;
+            serve::serve(config, store).await?;
         }
         Command::Runs { limit } => {
             let store = connect(&config, true).await?;

@@ -471,6 +471,41 @@ each_backend!(unparseable_or_odd_times, |db: TestDb| async move {
     );
 });
 
+each_backend!(postgres_infinite_times_are_data, |db: TestDb| async move {
+    if !db.is_pg() {
+        return; // 'infinity' is a PostgreSQL timestamp value.
+    }
+    db.load(&every_outcome()).await;
+    // Never expires: still a candidate; subscribed at -infinity: no cooldown, first to claim.
+    db.exec("UPDATE subscriptions SET expires_at = 'infinity' WHERE user_id = 16")
+        .await;
+    db.exec("UPDATE subscriptions SET started_at = '-infinity' WHERE user_id = 15")
+        .await;
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+    let r = db.reward_row(1).await.unwrap();
+    // 15 now subscribed before 3 and keeps "u3": 3 becomes the duplicate; counts are unchanged.
+    assert_eq!(
+        r,
+        row(
+            ["25", "9", "0", "2", "3", "3", "2", "15"],
+            Some("verified_referrer")
+        )
+    );
+    let explain = db.reconcile(Scope::Referrer(1), now(), true).await.unwrap();
+    let outcome = |id| {
+        explain
+            .computation
+            .referrals
+            .iter()
+            .find(|x| x.referred_user_id == id)
+            .unwrap()
+            .outcome
+    };
+    assert_eq!(outcome(15), referral_rewards::rules::Outcome::Qualified);
+    assert_eq!(outcome(3), referral_rewards::rules::Outcome::DuplicateIp);
+    assert_eq!(outcome(16), referral_rewards::rules::Outcome::Qualified);
+});
+
 /// Two applies started together on PostgreSQL: never both write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_applies_on_postgres_never_both_write() {

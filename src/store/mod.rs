@@ -78,6 +78,8 @@ pub struct RunRow {
     pub reward_rows_written: Option<i64>,
     pub host_values_written: Option<i64>,
     pub conflicts: Option<i64>,
+    /// JSON object: outcome name → count.
+    pub outcome_counts: Option<String>,
     pub digest: Option<String>,
     pub error: Option<String>,
 }
@@ -221,6 +223,25 @@ impl Store {
             Store::Sqlite(s) => s.runs(limit).await,
             Store::Postgres(s) => s.runs(limit).await,
         }
+    }
+
+    /// How many runs there are in each status.
+    pub async fn run_status_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let sql = "SELECT status, COUNT(*) FROM reward_runs GROUP BY status ORDER BY status";
+        match self {
+            Store::Sqlite(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,
+            Store::Postgres(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,
+        }
+        .map_err(StoreError::sql("reading reward_runs"))
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => sqlx::query("SELECT 1").execute(&s.pool).await.map(|_| ()),
+            Store::Postgres(s) => sqlx::query("SELECT 1").execute(&s.pool).await.map(|_| ()),
+        }
+        .map_err(StoreError::sql("reaching the database"))
     }
 
     /// Fills the host tables with `demo-data`, in bulk. Returns (users, subscriptions, events).

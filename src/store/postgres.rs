@@ -34,6 +34,17 @@ fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     StoreError::sql(what)
 }
 
+/// Pins the transaction to UTC, so that `TIMESTAMP` columns (UTC by SPEC) and `TIMESTAMPTZ`
+/// columns compare and convert as the same instants. sqlx asks for UTC at connect, but a URL's
+/// `options` or a connection pooler can change it; `SET LOCAL` holds for this transaction.
+async fn utc(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SET LOCAL TIME ZONE 'UTC'")
+        .execute(tx)
+        .await
+        .map(|_| ())
+        .map_err(q("setting the time zone"))
+}
+
 fn dt(t: Instant) -> DateTime<Utc> {
     instant::to_datetime(t)
 }
@@ -44,13 +55,12 @@ impl PgStore {
             url: redact(url),
             message: super::one_line(&e.to_string()),
         };
-        let mut options = PgConnectOptions::from_str(url)
+        let options = PgConnectOptions::from_str(url)
             .map_err(connect_err)?
-            .application_name("referral-rewards")
-            .options([("TimeZone", "UTC")]);
-        if opts.read_only {
-            options = options.options([("default_transaction_read_only", "on")]);
-        }
+            .application_name("referral-rewards");
+        // Dry runs only ever SELECT (the snapshot is a READ ONLY transaction), so a role with
+        // nothing but SELECT rights works; no session option is needed for it.
+        let _ = opts.read_only;
         // One direct attempt first: the pool would retry a refused connection until its
         // acquire timeout, and an unreachable server should fail at once.
         sqlx::PgConnection::connect_with(&options)
@@ -112,6 +122,7 @@ impl PgStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q("starting the snapshot"))?;
+        utc(&mut tx).await?;
         let mut snap = Snapshot::default();
         let one = scope.referrer();
 
@@ -310,6 +321,7 @@ impl PgStore {
             .begin()
             .await
             .map_err(q("starting the write transaction"))?;
+        utc(&mut tx).await?;
 
         let upserts: Vec<&RewardResult> = plan.reward_upserts().collect();
         if !upserts.is_empty() {
@@ -452,7 +464,7 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
              referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+             host_values_written, conflicts, outcome_counts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -479,8 +491,9 @@ impl PgStore {
                     reward_rows_written: r.try_get(11)?,
                     host_values_written: r.try_get(12)?,
                     conflicts: r.try_get(13)?,
-                    digest: r.try_get(14)?,
-                    error: r.try_get(15)?,
+                    outcome_counts: r.try_get(14)?,
+                    digest: r.try_get(15)?,
+                    error: r.try_get(16)?,
                 })
             })
             .collect::<Result<_, _>>()
@@ -637,10 +650,8 @@ fn redact(url: &str) -> String {
 fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, sqlx::Error> {
     let id: i64 = r.try_get(0)?;
     let has_sub: bool = r.try_get(5)?;
-    let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
-        Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?
-            .map(instant::from_datetime))
-    };
+    // Times arrive as epoch microseconds (see referred.sql).
+    let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> { r.try_get::<Option<i64>, _>(i) };
     let subscription = if has_sub {
         let tier: Option<&str> = r.try_get(6)?;
         let status: Option<&str> = r.try_get(7)?;
@@ -656,7 +667,7 @@ fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser,
     Ok(ReferredUser {
         id,
         referrer_id: r.try_get(1)?,
-        created_at: instant::from_datetime(r.try_get::<DateTime<Utc>, _>(2)?),
+        created_at: r.try_get(2)?,
         is_active: r.try_get(3)?,
         is_verified: r.try_get(4)?,
         subscription,

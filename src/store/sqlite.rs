@@ -240,9 +240,10 @@ impl SqliteStore {
             }
             .map_err(q("reading registration events"))?;
 
-            // Whole dates around the window as text; the exact bounds are checked below.
-            let lo = instant::date_text(window.0);
-            let hi = instant::date_text(window.1 + instant::MICROS_PER_DAY);
+            // Whole dates around the window as text, a day wider on each side for offsets up
+            // to ±24 h; the exact bounds are checked below on the parsed instants.
+            let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
+            let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
             let events: Vec<(i64, String, String)> = match one {
                 None => {
                     sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events.sql"))
@@ -513,7 +514,7 @@ impl SqliteStore {
         let rows = sqlx::query(
             "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
              referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+             host_values_written, conflicts, outcome_counts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -545,8 +546,9 @@ impl SqliteStore {
                     reward_rows_written: r.get(11),
                     host_values_written: r.get(12),
                     conflicts: r.get(13),
-                    digest: r.get(14),
-                    error: r.get(15),
+                    outcome_counts: r.get(14),
+                    digest: r.get(15),
+                    error: r.get(16),
                 })
             })
             .collect()

@@ -1,0 +1,637 @@
+//! `serve`: the long-lived process. A cron schedule of full applies, and an HTTP API for the
+//! host application (one-referrer recompute, explanations, run history, health, metrics).
+//!
+//! Runs go through the same engine and lock as the CLI: ticks never overlap inside one process
+//! (a busy tick is skipped, never queued), and across processes the store's lock decides.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::Mutex;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::{self, EngineError, RunReport, RunRequest};
+use crate::instant;
+use crate::plan::HostChange;
+use crate::rules::Outcome;
+use crate::snapshot::Scope;
+use crate::store::{RunRow, Store};
+
+/// Request bodies are never needed: anything larger than this is refused.
+const MAX_BODY_BYTES: usize = 1024;
+/// Longer request targets (path and query) are refused with 414.
+const MAX_URI_BYTES: usize = 2048;
+/// `GET /v1/runs?limit=` at most.
+const MAX_RUNS_LIMIT: i64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A configuration problem: exit 2.
+    #[error("{key}: {message}")]
+    Config { key: &'static str, message: String },
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// The cron expression as tokio-cron-scheduler wants it: 6 fields with seconds. A classic
+/// 5-field expression gets `0` seconds prefixed.
+pub fn normalize_cron(expr: &str) -> Result<String, ServeError> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let six = match fields.len() {
+        5 => format!("0 {}", fields.join(" ")),
+        6 => fields.join(" "),
+        n => {
+            return Err(ServeError::Config {
+                key: "schedule.cron",
+                message: format!(
+                    "{expr:?} has {n} fields; expected 6 with seconds, UTC, e.g. \"0 0 * * * *\" (hourly)"
+                ),
+            });
+        }
+    };
+    // Parse it now so that a bad expression stops the program at start.
+    Job::new_async(six.as_str(), |_, _| Box::pin(async {})).map_err(|_| ServeError::Config {
+        key: "schedule.cron",
+        message: format!(
+            "{expr:?} is not a valid cron expression; expected 6 fields with seconds, UTC, e.g. \"0 0 * * * *\""
+        ),
+    })?;
+    Ok(six)
+}
+
+/// Shared by the scheduler and the HTTP handlers.
+struct App {
+    store: Store,
+    config: Config,
+    /// BLAKE3 of the API token, compared in constant time; `None`: no token, loopback only.
+    token_hash: Option<[u8; 32]>,
+    /// Held by a scheduled run: a tick that finds it taken is skipped.
+    tick_busy: Mutex<()>,
+    /// Cancelled when in-flight runs must stop (shutdown past the grace period).
+    abort: CancellationToken,
+    runs: TaskTracker,
+}
+
+/// Runs the server until SIGINT or SIGTERM; then stops taking ticks and requests, lets an
+/// in-flight run finish within `schedule.shutdown_grace_secs`, else aborts it.
+pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
+    let cron = normalize_cron(&config.schedule.cron)?;
+    let bind: SocketAddr = config.http.bind.parse().map_err(|_| ServeError::Config {
+        key: "http.bind",
+        message: format!("not an address:port: {:?}", config.http.bind),
+    })?;
+    let token = std::env::var(&config.http.token_env)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    if token.is_none() && !bind.ip().is_loopback() {
+        return Err(ServeError::Config {
+            key: "http.bind",
+            message: format!(
+                "refusing to listen on {bind} without an API token: set {} or bind a loopback address",
+                config.http.token_env
+            ),
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| ServeError::Runtime(format!("cannot listen on {bind}: {e}")))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServeError::Runtime(e.to_string()))?;
+
+    let app = Arc::new(App {
+        token_hash: token.map(|t| *blake3::hash(t.as_bytes()).as_bytes()),
+        store,
+        tick_busy: Mutex::new(()),
+        abort: CancellationToken::new(),
+        runs: TaskTracker::new(),
+        config,
+    });
+
+    let mut scheduler = JobScheduler::new()
+        .await
+        .map_err(|e| ServeError::Runtime(format!("starting the scheduler: {e}")))?;
+    let on_tick = app.clone();
+    let job = Job::new_async(cron.as_str(), move |_, _| {
+        let app = on_tick.clone();
+        Box::pin(async move {
+            let task = app.clone();
+            app.runs.spawn(async move { tick(&task).await });
+        })
+    })
+    .map_err(|e| ServeError::Runtime(format!("scheduling {cron:?}: {e}")))?;
+    scheduler
+        .add(job)
+        .await
+        .map_err(|e| ServeError::Runtime(format!("scheduling: {e}")))?;
+    scheduler
+        .start()
+        .await
+        .map_err(|e| ServeError::Runtime(format!("starting the scheduler: {e}")))?;
+    if app.config.schedule.run_on_start {
+        let task = app.clone();
+        app.runs.spawn(async move { tick(&task).await });
+    }
+    tracing::info!(%local, cron = %cron, auth = app.token_hash.is_some(), "serving");
+
+    let stop = CancellationToken::new();
+    tokio::spawn(shutdown_signal(stop.clone()));
+    let server = axum::serve(listener, router(app.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+
+    stop.cancelled().await;
+    tracing::info!("shutting down: no more ticks or requests");
+    if let Err(e) = scheduler.shutdown().await {
+        tracing::warn!(error = %e, "stopping the scheduler");
+    }
+    app.runs.close();
+    let grace = Duration::from_secs(app.config.schedule.shutdown_grace_secs as u64);
+    if tokio::time::timeout(grace, app.runs.wait()).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "a run outlived the grace period: aborting it"
+        );
+        app.abort.cancel();
+        // Rolling back and marking the run failed takes a moment; do not wait forever.
+        let _ = tokio::time::timeout(Duration::from_secs(30), app.runs.wait()).await;
+    }
+    // In-flight requests finish on their own; a recompute they started was aborted above.
+    app.abort.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal(stop: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    stop.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    stop.cancel();
+}
+
+/// One scheduled full apply, unless one is still going in this process.
+async fn tick(app: &App) {
+    let Ok(_busy) = app.tick_busy.try_lock() else {
+        tracing::warn!("tick skipped: the previous run is still going");
+        return;
+    };
+    let req = RunRequest {
+        scope: Scope::Full,
+        as_of: instant::from_datetime(chrono::Utc::now()),
+        dry_run: false,
+    };
+    match engine::run_cancellable(&app.store, &app.config, req, &app.abort).await {
+        Ok(_) => {}
+        Err(EngineError::Locked) => {
+            tracing::info!("tick skipped: another process holds the run lock")
+        }
+        // The engine logged the failure and recorded it in the run row.
+        Err(_) => {}
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/referrers/{id}/reconcile", post(reconcile_referrer))
+        .route("/v1/referrers/{id}", get(explain_referrer))
+        .route("/v1/runs", get(list_runs))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_request_size))
+        .with_state(app)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Refuses long URLs and declared bodies over the limit before any handler runs.
+async fn limit_request_size(req: Request, next: Next) -> Response {
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > MAX_URI_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            format!("request target over {MAX_URI_BYTES} bytes"),
+        );
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {MAX_BODY_BYTES} bytes"),
+        );
+    }
+    next.run(req).await
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time (as fixed-length hashes, so
+/// that not even the length leaks).
+async fn require_token(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(want) = &app.token_hash {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| *blake3::hash(t.trim().as_bytes()).as_bytes());
+        let ok = given.is_some_and(|g| bool::from(g.ct_eq(want)));
+        if !ok {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header"),
+            );
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+fn bad_id(raw: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("referrer id must be an integer, got {raw:?}"),
+    )
+}
+
+fn engine_error(e: EngineError) -> Response {
+    match e {
+        EngineError::UnknownReferrer(id) => {
+            error(StatusCode::NOT_FOUND, format!("no user with id {id}"))
+        }
+        EngineError::Locked => error(
+            StatusCode::CONFLICT,
+            "another run holds the lock; try again when it has finished",
+        ),
+        other => {
+            tracing::error!(error = %other, "request failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ReconcileParams {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn reconcile_referrer(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    params: Result<Query<ReconcileParams>, QueryRejection>,
+) -> Response {
+    let Ok(id) = raw.parse::<i64>() else {
+        return bad_id(&raw);
+    };
+    let Ok(Query(params)) = params else {
+        return error(StatusCode::BAD_REQUEST, "dry_run must be true or false");
+    };
+    let req = RunRequest {
+        scope: Scope::Referrer(id),
+        as_of: instant::from_datetime(chrono::Utc::now()),
+        dry_run: params.dry_run,
+    };
+    match engine::run_cancellable(&app.store, &app.config, req, &app.abort).await {
+        Ok(report) => Json(referrer_json(&report, id)).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// SPEC section 5's fields for one referrer, plus what the run changed and its id.
+pub fn referrer_json(report: &RunReport, id: i64) -> Value {
+    let entry = report
+        .plan
+        .entries
+        .iter()
+        .find(|e| e.referrer_user_id() == id);
+    let mut v = match entry {
+        Some(e) => {
+            let mut v = serde_json::to_value(&e.desired).expect("plain data");
+            v["current_bonus_slots"] = e.current_bonus_slots().into();
+            v
+        }
+        None => json!({ "referrer_user_id": id }),
+    };
+    let applied = report.applied.as_ref();
+    let host = entry.and_then(|e| e.host_change()).map(|c| {
+        let (old, new) = match c {
+            HostChange::Update { old, new } => (Some(old), new),
+            HostChange::Insert { new } => (None, new),
+        };
+        let conflict = applied.is_some_and(|a| a.conflicts.contains(&id));
+        json!({
+            "field": crate::plan::HOST_FIELD,
+            "old": old,
+            "new": new,
+            "applied": applied.is_some() && !conflict,
+            "conflict": conflict,
+        })
+    });
+    v["is_referrer"] = report
+        .computation
+        .results
+        .iter()
+        .any(|r| r.referrer_user_id == id)
+        .into();
+    v["run_id"] = report.run_id.into();
+    v["dry_run"] = report.request.dry_run.into();
+    v["as_of"] = instant::to_rfc3339(report.request.as_of).into();
+    v["digest"] = report.plan.digest.clone().into();
+    v["change"] = json!({
+        "reward_row": entry.is_some_and(|e| e.reward_changes()),
+        "host": host,
+    });
+    v
+}
+
+async fn explain_referrer(State(app): State<Arc<App>>, Path(raw): Path<String>) -> Response {
+    let Ok(id) = raw.parse::<i64>() else {
+        return bad_id(&raw);
+    };
+    let req = RunRequest {
+        scope: Scope::Referrer(id),
+        as_of: instant::from_datetime(chrono::Utc::now()),
+        dry_run: true,
+    };
+    match engine::run(&app.store, &app.config, req).await {
+        Ok(report) => {
+            let mut v = referrer_json(&report, id);
+            if let Some(obj) = v.as_object_mut() {
+                for k in ["run_id", "dry_run", "digest", "change"] {
+                    obj.remove(k);
+                }
+            }
+            v["referrals"] = report
+                .computation
+                .referrals
+                .iter()
+                .map(|r| {
+                    json!({
+                        "referred_user_id": r.referred_user_id,
+                        "outcome": r.outcome.as_str(),
+                        "position": r.position,
+                        "signup_ip": r.signup_ip,
+                        "reason": crate::summary::reason(r.outcome),
+                    })
+                })
+                .collect();
+            Json(v).into_response()
+        }
+        Err(e) => engine_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RunsParams {
+    limit: Option<i64>,
+}
+
+async fn list_runs(
+    State(app): State<Arc<App>>,
+    params: Result<Query<RunsParams>, QueryRejection>,
+) -> Response {
+    let Ok(Query(params)) = params else {
+        return error(StatusCode::BAD_REQUEST, "limit must be an integer");
+    };
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=MAX_RUNS_LIMIT).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_RUNS_LIMIT}"),
+        );
+    }
+    match app.store.runs(limit).await {
+        Ok(runs) => {
+            Json(json!({ "runs": runs.iter().map(run_json).collect::<Vec<_>>() })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+fn run_json(r: &RunRow) -> Value {
+    let mut v = serde_json::to_value(r).expect("plain data");
+    v["as_of"] = instant::to_rfc3339(r.as_of).into();
+    v["started_at"] = instant::to_rfc3339(r.started_at).into();
+    v["finished_at"] = r.finished_at.map(instant::to_rfc3339).into();
+    v["outcome_counts"] = r
+        .outcome_counts
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    v
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let ping = tokio::time::timeout(Duration::from_secs(3), app.store.ping()).await;
+    match ping {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable", "error": e.to_string() })),
+            )
+                .into_response();
+        }
+        Err(_) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "unavailable", "error": "the database did not answer within 3 s" })),
+            )
+                .into_response();
+        }
+    }
+    let last = app
+        .store
+        .runs(1)
+        .await
+        .ok()
+        .and_then(|r| r.into_iter().next());
+    let now = instant::from_datetime(chrono::Utc::now());
+    let last = last.map(|r| {
+        json!({
+            "id": r.id,
+            "status": r.status,
+            "started_at": instant::to_rfc3339(r.started_at),
+            "age_seconds": (now - r.finished_at.unwrap_or(r.started_at)) as f64 / 1e6,
+        })
+    });
+    Json(json!({ "status": "ok", "last_run": last })).into_response()
+}
+
+/// Prometheus text exposition format, read from the run history at scrape time so that every
+/// replica reports the same figures.
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (counts, last) = match (app.store.run_status_counts().await, app.store.runs(1).await) {
+        (Ok(c), Ok(l)) => (c, l.into_iter().next()),
+        (Err(e), _) | (_, Err(e)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("# database unavailable: {e}\n"),
+            )
+                .into_response();
+        }
+    };
+    let body = render_metrics(&counts, last.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+pub fn render_metrics(counts: &[(String, i64)], last: Option<&RunRow>) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(s, "# HELP {name} {help}");
+        let _ = writeln!(s, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(s, "{name}{labels} {v}");
+        }
+    };
+    let mut by_status: Vec<(String, f64)> = ["running", "succeeded", "failed", "abandoned"]
+        .iter()
+        .map(|st| {
+            let n = counts.iter().find(|(s, _)| s == st).map_or(0, |(_, n)| *n);
+            (format!("{{status=\"{st}\"}}"), n as f64)
+        })
+        .collect();
+    by_status.sort_by(|a, b| a.0.cmp(&b.0));
+    family(
+        "referral_rewards_runs",
+        "gauge",
+        "Applying runs recorded in reward_runs, by status.",
+        &by_status,
+    );
+    let Some(r) = last else { return s };
+    let one = |v: f64| vec![(String::new(), v)];
+    let duration = r
+        .finished_at
+        .map(|f| (f - r.started_at) as f64 / 1e6)
+        .unwrap_or(0.0);
+    family(
+        "referral_rewards_last_run_duration_seconds",
+        "gauge",
+        "Wall time of the last run (0 while it runs).",
+        &one(duration),
+    );
+    family(
+        "referral_rewards_last_run_timestamp_seconds",
+        "gauge",
+        "When the last run started, Unix time.",
+        &one(r.started_at as f64 / 1e6),
+    );
+    family(
+        "referral_rewards_last_run_succeeded",
+        "gauge",
+        "1 if the last run succeeded, else 0.",
+        &one(if r.status == "succeeded" { 1.0 } else { 0.0 }),
+    );
+    let n = |v: Option<i64>| v.unwrap_or(0) as f64;
+    family(
+        "referral_rewards_last_run_referrers_processed",
+        "gauge",
+        "Referrers (and revoked non-referrers) the last run computed.",
+        &one(n(r.referrers_processed)),
+    );
+    family(
+        "referral_rewards_last_run_rewards_changed",
+        "gauge",
+        "Referrers whose bonus slots the last run moved, by direction.",
+        &[
+            ("{direction=\"up\"}".into(), n(r.rewards_up)),
+            ("{direction=\"down\"}".into(), n(r.rewards_down)),
+        ],
+    );
+    family(
+        "referral_rewards_last_run_rows_written",
+        "gauge",
+        "Rows the last run wrote, by table.",
+        &[
+            (
+                "{table=\"referral_rewards\"}".into(),
+                n(r.reward_rows_written),
+            ),
+            ("{table=\"subscriptions\"}".into(), n(r.host_values_written)),
+        ],
+    );
+    family(
+        "referral_rewards_last_run_conflicts",
+        "gauge",
+        "Host values changed between snapshot and write in the last run, left for the next.",
+        &one(n(r.conflicts)),
+    );
+    let outcomes: serde_json::Map<String, Value> = r
+        .outcome_counts
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    if !outcomes.is_empty() {
+        let samples: Vec<(String, f64)> = Outcome::ALL
+            .iter()
+            .map(|o| {
+                let v = outcomes
+                    .get(o.as_str())
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                (format!("{{outcome=\"{}\"}}", o.as_str()), v)
+            })
+            .collect();
+        family(
+            "referral_rewards_last_run_outcomes",
+            "gauge",
+            "Referred users of the last run by outcome (or reason for not being a candidate).",
+            &samples,
+        );
+    }
+    s
+}
