@@ -81,6 +81,8 @@ struct App {
     token_hash: Option<[u8; 32]>,
     /// Held by a scheduled run: a tick that finds it taken is skipped.
     tick_busy: Mutex<()>,
+    /// Cancelled at shutdown: no new run starts.
+    stopping: CancellationToken,
     /// Cancelled when in-flight runs must stop (shutdown past the grace period).
     abort: CancellationToken,
     runs: TaskTracker,
@@ -117,6 +119,7 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
         token_hash: token.map(|t| *blake3::hash(t.as_bytes()).as_bytes()),
         store,
         tick_busy: Mutex::new(()),
+        stopping: CancellationToken::new(),
         abort: CancellationToken::new(),
         runs: TaskTracker::new(),
         config,
@@ -155,6 +158,7 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
     let server = tokio::spawn(async move { server.await });
 
     stop.cancelled().await;
+    app.stopping.cancel();
     tracing::info!("shutting down: no more ticks or requests");
     if let Err(e) = scheduler.shutdown().await {
         tracing::warn!(error = %e, "stopping the scheduler");
@@ -203,6 +207,9 @@ async fn shutdown_signal(stop: CancellationToken) {
 
 /// One scheduled full apply, unless one is still going in this process.
 async fn tick(app: &App) {
+    if app.stopping.is_cancelled() {
+        return;
+    }
     let Ok(_busy) = app.tick_busy.try_lock() else {
         tracing::warn!("tick skipped: the previous run is still going");
         return;
@@ -507,8 +514,12 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 /// Prometheus text exposition format, read from the run history at scrape time so that every
 /// replica reports the same figures.
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let (counts, last) = match (app.store.run_status_counts().await, app.store.runs(1).await) {
-        (Ok(c), Ok(l)) => (c, l.into_iter().next()),
+    // The last finished run: one still running has no figures yet.
+    let (counts, last) = match (
+        app.store.run_status_counts().await,
+        app.store.runs(10).await,
+    ) {
+        (Ok(c), Ok(l)) => (c, l.into_iter().find(|r| r.status != "running")),
         (Err(e), _) | (_, Err(e)) => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -1,0 +1,527 @@
+//! `serve` as a real process: the schedule, the HTTP API over real sockets, shutdown, and a
+//! killed process's orphaned run. On SQLite and PostgreSQL.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use referral_rewards::demo::DemoSpec;
+use referral_rewards::snapshot::Scope;
+
+const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
+const TOKEN: &str = "t0ken-for-tests";
+
+/// Demo data anchored long ago: every rule gives the same answer at any "now" of the test.
+async fn demo_db(backend: Backend) -> Option<TestDb> {
+    let db = TestDb::new(backend).await?;
+    let store = db.store().await;
+    store
+        .load_demo(&DemoSpec {
+            users: 2000,
+            seed: 5,
+            anchor: at("2020-01-01 00:00:00"),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    Some(db)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    pub base: String,
+    dir: PathBuf,
+}
+
+impl Server {
+    fn start(db: &TestDb, dir: &Path, cron: &str, run_on_start: bool, grace_secs: u64) -> Server {
+        let port = free_port();
+        let config = dir.join(format!("serve-{port}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[database]\nurl = \"{}\"\n[schedule]\ncron = \"{cron}\"\nrun_on_start = {run_on_start}\n\
+                 shutdown_grace_secs = {grace_secs}\n[http]\nbind = \"127.0.0.1:{port}\"\n",
+                db.url
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join(format!("serve-{port}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "serve"])
+            .env("REFERRAL_REWARDS_API_TOKEN", TOKEN)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            dir: dir.join(format!("serve-{port}.log")),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start: {}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        let _ = std::fs::File::open(&self.dir).map(|mut f| f.read_to_string(&mut s));
+        s
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    fn wait(mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn wait_for(db: &TestDb, sql: &str, at_least: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while db.scalar(sql).await < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {sql} >= {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs' [started, finished] intervals never overlap.
+async fn assert_no_overlap(db: &TestDb) {
+    let overlaps = db
+        .scalar(
+            "SELECT COUNT(*) FROM reward_runs a JOIN reward_runs b ON a.id < b.id \
+             WHERE a.started_at < COALESCE(b.finished_at, b.started_at) \
+               AND b.started_at < COALESCE(a.finished_at, a.started_at)",
+        )
+        .await;
+    assert_eq!(overlaps, 0, "two runs overlapped");
+}
+
+/// Makes the next applying run slow (about two seconds, once) at `table`'s insert.
+async fn slow_down(db: &TestDb, table: &str) {
+    if db.is_pg() {
+        db.exec(&format!(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
+             CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow();"
+        ))
+        .await;
+    } else {
+        // SQLite cannot sleep: burn CPU in a trigger, once per transaction's first row.
+        db.exec(&format!(
+            "CREATE TABLE slow_once (n INTEGER NOT NULL); INSERT INTO slow_once VALUES (0);
+             CREATE TRIGGER slow BEFORE INSERT ON {table} WHEN (SELECT n FROM slow_once) = 0 BEGIN
+               SELECT max(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000000) SELECT x FROM c);
+               UPDATE slow_once SET n = 1;
+             END;"
+        ))
+        .await;
+    }
+}
+
+async fn drop_slow(db: &TestDb) {
+    if db.is_pg() {
+        db.exec("DROP FUNCTION slow() CASCADE").await;
+    } else {
+        db.exec("DROP TRIGGER slow").await;
+    }
+}
+
+each_backend!(
+    http_auth_errors_metrics_and_one_referrer_recompute,
+    |db: TestDb| async move {
+        let Some(db) = demo_db(db.backend).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        // A schedule that never fires during the test.
+        let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+        let http = client();
+        let url = |p: &str| format!("{}{p}", server.base);
+
+        // Health and metrics need no token.
+        let health: serde_json::Value = http
+            .get(url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "ok");
+
+        // Auth: none, wrong, right.
+        let r = http.get(url("/v1/runs")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let r = http
+            .get(url("/v1/runs"))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        let r = http
+            .get(url("/v1/runs"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+
+        // Bad input: 400 with a JSON error, 404 for an unknown referrer, never a 500.
+        for (path, status) in [
+            ("/v1/referrers/abc", 400),
+            ("/v1/referrers/1.5", 400),
+            ("/v1/referrers/99999999999999999999", 400),
+            ("/v1/referrers/987654321", 404),
+            ("/v1/runs?limit=0", 400),
+            ("/v1/runs?limit=x", 400),
+            ("/nope", 404),
+        ] {
+            let r = http.get(url(path)).bearer_auth(TOKEN).send().await.unwrap();
+            assert_eq!(r.status(), status, "{path}");
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert!(body["error"].is_string(), "{path}: {body}");
+        }
+        let r = http
+            .post(url("/v1/referrers/11/reconcile?dry_run=maybe"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let long = format!("/v1/referrers/{}", "1".repeat(3000));
+        assert_eq!(
+            http.get(url(&long))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            414
+        );
+        let r = http
+            .post(url("/v1/referrers/11/reconcile"))
+            .bearer_auth(TOKEN)
+            .body(vec![b'x'; 64 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+
+        // The one-referrer recompute over HTTP equals the full run's row, for several referrers.
+        let full = db
+            .reconcile(
+                Scope::Full,
+                referral_rewards::instant::from_datetime(chrono::Utc::now()),
+                true,
+            )
+            .await
+            .unwrap();
+        for entry in full
+            .plan
+            .entries
+            .iter()
+            .filter(|e| e.desired.referred_users_total > 0)
+            .take(5)
+        {
+            let id = entry.referrer_user_id();
+            let r = http
+                .post(url(&format!("/v1/referrers/{id}/reconcile")))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let got: serde_json::Value = r.json().await.unwrap();
+            let want = serde_json::to_value(&entry.desired).unwrap();
+            for (k, v) in want.as_object().unwrap() {
+                assert_eq!(&got[k], v, "referrer {id} field {k}");
+            }
+            assert_eq!(got["current_bonus_slots"], entry.current_bonus_slots());
+            assert!(got["run_id"].is_i64(), "{got}");
+            assert_eq!(db.bonus(id).await.unwrap_or(0), entry.desired.bonus_slots);
+        }
+
+        // The explanation lists every referred user with an outcome.
+        let id = full
+            .plan
+            .entries
+            .iter()
+            .find(|e| e.desired.referred_users_total > 2)
+            .unwrap()
+            .referrer_user_id();
+        let r = http
+            .get(url(&format!("/v1/referrers/{id}")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = r.json().await.unwrap();
+        let referrals = body["referrals"].as_array().unwrap();
+        assert_eq!(
+            referrals.len() as i64,
+            body["referred_users_total"].as_i64().unwrap()
+        );
+        assert!(referrals.iter().all(|r| r["outcome"].is_string()));
+
+        // A busy lock is 409 for an apply; a dry run needs no lock.
+        let store = db.store().await;
+        let lock = store.try_lock().await.unwrap().unwrap();
+        let r = http
+            .post(url(&format!("/v1/referrers/{id}/reconcile")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 409);
+        let r = http
+            .post(url(&format!("/v1/referrers/{id}/reconcile?dry_run=true")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        drop(lock);
+        store.close().await;
+
+        // /metrics parses as Prometheus text and counts the runs.
+        let text = http
+            .get(url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        let succeeded = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "referral_rewards_runs" && s.labels.get("status") == Some("succeeded")
+            })
+            .expect("runs by status");
+        assert!(
+            matches!(succeeded.value, prometheus_parse::Value::Gauge(v) if v >= 5.0),
+            "{text}"
+        );
+        for name in [
+            "referral_rewards_last_run_duration_seconds",
+            "referral_rewards_last_run_timestamp_seconds",
+            "referral_rewards_last_run_referrers_processed",
+            "referral_rewards_last_run_rewards_changed",
+            "referral_rewards_last_run_conflicts",
+            "referral_rewards_last_run_outcomes",
+        ] {
+            assert!(
+                scrape.samples.iter().any(|s| s.metric == name),
+                "{name} missing:\n{text}"
+            );
+        }
+
+        server.signal("-TERM");
+        assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
+    }
+);
+
+each_backend!(
+    schedule_records_runs_never_overlapping_and_skips_busy_ticks,
+    |db: TestDb| async move {
+        let Some(db) = demo_db(db.backend).await else {
+            return;
+        };
+        slow_down(&db, "reward_runs").await;
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(&db, dir.path(), "* * * * * *", true, 30);
+        // The first run is slow (about 2 s): the ticks meanwhile are skipped, not queued.
+        wait_for(
+            &db,
+            "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",
+            3,
+            Duration::from_secs(30),
+        )
+        .await;
+        server.signal("-TERM");
+        assert_eq!(server.wait(Duration::from_secs(40)), Some(0));
+        assert_no_overlap(&db).await;
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM reward_runs WHERE status <> 'succeeded'")
+                .await,
+            0
+        );
+        let log = std::fs::read_to_string(
+            dir.path()
+                .read_dir()
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .find(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .unwrap()
+                .path(),
+        )
+        .unwrap();
+        assert!(
+            log.contains("tick skipped: the previous run is still going"),
+            "{log}"
+        );
+        assert!(log.contains("run finished"), "{log}");
+    }
+);
+
+each_backend!(
+    sigterm_during_a_run_exits_0_and_leaves_no_partial_state,
+    |db: TestDb| async move {
+        let Some(db) = demo_db(db.backend).await else {
+            return;
+        };
+        slow_down(&db, "referral_rewards").await;
+        let before = db.state().await;
+        let dir = tempfile::tempdir().unwrap();
+        // No grace: the run in flight is aborted at once.
+        let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", true, 0);
+        wait_for(
+            &db,
+            "SELECT COUNT(*) FROM reward_runs",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.signal("-TERM");
+        assert_eq!(server.wait(Duration::from_secs(60)), Some(0));
+        let runs = db.rows("SELECT status, error FROM reward_runs").await;
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0][0].as_deref(), Some("failed"), "{runs:?}");
+        assert!(
+            runs[0][1].as_deref().unwrap().contains("shutting down"),
+            "{runs:?}"
+        );
+        drop_slow(&db).await;
+        assert_eq!(
+            db.state().await,
+            before,
+            "nothing of the aborted run is left"
+        );
+    }
+);
+
+each_backend!(
+    kill_9_then_restart_marks_the_orphan_abandoned,
+    |db: TestDb| async move {
+        let Some(db) = demo_db(db.backend).await else {
+            return;
+        };
+        slow_down(&db, "referral_rewards").await;
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", true, 5);
+        wait_for(
+            &db,
+            "SELECT COUNT(*) FROM reward_runs WHERE status = 'running'",
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+        server.signal("-KILL");
+        server.wait(Duration::from_secs(10));
+        drop_slow(&db).await;
+
+        let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", true, 5);
+        wait_for(
+            &db,
+            "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
+        server.signal("-TERM");
+        assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
+        assert_eq!(
+            db.rows("SELECT status FROM reward_runs ORDER BY id").await,
+            [[Some("abandoned".into())], [Some("succeeded".into())]]
+        );
+    }
+);
+
+/// Two servers on one PostgreSQL database never apply at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_never_apply_together() {
+    let Some(db) = demo_db(Backend::PgTimestamp).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Server::start(&db, dir.path(), "* * * * * *", true, 10);
+    let b = Server::start(&db, dir.path(), "* * * * * *", true, 10);
+    wait_for(
+        &db,
+        "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",
+        6,
+        Duration::from_secs(40),
+    )
+    .await;
+    a.signal("-TERM");
+    b.signal("-TERM");
+    assert_eq!(a.wait(Duration::from_secs(20)), Some(0));
+    assert_eq!(b.wait(Duration::from_secs(20)), Some(0));
+    assert_no_overlap(&db).await;
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM reward_runs WHERE status <> 'succeeded'")
+            .await,
+        0
+    );
+}
