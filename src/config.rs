@@ -293,6 +293,7 @@ impl Config {
                 format!("must be >= 0, got {}", n.max_domains),
             ));
         }
+        cron_with_seconds(&self.schedule.cron)?;
         if self.schedule.shutdown_grace_secs < 0 {
             return Err(invalid(
                 "schedule.shutdown_grace_secs",
@@ -307,6 +308,33 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The cron expression as the scheduler wants it: 6 fields with seconds, UTC. A classic 5-field
+/// expression gets `0` seconds prefixed; anything else that does not parse is refused.
+pub fn cron_with_seconds(expr: &str) -> Result<String, ConfigError> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let six = match fields.len() {
+        5 => format!("0 {}", fields.join(" ")),
+        6 => fields.join(" "),
+        n => {
+            return Err(invalid(
+                "schedule.cron",
+                format!(
+                    "{expr:?} has {n} fields; expected 6 with seconds, UTC, e.g. \"0 0 * * * *\" (hourly)"
+                ),
+            ));
+        }
+    };
+    tokio_cron_scheduler::Job::new_async(six.as_str(), |_, _| Box::pin(async {})).map_err(|_| {
+        invalid(
+            "schedule.cron",
+            format!(
+                "{expr:?} is not a valid cron expression; expected 6 fields with seconds, UTC, e.g. \"0 0 * * * *\""
+            ),
+        )
+    })?;
+    Ok(six)
 }
 
 /// Checks a database URL with the driver's own parser, without connecting; `key` names where
@@ -383,6 +411,19 @@ badges = [{ name = "a", threshold = 5 }, { name = "b", threshold = 5 }]"#);
             e.contains("rewards.badges") && e.contains("strictly increasing"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn cron_five_fields_get_seconds_and_garbage_is_refused() {
+        assert_eq!(cron_with_seconds("*/5 * * * *").unwrap(), "0 */5 * * * *");
+        assert_eq!(cron_with_seconds("0 0 * * * *").unwrap(), "0 0 * * * *");
+        let e = err("[schedule]\ncron = \"every hour\"");
+        assert!(
+            e.contains("schedule.cron") && e.contains("0 0 * * * *"),
+            "{e}"
+        );
+        let e = err("[schedule]\ncron = \"99 * * * * *\"");
+        assert!(e.contains("schedule.cron"), "{e}");
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub async fn run_cancellable(
     drop(lock);
     match &outcome {
         Ok(r) => log_run(r),
-        Err(e) => tracing::error!(run_id, mode = req.scope.mode(), error = %e, "run failed"),
+        Err(e) => tracing::warn!(run_id, mode = req.scope.mode(), error = %e, "run failed"),
     }
     outcome
 }

@@ -130,11 +130,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `RUST_LOG` wins; otherwise a server logs its runs (info) and one-shot commands only warnings.
+/// `RUST_LOG` wins; otherwise a server logs its runs (info), and a one-shot command only what
+/// its one-line error on stderr does not already say.
 fn init_logging(cli: &Cli) {
     let default = match cli.command {
         Command::Serve => "info,sqlx::query=error",
-        _ => "warn,sqlx::query=error",
+        _ => "error",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -263,8 +264,6 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Serve => {
-            // Fail on a bad schedule before touching the database.
-            serve::normalize_cron(&config.schedule.cron).map_err(Failure::from)?;
             let store = connect(&config, false).await?;
             serve::serve(config, store).await?;
         }

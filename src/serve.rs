@@ -47,32 +47,6 @@ pub enum ServeError {
     Runtime(String),
 }
 
-/// The cron expression as tokio-cron-scheduler wants it: 6 fields with seconds. A classic
-/// 5-field expression gets `0` seconds prefixed.
-pub fn normalize_cron(expr: &str) -> Result<String, ServeError> {
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    let six = match fields.len() {
-        5 => format!("0 {}", fields.join(" ")),
-        6 => fields.join(" "),
-        n => {
-            return Err(ServeError::Config {
-                key: "schedule.cron",
-                message: format!(
-                    "{expr:?} has {n} fields; expected 6 with seconds, UTC, e.g. \"0 0 * * * *\" (hourly)"
-                ),
-            });
-        }
-    };
-    // Parse it now so that a bad expression stops the program at start.
-    Job::new_async(six.as_str(), |_, _| Box::pin(async {})).map_err(|_| ServeError::Config {
-        key: "schedule.cron",
-        message: format!(
-            "{expr:?} is not a valid cron expression; expected 6 fields with seconds, UTC, e.g. \"0 0 * * * *\""
-        ),
-    })?;
-    Ok(six)
-}
-
 /// Shared by the scheduler and the HTTP handlers.
 struct App {
     store: Store,
@@ -91,7 +65,12 @@ struct App {
 /// Runs the server until SIGINT or SIGTERM; then stops taking ticks and requests, lets an
 /// in-flight run finish within `schedule.shutdown_grace_secs`, else aborts it.
 pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
-    let cron = normalize_cron(&config.schedule.cron)?;
+    let cron = crate::config::cron_with_seconds(&config.schedule.cron).map_err(|e| {
+        ServeError::Config {
+            key: "schedule.cron",
+            message: e.to_string(),
+        }
+    })?;
     let bind: SocketAddr = config.http.bind.parse().map_err(|_| ServeError::Config {
         key: "http.bind",
         message: format!("not an address:port: {:?}", config.http.bind),

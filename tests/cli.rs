@@ -67,6 +67,37 @@ fn missing_named_config_file_exits_2() {
 }
 
 #[test]
+fn invalid_cron_exits_2_naming_the_key_and_showing_the_form() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[schedule]\ncron = \"0 61 * * * *\"\n",
+    )
+    .unwrap();
+    let o = run(dir.path(), &["serve"]);
+    assert_one_line_error(&o, 2, "schedule.cron");
+    assert!(stderr(&o).contains("0 0 * * * *"));
+}
+
+#[test]
+fn serve_without_token_refuses_a_public_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[http]\nbind = \"0.0.0.0:0\"\n",
+    )
+    .unwrap();
+    let o = Command::new(BIN)
+        .args(["--database-url", &url, "serve"])
+        .current_dir(dir.path())
+        .env_remove("REFERRAL_REWARDS_API_TOKEN")
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, 2, "without an API token");
+}
+
+#[test]
 fn malformed_database_url_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(
