@@ -192,6 +192,29 @@ fn demo_round_trip_then_lock_held_exits_3_then_failed_run_exits_1() {
     );
     let runs = ok(&["runs"]);
     assert!(runs.contains("succeeded"), "{runs}");
+    // JSON log lines, one per run, when asked.
+    let o = Command::new(BIN)
+        .args([
+            "--database-url",
+            &url,
+            "--log-format",
+            "json",
+            "reconcile",
+            "--dry-run",
+            "--as-of",
+            as_of,
+        ])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .find(|l| l.contains("run finished"))
+        .map(str::to_owned)
+        .expect("a run line");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["mode"], "full");
+    assert!(v["fields"]["duration_ms"].is_u64(), "{line}");
 
     // Another run holds the lock: refused with exit 3, nothing recorded.
     let lock = std::fs::File::create(dir.path().join("rr.db.lock")).unwrap();

@@ -498,6 +498,46 @@ each_backend!(
     }
 );
 
+/// `/healthz` answers 503 once the database is gone, and the server stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_when_the_database_is_unreachable() {
+    let Some(db) = demo_db(Backend::PgTimestamp).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+    let http = client();
+    let health =
+        |http: reqwest::Client, url: String| async move { http.get(url).send().await.unwrap() };
+    assert_eq!(
+        health(http.clone(), format!("{}/healthz", server.base))
+            .await
+            .status(),
+        200
+    );
+    let name = url::Url::parse(&db.url)
+        .unwrap()
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    let base = pg_available().await.unwrap();
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let r = health(http.clone(), format!("{}/healthz", server.base)).await;
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "unavailable");
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
+}
+
 /// Two servers on one PostgreSQL database never apply at the same time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_postgres_never_apply_together() {
