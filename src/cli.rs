@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use referral_rewards::instant::{self, Instant};
+use referral_rewards::report::ReportFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,6 +28,12 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExplainFormat {
     Text,
     Json,
 }
@@ -55,9 +62,31 @@ pub enum Command {
         referrer: Option<i64>,
         #[arg(long)]
         dry_run: bool,
-        /// RFC 3339; without offset: UTC [default: now]
+        /// RFC 3339; without offset: UTC [default: now, or the --plan's as-of]
         #[arg(long, value_parser = parse_time)]
         as_of: Option<Instant>,
+        /// Write the per-referrer report (SPEC section 5) here
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Report format [default: from the report's extension]
+        #[arg(long, value_enum, requires = "report")]
+        format: Option<ReportFormat>,
+        /// Also write one row per referred user, beside the report (NAME.referrals.EXT)
+        #[arg(long, requires = "report")]
+        per_referral: bool,
+        /// Keep only the referrers whose reward would change
+        #[arg(long, requires = "report")]
+        only_changes: bool,
+        /// Save the plan as JSON, for a later `--expect-digest D --plan PATH`
+        #[arg(long)]
+        save_plan: Option<PathBuf>,
+        /// Apply only if the fresh plan's digest is D (exit 3 and write nothing otherwise)
+        #[arg(long, value_name = "D")]
+        expect_digest: Option<String>,
+        /// The audited plan (from --save-plan): its digest is expected, its as-of is used, and a
+        /// refusal says how many referrers differ
+        #[arg(long)]
+        plan: Option<PathBuf>,
     },
     /// Every referred user of one referrer with its outcome
     Explain {
@@ -65,6 +94,8 @@ pub enum Command {
         referrer: i64,
         #[arg(long, value_parser = parse_time)]
         as_of: Option<Instant>,
+        #[arg(long, value_enum, default_value_t = ExplainFormat::Text)]
+        format: ExplainFormat,
     },
     /// The scheduler and the HTTP API: a full run at each cron tick, until SIGINT/SIGTERM
     Serve,

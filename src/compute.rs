@@ -19,7 +19,8 @@ pub struct ReferralOutcome {
     pub referrer_user_id: i64,
     pub referred_user_id: i64,
     pub outcome: Outcome,
-    /// 0-based rank in the referrer's claim order; candidates only.
+    /// Rank in the referrer's claim order (`started_at`, NULL last, then id), from 1;
+    /// candidates only.
     pub position: Option<u32>,
     pub signup_ip: Option<String>,
 }

@@ -34,6 +34,9 @@ pub enum EngineError {
     RunFailed { run_id: i64, message: String },
     #[error("aborted: the server is shutting down and the run outlived its grace period")]
     Aborted,
+    /// `--expect-digest` did not match: nothing was written.
+    #[error("refused: the plan's digest is {}, not the expected {expected}; nothing was written", plan.digest)]
+    DigestMismatch { expected: String, plan: Box<Plan> },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("computing rewards: {0}")]
@@ -85,16 +88,25 @@ pub async fn plan(
 }
 
 pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunReport, EngineError> {
-    run_cancellable(store, cfg, req, &CancellationToken::new()).await
+    run_controlled(store, cfg, req, &RunControl::default()).await
 }
 
-/// Like [`run`], but an applying run stops as soon as `abort` is cancelled: its transaction
-/// rolls back and its row is marked `failed` with the reason (shutdown past its grace period).
-pub async fn run_cancellable(
+/// How a caller steers an applying run.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    /// Cancelled: the run stops at once, its transaction rolls back and its row is marked
+    /// `failed` with the reason (a server shutting down past its grace period).
+    pub abort: CancellationToken,
+    /// Apply only if the freshly computed plan has this digest (SPEC section 4); otherwise
+    /// refuse before writing anything, not even a run row.
+    pub expect_digest: Option<String>,
+}
+
+pub async fn run_controlled(
     store: &Store,
     cfg: &Config,
     req: RunRequest,
-    abort: &CancellationToken,
+    ctl: &RunControl,
 ) -> Result<RunReport, EngineError> {
     let started = Clock::now();
     if let Scope::Referrer(id) = req.scope {
@@ -102,6 +114,14 @@ pub async fn run_cancellable(
     }
     if req.dry_run {
         let (plan, computation) = plan(store, cfg, req).await?;
+        if let Some(expected) = &ctl.expect_digest
+            && plan.digest != *expected
+        {
+            return Err(EngineError::DigestMismatch {
+                expected: expected.clone(),
+                plan: Box::new(plan),
+            });
+        }
         let report = RunReport {
             request: req,
             backend: store.backend(),
@@ -119,9 +139,27 @@ pub async fn run_cancellable(
 
     let lock = store.try_lock().await?.ok_or(EngineError::Locked)?;
     let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
+    // With an expected digest the plan comes first, under the lock, so that a refusal writes
+    // nothing; otherwise the run row comes first, so that a failing snapshot is recorded too.
+    let planned = match &ctl.expect_digest {
+        None => None,
+        Some(expected) => {
+            let (plan, computation) = plan(store, cfg, req).await?;
+            if plan.digest != *expected {
+                return Err(EngineError::DigestMismatch {
+                    expected: expected.clone(),
+                    plan: Box::new(plan),
+                });
+            }
+            Some((plan, computation))
+        }
+    };
     let run_id = store.start_run(req.scope, req.as_of, now()).await?;
     let work = async {
-        let (plan, computation) = plan(store, cfg, req).await?;
+        let (plan, computation) = match planned {
+            Some(p) => p,
+            None => plan(store, cfg, req).await?,
+        };
         let stats = plan.stats();
         let finish = RunFinish {
             stats: stats.clone(),
@@ -136,7 +174,7 @@ pub async fn run_cancellable(
     // Dropping `work` drops its open transaction, which rolls back.
     let result = tokio::select! {
         r = work => r,
-        _ = abort.cancelled() => Err(EngineError::Aborted),
+        _ = ctl.abort.cancelled() => Err(EngineError::Aborted),
     };
     let outcome = match result {
         Ok((plan, computation, stats, applied)) => Ok(RunReport {

@@ -9,14 +9,15 @@ use std::time::Duration;
 use clap::Parser;
 use referral_rewards::config::{self, Config, ConfigError};
 use referral_rewards::demo::DemoSpec;
-use referral_rewards::engine::{self, EngineError, RunRequest};
+use referral_rewards::engine::{self, EngineError, RunControl, RunRequest};
 use referral_rewards::instant;
+use referral_rewards::report::{self, ReportError, ReportFormat};
 use referral_rewards::serve::{self, ServeError};
 use referral_rewards::snapshot::Scope;
 use referral_rewards::store::{ConnectOptions, Store, StoreError};
 use referral_rewards::summary;
 
-use cli::{Cli, Command, LogFormat};
+use cli::{Cli, Command, ExplainFormat, LogFormat};
 
 /// SPEC section 6's exit codes, in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,19 @@ impl From<ServeError> for Failure {
     }
 }
 
+impl From<ReportError> for Failure {
+    fn from(e: ReportError) -> Self {
+        let exit = match e {
+            ReportError::Usage(_) | ReportError::ReadPlan { .. } => Exit::Usage,
+            ReportError::Write { .. } => Exit::RunFailed,
+        };
+        Failure {
+            exit,
+            message: e.to_string(),
+        }
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         let exit = match e {
@@ -71,7 +85,7 @@ impl From<StoreError> for Failure {
 impl From<EngineError> for Failure {
     fn from(e: EngineError) -> Self {
         let exit = match &e {
-            EngineError::Locked => Exit::Refused,
+            EngineError::Locked | EngineError::DigestMismatch { .. } => Exit::Refused,
             EngineError::UnknownReferrer(_) => Exit::Usage,
             EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
             EngineError::RunFailed { .. }
@@ -177,6 +191,63 @@ async fn connect(config: &Config, read_only: bool) -> Result<Store, Failure> {
     Ok(Store::connect(&config.database.url, &opts).await?)
 }
 
+/// Writes the report (and the per-referral rows beside it) on a blocking thread; returns what
+/// it wrote, for the summary.
+async fn write_reports(
+    run: std::sync::Arc<engine::RunReport>,
+    path: PathBuf,
+    format: ReportFormat,
+    per_referral: bool,
+    only_changes: bool,
+) -> Result<Vec<String>, Failure> {
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut frame = report::referrer_frame(&run.plan, only_changes).map_err(polars_failure)?;
+        report::write(&mut frame, &path, format)?;
+        out.push(format!(
+            "report: {} rows to {} in {:.2} s",
+            frame.height(),
+            path.display(),
+            started.elapsed().as_secs_f64()
+        ));
+        if per_referral {
+            let started = std::time::Instant::now();
+            let keep: Option<std::collections::HashSet<i64>> = only_changes.then(|| {
+                run.plan
+                    .entries
+                    .iter()
+                    .filter(|e| e.changes_anything())
+                    .map(|e| e.referrer_user_id())
+                    .collect()
+            });
+            let mut rows = report::referral_frame(&run.computation.referrals, keep.as_ref())
+                .map_err(polars_failure)?;
+            let beside = report::per_referral_path(&path, format);
+            report::write(&mut rows, &beside, format)?;
+            out.push(format!(
+                "per-referral report: {} rows to {} in {:.2} s",
+                rows.height(),
+                beside.display(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Failure {
+        exit: Exit::RunFailed,
+        message: format!("writing the report: {e}"),
+    })?
+}
+
+fn polars_failure(e: polars::prelude::PolarsError) -> Failure {
+    Failure {
+        exit: Exit::RunFailed,
+        message: format!("building the report: {e}"),
+    }
+}
+
 fn now() -> instant::Instant {
     instant::from_datetime(chrono::Utc::now())
 }
@@ -227,18 +298,82 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             referrer,
             dry_run,
             as_of,
+            report,
+            format,
+            per_referral,
+            only_changes,
+            save_plan,
+            expect_digest,
+            plan,
         } => {
+            // Usage problems first, before touching the database.
+            let target = report
+                .map(|p| ReportFormat::resolve(&p, format).map(|f| (p, f)))
+                .transpose()?;
+            let audited = plan.as_deref().map(report::load_plan).transpose()?;
+            let audited_as_of = match &audited {
+                Some(a) => Some(instant::parse_as_of(&a.as_of).map_err(|e| Failure {
+                    exit: Exit::Usage,
+                    message: format!("--plan: as_of {e}"),
+                })?),
+                None => None,
+            };
+            let control = RunControl {
+                expect_digest: expect_digest.or_else(|| audited.as_ref().map(|a| a.digest.clone())),
+                ..RunControl::default()
+            };
             let store = connect(&config, dry_run).await?;
             let req = RunRequest {
                 scope: referrer.map_or(Scope::Full, Scope::Referrer),
-                as_of: as_of.unwrap_or_else(now),
+                as_of: as_of.or(audited_as_of).unwrap_or_else(now),
                 dry_run,
             };
-            let result = engine::run(&store, &config, req).await;
+            let result = engine::run_controlled(&store, &config, req, &control).await;
             store.close().await;
-            print!("{}", summary::run_summary(&result?));
+            let run = match result {
+                Err(EngineError::DigestMismatch { expected, plan }) => {
+                    let differ = audited
+                        .as_ref()
+                        .map(|a| {
+                            format!(
+                                "; {} referrers differ from the audited plan",
+                                report::count_differences(a, &plan)
+                            )
+                        })
+                        .unwrap_or_default();
+                    return Err(Failure {
+                        exit: Exit::Refused,
+                        message: format!(
+                            "refused: the plan's digest is {}, not the expected {expected}{differ}; nothing was written",
+                            plan.digest
+                        ),
+                    });
+                }
+                other => other?,
+            };
+            print!("{}", summary::run_summary(&run));
+            if run.request.scope == Scope::Full && run.request.dry_run {
+                print!("{}", summary::program_analytics(&run));
+            }
+            let run = std::sync::Arc::new(run);
+            if let Some((path, format)) = target {
+                let written =
+                    write_reports(run.clone(), path, format, per_referral, only_changes).await?;
+                for line in written {
+                    println!("{line}");
+                }
+            }
+            if let Some(path) = save_plan {
+                let saved = report::saved_plan(&run.plan, run.request.as_of);
+                report::save_plan(&saved, &path)?;
+                println!("plan saved to {} (digest {})", path.display(), saved.digest);
+            }
         }
-        Command::Explain { referrer, as_of } => {
+        Command::Explain {
+            referrer,
+            as_of,
+            format,
+        } => {
             let store = connect(&config, true).await?;
             let req = RunRequest {
                 scope: Scope::Referrer(referrer),
@@ -248,6 +383,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let report = engine::run(&store, &config, req).await;
             store.close().await;
             let report = report?;
+            if format == ExplainFormat::Json {
+                let v = serve::explanation_json(&report, referrer);
+                println!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
+                return Ok(());
+            }
             let entry = report
                 .plan
                 .entries

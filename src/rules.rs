@@ -195,7 +195,7 @@ pub struct ReferredFacts<'a> {
 }
 
 /// The outcome of each referred user of referrer `referrer_id`, in input order, with the
-/// claiming position (0-based rank in the claim order among candidates) of each candidate.
+/// claiming position of each candidate (its rank in the claim order among candidates, from 1).
 ///
 /// Each candidate gets the first of `self_referral`, `cooldown`, `missing_ip`, `shared_ip`,
 /// `duplicate_ip`, `qualified` that applies. Rule 5, `duplicate_ip`: "an earlier candidate of
@@ -244,7 +244,7 @@ pub fn classify_referrer(
         } else {
             Outcome::Qualified
         };
-        out[i] = (outcome, Some(position as u32));
+        out[i] = (outcome, Some(position as u32 + 1));
     }
     out
 }
@@ -538,7 +538,7 @@ mod tests {
         let got = classify_referrer(1, &facts, &HashSet::new(), &params());
         assert_eq!(
             got,
-            [(Outcome::Inactive, None), (Outcome::Qualified, Some(0))]
+            [(Outcome::Inactive, None), (Outcome::Qualified, Some(1))]
         );
     }
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::engine::{self, EngineError, RunReport, RunRequest};
+use crate::engine::{self, EngineError, RunControl, RunReport, RunRequest};
 use crate::instant;
 use crate::plan::HostChange;
 use crate::rules::Outcome;
@@ -60,6 +60,15 @@ struct App {
     /// Cancelled when in-flight runs must stop (shutdown past the grace period).
     abort: CancellationToken,
     runs: TaskTracker,
+}
+
+impl App {
+    fn control(&self) -> RunControl {
+        RunControl {
+            abort: self.abort.clone(),
+            expect_digest: None,
+        }
+    }
 }
 
 /// Runs the server until SIGINT or SIGTERM; then stops taking ticks and requests, lets an
@@ -198,7 +207,7 @@ async fn tick(app: &App) {
         as_of: instant::from_datetime(chrono::Utc::now()),
         dry_run: false,
     };
-    match engine::run_cancellable(&app.store, &app.config, req, &app.abort).await {
+    match engine::run_controlled(&app.store, &app.config, req, &app.control()).await {
         Ok(_) => {}
         Err(EngineError::Locked) => {
             tracing::info!("tick skipped: another process holds the run lock")
@@ -323,7 +332,7 @@ async fn reconcile_referrer(
         as_of: instant::from_datetime(chrono::Utc::now()),
         dry_run: params.dry_run,
     };
-    match engine::run_cancellable(&app.store, &app.config, req, &app.abort).await {
+    match engine::run_controlled(&app.store, &app.config, req, &app.control()).await {
         Ok(report) => Json(referrer_json(&report, id)).into_response(),
         Err(e) => engine_error(e),
     }
@@ -376,6 +385,31 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
     v
 }
 
+/// The `explain` view: the referrer's result and every referred user with its outcome.
+pub fn explanation_json(report: &RunReport, id: i64) -> Value {
+    let mut v = referrer_json(report, id);
+    if let Some(obj) = v.as_object_mut() {
+        for k in ["run_id", "dry_run", "digest", "change"] {
+            obj.remove(k);
+        }
+    }
+    v["referrals"] = report
+        .computation
+        .referrals
+        .iter()
+        .map(|r| {
+            json!({
+                "referred_user_id": r.referred_user_id,
+                "outcome": r.outcome.as_str(),
+                "position": r.position,
+                "signup_ip": r.signup_ip,
+                "reason": crate::summary::reason(r.outcome),
+            })
+        })
+        .collect();
+    v
+}
+
 async fn explain_referrer(State(app): State<Arc<App>>, Path(raw): Path<String>) -> Response {
     let Ok(id) = raw.parse::<i64>() else {
         return bad_id(&raw);
@@ -386,29 +420,7 @@ async fn explain_referrer(State(app): State<Arc<App>>, Path(raw): Path<String>) 
         dry_run: true,
     };
     match engine::run(&app.store, &app.config, req).await {
-        Ok(report) => {
-            let mut v = referrer_json(&report, id);
-            if let Some(obj) = v.as_object_mut() {
-                for k in ["run_id", "dry_run", "digest", "change"] {
-                    obj.remove(k);
-                }
-            }
-            v["referrals"] = report
-                .computation
-                .referrals
-                .iter()
-                .map(|r| {
-                    json!({
-                        "referred_user_id": r.referred_user_id,
-                        "outcome": r.outcome.as_str(),
-                        "position": r.position,
-                        "signup_ip": r.signup_ip,
-                        "reason": crate::summary::reason(r.outcome),
-                    })
-                })
-                .collect();
-            Json(v).into_response()
-        }
+        Ok(report) => Json(explanation_json(&report, id)).into_response(),
         Err(e) => engine_error(e),
     }
 }

@@ -231,3 +231,83 @@ pub fn runs_table(runs: &[RunRow]) -> String {
     }
     s
 }
+
+/// What a program owner asks of a full run: who refers best, what the rules catch, what the
+/// program grants.
+pub fn program_analytics(r: &RunReport) -> String {
+    let mut s = String::new();
+    let counts = r.computation.outcome_counts();
+    let candidates: u64 = counts
+        .iter()
+        .filter(|(o, _)| o.is_candidate())
+        .map(|(_, n)| n)
+        .sum();
+    let referred: u64 = counts.iter().map(|(_, n)| n).sum();
+    let _ = writeln!(s, "program analytics");
+    let _ = writeln!(
+        s,
+        "  candidates           {candidates} of {referred} referred users"
+    );
+    let share = |n: u64| {
+        if candidates == 0 {
+            0.0
+        } else {
+            100.0 * n as f64 / candidates as f64
+        }
+    };
+    let disqualified: Vec<String> = counts
+        .iter()
+        .filter(|(o, _)| o.is_candidate() && *o != Outcome::Qualified)
+        .map(|(o, n)| format!("{} {:.1}%", o.as_str(), share(*n)))
+        .collect();
+    let _ = writeln!(s, "  disqualified share   {}", disqualified.join(", "));
+    let granted: i64 = r.plan.entries.iter().map(|e| e.desired.bonus_slots).sum();
+    let current: i64 = r.plan.entries.iter().map(|e| e.current_bonus_slots()).sum();
+    let _ = writeln!(s, "  bonus slots granted  {granted} (now {current})");
+    let mut badges: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for e in r.plan.entries.iter().filter(|e| {
+        r.computation
+            .results
+            .binary_search_by_key(&e.referrer_user_id(), |x| x.referrer_user_id)
+            .is_ok()
+    }) {
+        *badges
+            .entry(e.desired.badge.as_deref().unwrap_or("none"))
+            .or_default() += 1;
+    }
+    let by_badge: Vec<String> = badges.iter().map(|(b, n)| format!("{b} {n}")).collect();
+    let _ = writeln!(s, "  referrers by badge   {}", by_badge.join(", "));
+    let mut top: Vec<&PlanEntry> = r
+        .plan
+        .entries
+        .iter()
+        .filter(|e| e.desired.qualified_referrals > 0)
+        .collect();
+    top.sort_by_key(|e| {
+        (
+            std::cmp::Reverse(e.desired.qualified_referrals),
+            e.referrer_user_id(),
+        )
+    });
+    if !top.is_empty() {
+        let _ = writeln!(s, "  top referrers by qualified referrals");
+        let _ = writeln!(
+            s,
+            "    {:>12}  {:>9}  {:>8}  {:>11}  badge",
+            "referrer", "qualified", "referred", "bonus_slots"
+        );
+        for e in top.iter().take(10) {
+            let d = &e.desired;
+            let _ = writeln!(
+                s,
+                "    {:>12}  {:>9}  {:>8}  {:>11}  {}",
+                d.referrer_user_id,
+                d.qualified_referrals,
+                d.referred_users_total,
+                d.bonus_slots,
+                d.badge.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    s
+}

@@ -6,6 +6,10 @@
 
 #![allow(dead_code)]
 
+mod fixtures;
+#[allow(unused_imports)]
+pub use fixtures::*;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 

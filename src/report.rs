@@ -1,0 +1,247 @@
+//! Audit reports (SPEC section 5): one row per referrer with current and desired values, and on
+//! request one row per referred user with its outcome; CSV, JSON or Parquet, written with
+//! polars. Also the saved plan that `--expect-digest` / `--plan` compare against.
+//!
+//! Writers are blocking: callers run them inside `spawn_blocking`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use polars::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::compute::ReferralOutcome;
+use crate::instant::{self, Instant};
+use crate::plan::{Plan, PlanEntry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// Bad usage: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    #[error("writing {path}: {message}")]
+    Write { path: String, message: String },
+    #[error("reading the plan {path}: {message}")]
+    ReadPlan { path: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Csv,
+    Json,
+    Parquet,
+}
+
+impl ReportFormat {
+    /// The format named by `--format`, else the one the path's extension says.
+    pub fn resolve(path: &Path, given: Option<ReportFormat>) -> Result<ReportFormat, ReportError> {
+        if let Some(f) = given {
+            return Ok(f);
+        }
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("csv") => Ok(ReportFormat::Csv),
+            Some("json") => Ok(ReportFormat::Json),
+            Some("parquet") | Some("pq") => Ok(ReportFormat::Parquet),
+            other => Err(ReportError::Usage(format!(
+                "--report {}: cannot tell the format from the extension {}; use .csv, .json or .parquet, or --format",
+                path.display(),
+                other.map_or_else(|| "(none)".to_owned(), |e| format!("{e:?}"))
+            ))),
+        }
+    }
+
+    fn extension(self) -> &'static str {
+        match self {
+            ReportFormat::Csv => "csv",
+            ReportFormat::Json => "json",
+            ReportFormat::Parquet => "parquet",
+        }
+    }
+}
+
+/// Where `--per-referral` writes its rows: beside the report, `NAME.referrals.EXT`.
+pub fn per_referral_path(report: &Path, format: ReportFormat) -> PathBuf {
+    let stem = report
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    report.with_file_name(format!("{stem}.referrals.{}", format.extension()))
+}
+
+/// One report row per plan entry, with exactly SPEC section 5's fields, in SPEC's order.
+/// `only_changes` keeps the referrers whose reward would change (reward row or host value).
+pub fn referrer_frame(plan: &Plan, only_changes: bool) -> PolarsResult<DataFrame> {
+    let rows: Vec<&PlanEntry> = plan
+        .entries
+        .iter()
+        .filter(|e| !only_changes || e.changes_anything())
+        .collect();
+    let int = |f: fn(&PlanEntry) -> i64| rows.iter().map(|e| f(e)).collect::<Vec<i64>>();
+    df!(
+        "referrer_user_id" => int(|e| e.desired.referrer_user_id),
+        "referred_users_total" => int(|e| e.desired.referred_users_total),
+        "qualified_referrals" => int(|e| e.desired.qualified_referrals),
+        "disqualified_self_referral" => int(|e| e.desired.disqualified_self_referral),
+        "disqualified_cooldown" => int(|e| e.desired.disqualified_cooldown),
+        "disqualified_missing_ip" => int(|e| e.desired.disqualified_missing_ip),
+        "disqualified_shared_ip" => int(|e| e.desired.disqualified_shared_ip),
+        "disqualified_duplicate_ip" => int(|e| e.desired.disqualified_duplicate_ip),
+        "bonus_slots" => int(|e| e.desired.bonus_slots),
+        "badge" => rows.iter().map(|e| e.desired.badge.clone()).collect::<Vec<Option<String>>>(),
+        "current_bonus_slots" => int(|e| e.current_bonus_slots()),
+    )
+}
+
+/// One row per referred user: referrer, referred user, outcome, claiming position (candidates
+/// only) and signup IP hash. `referrers`, when given, keeps only those referrers' rows.
+pub fn referral_frame(
+    referrals: &[ReferralOutcome],
+    referrers: Option<&HashSet<i64>>,
+) -> PolarsResult<DataFrame> {
+    let rows: Vec<&ReferralOutcome> = referrals
+        .iter()
+        .filter(|r| referrers.is_none_or(|keep| keep.contains(&r.referrer_user_id)))
+        .collect();
+    df!(
+        "referrer_user_id" => rows.iter().map(|r| r.referrer_user_id).collect::<Vec<i64>>(),
+        "referred_user_id" => rows.iter().map(|r| r.referred_user_id).collect::<Vec<i64>>(),
+        "outcome" => rows.iter().map(|r| r.outcome.as_str()).collect::<Vec<&str>>(),
+        "position" => rows.iter().map(|r| r.position.map(i64::from)).collect::<Vec<Option<i64>>>(),
+        "signup_ip" => rows.iter().map(|r| r.signup_ip.clone()).collect::<Vec<Option<String>>>(),
+    )
+}
+
+/// Writes a frame; JSON is one array of row objects.
+pub fn write(df: &mut DataFrame, path: &Path, format: ReportFormat) -> Result<(), ReportError> {
+    let err = |e: String| ReportError::Write {
+        path: path.display().to_string(),
+        message: e,
+    };
+    let file = File::create(path).map_err(|e| err(e.to_string()))?;
+    let result = match format {
+        ReportFormat::Csv => CsvWriter::new(file).include_header(true).finish(df),
+        ReportFormat::Json => JsonWriter::new(file)
+            .with_json_format(JsonFormat::Json)
+            .finish(df),
+        ReportFormat::Parquet => ParquetWriter::new(file).finish(df).map(|_| ()),
+    };
+    result.map_err(|e| err(e.to_string()))
+}
+
+/// Reads a report back (tests, and operators' scripts in Rust).
+pub fn read(path: &Path, format: ReportFormat) -> PolarsResult<DataFrame> {
+    match format {
+        ReportFormat::Csv => CsvReadOptions::default()
+            .with_has_header(true)
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))?
+            .finish(),
+        ReportFormat::Json => JsonReader::new(File::open(path)?).finish(),
+        ReportFormat::Parquet => ParquetReader::new(File::open(path)?).finish(),
+    }
+}
+
+/// The plan a dry run saves with `--save-plan`, for `--plan` to compare against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedPlan {
+    pub format: String,
+    pub as_of: String,
+    pub digest: String,
+    pub referrers: Vec<ReportRow>,
+}
+
+/// A SPEC section 5 report row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRow {
+    pub referrer_user_id: i64,
+    pub referred_users_total: i64,
+    pub qualified_referrals: i64,
+    pub disqualified_self_referral: i64,
+    pub disqualified_cooldown: i64,
+    pub disqualified_missing_ip: i64,
+    pub disqualified_shared_ip: i64,
+    pub disqualified_duplicate_ip: i64,
+    pub bonus_slots: i64,
+    pub badge: Option<String>,
+    pub current_bonus_slots: i64,
+}
+
+impl ReportRow {
+    pub fn of(e: &PlanEntry) -> Self {
+        let d = &e.desired;
+        ReportRow {
+            referrer_user_id: d.referrer_user_id,
+            referred_users_total: d.referred_users_total,
+            qualified_referrals: d.qualified_referrals,
+            disqualified_self_referral: d.disqualified_self_referral,
+            disqualified_cooldown: d.disqualified_cooldown,
+            disqualified_missing_ip: d.disqualified_missing_ip,
+            disqualified_shared_ip: d.disqualified_shared_ip,
+            disqualified_duplicate_ip: d.disqualified_duplicate_ip,
+            bonus_slots: d.bonus_slots,
+            badge: d.badge.clone(),
+            current_bonus_slots: e.current_bonus_slots(),
+        }
+    }
+}
+
+const PLAN_FORMAT: &str = "referral-rewards-plan/1";
+
+pub fn saved_plan(plan: &Plan, as_of: Instant) -> SavedPlan {
+    SavedPlan {
+        format: PLAN_FORMAT.into(),
+        as_of: instant::to_rfc3339(as_of),
+        digest: plan.digest.clone(),
+        referrers: plan.entries.iter().map(ReportRow::of).collect(),
+    }
+}
+
+pub fn save_plan(plan: &SavedPlan, path: &Path) -> Result<(), ReportError> {
+    let err = |e: String| ReportError::Write {
+        path: path.display().to_string(),
+        message: e,
+    };
+    let file = File::create(path).map_err(|e| err(e.to_string()))?;
+    serde_json::to_writer(std::io::BufWriter::new(file), plan).map_err(|e| err(e.to_string()))
+}
+
+pub fn load_plan(path: &Path) -> Result<SavedPlan, ReportError> {
+    let err = |e: String| ReportError::ReadPlan {
+        path: path.display().to_string(),
+        message: e,
+    };
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
+    let plan: SavedPlan =
+        serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| err(e.to_string()))?;
+    if plan.format != PLAN_FORMAT {
+        return Err(err(format!(
+            "format {:?}, expected {PLAN_FORMAT:?}",
+            plan.format
+        )));
+    }
+    Ok(plan)
+}
+
+/// How many referrers' rows differ between an audited plan and a fresh one (present in one
+/// only, or with any field different).
+pub fn count_differences(audited: &SavedPlan, fresh: &Plan) -> usize {
+    let old: BTreeMap<i64, &ReportRow> = audited
+        .referrers
+        .iter()
+        .map(|r| (r.referrer_user_id, r))
+        .collect();
+    let new: BTreeMap<i64, ReportRow> = fresh
+        .entries
+        .iter()
+        .map(|e| (e.referrer_user_id(), ReportRow::of(e)))
+        .collect();
+    let ids: std::collections::BTreeSet<i64> = old.keys().chain(new.keys()).copied().collect();
+    ids.into_iter()
+        .filter(|id| old.get(id).copied() != new.get(id))
+        .count()
+}

@@ -1,0 +1,531 @@
+//! Audit reports, explanations and plan/apply with a digest (SPEC sections 4 and 5).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use polars::prelude::*;
+use referral_rewards::report::{self, ReportFormat};
+use referral_rewards::snapshot::Scope;
+use referral_rewards::store::{ConnectOptions, Store};
+use referral_rewards::summary;
+
+const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
+
+/// SPEC section 5's JSON field names, in order.
+const SPEC_FIELDS: [&str; 11] = [
+    "referrer_user_id",
+    "referred_users_total",
+    "qualified_referrals",
+    "disqualified_self_referral",
+    "disqualified_cooldown",
+    "disqualified_missing_ip",
+    "disqualified_shared_ip",
+    "disqualified_duplicate_ip",
+    "bonus_slots",
+    "badge",
+    "current_bonus_slots",
+];
+
+fn cli(url: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--database-url", url];
+    all.extend_from_slice(args);
+    Command::new(BIN)
+        .args(all)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap()
+}
+
+const AS_OF: &str = "2026-11-01T12:00:00Z";
+
+#[tokio::test]
+async fn three_formats_read_back_to_the_same_rows() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut frames = Vec::new();
+    for ext in ["csv", "json", "parquet"] {
+        let path = dir.path().join(format!("report.{ext}"));
+        let o = cli(
+            &db.url,
+            &[
+                "reconcile",
+                "--dry-run",
+                "--as-of",
+                AS_OF,
+                "--report",
+                path.to_str().unwrap(),
+                "--per-referral",
+            ],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let format = ReportFormat::resolve(&path, None).unwrap();
+        let referrers = report::read(&path, format).unwrap();
+        let referrals = report::read(&report::per_referral_path(&path, format), format).unwrap();
+        frames.push((ext, referrers, referrals));
+    }
+    let (_, first, first_referrals) = &frames[0];
+    let names: Vec<&str> = first
+        .get_column_names()
+        .iter()
+        .map(|n| n.as_str())
+        .collect();
+    assert_eq!(names, SPEC_FIELDS);
+    assert_eq!(
+        first.height(),
+        3,
+        "referrers 1 and 30, and user 40's revocation"
+    );
+    assert_eq!(first_referrals.height(), 26);
+    for (ext, referrers, referrals) in &frames {
+        assert_eq!(referrers.schema(), first.schema(), "{ext}");
+        assert!(
+            referrers.equals_missing(first),
+            "{ext}:\n{referrers}\n{first}"
+        );
+        assert_eq!(referrals.schema(), first_referrals.schema(), "{ext}");
+        assert!(
+            referrals.equals_missing(first_referrals),
+            "{ext}:\n{referrals}\n{first_referrals}"
+        );
+    }
+    // Types: integers, and the badge as text.
+    for name in SPEC_FIELDS {
+        let want = if name == "badge" {
+            DataType::String
+        } else {
+            DataType::Int64
+        };
+        assert_eq!(first.column(name).unwrap().dtype(), &want, "{name}");
+    }
+    let r1 = first
+        .filter(
+            &first
+                .column("referrer_user_id")
+                .unwrap()
+                .i64()
+                .unwrap()
+                .equal(1),
+        )
+        .unwrap();
+    assert_eq!(
+        r1.column("qualified_referrals")
+            .unwrap()
+            .i64()
+            .unwrap()
+            .get(0),
+        Some(9)
+    );
+    assert_eq!(
+        r1.column("badge").unwrap().str().unwrap().get(0),
+        Some("verified_referrer")
+    );
+}
+
+#[tokio::test]
+async fn json_report_has_exactly_specs_field_names_and_types() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.json");
+    let o = cli(
+        &db.url,
+        &[
+            "reconcile",
+            "--dry-run",
+            "--as-of",
+            AS_OF,
+            "--report",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let names: Vec<&str> = row.keys().map(String::as_str).collect();
+        let mut want = SPEC_FIELDS.to_vec();
+        want.sort();
+        let mut got = names.clone();
+        got.sort();
+        assert_eq!(got, want);
+        for (k, v) in row {
+            if k == "badge" {
+                assert!(v.is_null() || v.is_string(), "{k}: {v}");
+            } else {
+                assert!(v.is_i64(), "{k}: {v}");
+            }
+        }
+    }
+    let r30 = rows.iter().find(|r| r["referrer_user_id"] == 30).unwrap();
+    assert_eq!(r30["badge"], serde_json::Value::Null);
+    assert_eq!(r30["current_bonus_slots"], 99);
+    assert_eq!(r30["disqualified_self_referral"], 1);
+}
+
+#[tokio::test]
+async fn only_changes_keeps_the_referrers_that_change() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+    // One referrer changes: user 2 stops qualifying.
+    db.exec("UPDATE users SET is_active = 0 WHERE id = 2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("changes.csv");
+    let o = cli(
+        &db.url,
+        &[
+            "reconcile",
+            "--dry-run",
+            "--as-of",
+            AS_OF,
+            "--report",
+            path.to_str().unwrap(),
+            "--only-changes",
+            "--per-referral",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let df = report::read(&path, ReportFormat::Csv).unwrap();
+    assert_eq!(
+        df.column("referrer_user_id")
+            .unwrap()
+            .i64()
+            .unwrap()
+            .into_no_null_iter()
+            .collect::<Vec<_>>(),
+        [1]
+    );
+    let referrals = report::read(
+        &report::per_referral_path(&path, ReportFormat::Csv),
+        ReportFormat::Csv,
+    )
+    .unwrap();
+    assert_eq!(referrals.height(), 25);
+    let outcome = referrals
+        .filter(
+            &referrals
+                .column("referred_user_id")
+                .unwrap()
+                .i64()
+                .unwrap()
+                .equal(2),
+        )
+        .unwrap();
+    assert_eq!(
+        outcome.column("outcome").unwrap().str().unwrap().get(0),
+        Some("inactive")
+    );
+}
+
+#[tokio::test]
+async fn unknown_report_extension_exits_2() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let o = cli(
+        &db.url,
+        &["reconcile", "--dry-run", "--report", "/tmp/x.xlsx"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("xlsx"));
+}
+
+each_backend!(
+    digest_is_stable_and_the_same_on_every_backend,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let a = db
+            .reconcile(Scope::Full, now(), true)
+            .await
+            .unwrap()
+            .plan
+            .digest;
+        let b = db
+            .reconcile(Scope::Full, now(), true)
+            .await
+            .unwrap()
+            .plan
+            .digest;
+        assert_eq!(a, b);
+        // The same fixture on SQLite gives the same digest as on this backend.
+        let sqlite = TestDb::new(Backend::Sqlite).await.unwrap();
+        sqlite.load(&every_outcome()).await;
+        assert_eq!(
+            sqlite
+                .reconcile(Scope::Full, now(), true)
+                .await
+                .unwrap()
+                .plan
+                .digest,
+            a
+        );
+        // Any one referrer's result changing changes it.
+        db.exec("UPDATE users SET is_verified = FALSE WHERE id = 41")
+            .await; // not counted anywhere
+        assert_eq!(
+            db.reconcile(Scope::Full, now(), true)
+                .await
+                .unwrap()
+                .plan
+                .digest,
+            a
+        );
+        db.exec(&format!(
+            "UPDATE users SET is_verified = {} WHERE id = 3",
+            db.bool(false)
+        ))
+        .await;
+        assert_ne!(
+            db.reconcile(Scope::Full, now(), true)
+                .await
+                .unwrap()
+                .plan
+                .digest,
+            a
+        );
+    }
+);
+
+#[tokio::test]
+async fn stale_expected_digest_exits_3_and_changes_nothing() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("plan.json");
+    let o = cli(
+        &db.url,
+        &[
+            "reconcile",
+            "--dry-run",
+            "--as-of",
+            AS_OF,
+            "--save-plan",
+            plan.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    // The world moves on after the audit: two referrers' results change.
+    db.exec("UPDATE users SET is_active = 0 WHERE id IN (2, 30)")
+        .await;
+    let before = db.state().await;
+    let o = cli(&db.url, &["reconcile", "--plan", plan.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("2 referrers differ from the audited plan"),
+        "{err}"
+    );
+    assert_eq!(db.state().await, before);
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM reward_runs").await,
+        0,
+        "not even a run row"
+    );
+    let o = cli(
+        &db.url,
+        &["reconcile", "--as-of", AS_OF, "--expect-digest", "0000"],
+    );
+    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(db.state().await, before);
+
+    // Audit again, then the apply goes through with the audited digest and as-of.
+    let o = cli(
+        &db.url,
+        &[
+            "reconcile",
+            "--dry-run",
+            "--as-of",
+            AS_OF,
+            "--save-plan",
+            plan.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let o = cli(&db.url, &["reconcile", "--plan", plan.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(
+        db.rows("SELECT digest FROM reward_runs").await,
+        [[Some(saved["digest"].as_str().unwrap().to_owned())]]
+    );
+}
+
+fn file_hash(path: &Path) -> String {
+    blake3::hash(&std::fs::read(path).unwrap())
+        .to_hex()
+        .to_string()
+}
+
+#[tokio::test]
+async fn dry_run_on_a_read_only_sqlite_connection_writes_nothing() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    if let Admin::Sqlite(p) = &db.admin {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(p)
+            .await
+            .unwrap();
+        p.close().await;
+    }
+    let path = db.url.trim_start_matches("sqlite://").to_owned();
+    let before = file_hash(Path::new(&path));
+    let o = cli(&db.url, &["reconcile", "--dry-run", "--as-of", AS_OF]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = cli(&db.url, &["explain", "--referrer", "1", "--as-of", AS_OF]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        file_hash(Path::new(&path)),
+        before,
+        "the database file is untouched"
+    );
+    // The connection a dry run uses refuses writes.
+    let store = Store::connect(
+        &db.url,
+        &ConnectOptions {
+            read_only: true,
+            busy_timeout: std::time::Duration::from_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    let e = store
+        .start_run(Scope::Full, now(), now())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("readonly"), "{e}");
+}
+
+#[tokio::test]
+async fn dry_run_as_a_select_only_postgres_role() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    db.load(&every_outcome()).await;
+    let role = format!("rr_reader_{}", std::process::id());
+    db.exec(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN;
+         GRANT USAGE ON SCHEMA public TO {role};
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};"
+    ))
+    .await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_username(&role).unwrap();
+    let before = db.state().await;
+    let o = cli(url.as_str(), &["reconcile", "--dry-run", "--as-of", AS_OF]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("digest"));
+    let o = cli(
+        url.as_str(),
+        &[
+            "explain",
+            "--referrer",
+            "1",
+            "--as-of",
+            AS_OF,
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    // An apply as that role is refused by the database and changes nothing.
+    let o = cli(url.as_str(), &["reconcile", "--as-of", AS_OF]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("permission denied"));
+    assert_eq!(db.state().await, before);
+    db.exec(&format!("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; REVOKE USAGE ON SCHEMA public FROM {role};")).await;
+    drop(db);
+    if let Some(base) = pg_available().await {
+        let mut c = <sqlx::PgConnection as sqlx::Connection>::connect(&base)
+            .await
+            .unwrap();
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+            .execute(&mut c)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn explain_json_lists_every_referred_user_with_outcome() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let o = cli(
+        &db.url,
+        &[
+            "explain",
+            "--referrer",
+            "1",
+            "--as-of",
+            AS_OF,
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["qualified_referrals"], 9);
+    let referrals = v["referrals"].as_array().unwrap();
+    assert_eq!(referrals.len(), 25);
+    let by_id = |id: i64| {
+        referrals
+            .iter()
+            .find(|r| r["referred_user_id"] == id)
+            .unwrap()
+    };
+    assert_eq!(by_id(14)["outcome"], "duplicate_ip");
+    assert_eq!(by_id(20)["outcome"], "no_subscription");
+    assert_eq!(by_id(4)["signup_ip"], "a1");
+}
+
+/// Whole outputs as snapshots: a behaviour change shows as a diff.
+#[tokio::test]
+async fn snapshots_of_summary_analytics_and_explain() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let mut r = db.reconcile(Scope::Full, now(), true).await.unwrap();
+    r.elapsed = std::time::Duration::ZERO;
+    insta::assert_snapshot!("dry_run_summary", summary::run_summary(&r));
+    insta::assert_snapshot!("program_analytics", summary::program_analytics(&r));
+    let one = db.reconcile(Scope::Referrer(1), now(), true).await.unwrap();
+    let entry = one.plan.entries.iter().find(|e| e.referrer_user_id() == 1);
+    insta::assert_snapshot!(
+        "explain_referrer_1",
+        summary::explain(entry, true, &one.computation.referrals, 1)
+    );
+    let mut applied = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    applied.elapsed = std::time::Duration::ZERO;
+    insta::assert_snapshot!("apply_summary", summary::run_summary(&applied));
+}
