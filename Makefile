@@ -12,7 +12,10 @@ DEMO_URL := sqlite://$(DEMO_DB)
 DEMO_USERS ?= 100000
 DEMO_AS_OF := 2026-11-01T00:00:00Z
 
-.PHONY: help build demo test lint fmt clean-demo
+# The benchmark's PostgreSQL server (its datasets are databases rr_bench_<users>).
+export REFERRAL_REWARDS_BENCH_PG_URL ?= postgres://postgres@127.0.0.1:5432/test
+
+.PHONY: help build demo test lint fmt bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -35,8 +38,11 @@ demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summari
 	$(BIN) --database-url $(DEMO_URL) runs
 	@echo; echo "The demo database is $(DEMO_DB)."
 
-test: ## Every test: unit, SQLite and PostgreSQL integration, CLI, property tests
-	$(CARGO) test --all-targets
+test: ## Every test: unit, SQLite and PostgreSQL integration, CLI, serve, property tests
+	$(CARGO) test --lib --bins --tests
+
+bench: ## Release build; 100k and 1M datasets (cached); figures per backend (BENCH_SIZES, BENCH_BACKENDS)
+	$(CARGO) bench --bench reconcile
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use referral_rewards::instant::{self, Instant};
 use referral_rewards::report::ReportFormat;
+use referral_rewards::snapshot::Shard;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +61,9 @@ pub enum Command {
     Reconcile {
         #[arg(long)]
         referrer: Option<i64>,
+        /// Only the users of shard K of N (1 <= K <= N); N processes together make a full run
+        #[arg(long, value_name = "K/N", value_parser = Shard::parse, conflicts_with = "referrer")]
+        shard: Option<Shard>,
         #[arg(long)]
         dry_run: bool,
         /// RFC 3339; without offset: UTC [default: now, or the --plan's as-of]

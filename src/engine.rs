@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::instant::{self, Instant};
 use crate::plan::{Plan, PlanStats};
 use crate::rules;
-use crate::snapshot::Scope;
+use crate::snapshot::{QueryTiming, Scope};
 use crate::store::{ApplyOutcome, RunFinish, Store, StoreError};
 
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +55,7 @@ pub struct RunReport {
     /// `None` for a dry run.
     pub applied: Option<ApplyOutcome>,
     pub abandoned_runs: u64,
+    pub stages: Stages,
     pub elapsed: Duration,
 }
 
@@ -62,29 +63,71 @@ fn now() -> Instant {
     instant::from_datetime(chrono::Utc::now())
 }
 
-/// Reads, computes and plans, without writing anything.
-pub async fn plan(
-    store: &Store,
-    cfg: &Config,
-    req: RunRequest,
-) -> Result<(Plan, Computation), EngineError> {
+/// Where a run's time went.
+#[derive(Debug, Clone, Default)]
+pub struct Stages {
+    pub snapshot: Duration,
+    /// Each snapshot query: rows and time.
+    pub queries: Vec<QueryTiming>,
+    pub compute: Duration,
+    pub plan: Duration,
+    /// The apply transaction; zero for a dry run.
+    pub write: Duration,
+}
+
+/// A computed plan and what it took.
+pub struct Planned {
+    pub plan: Plan,
+    pub computation: Computation,
+    pub stages: Stages,
+}
+
+/// Reads, computes and plans, without writing anything. Logs a line per stage.
+pub async fn plan(store: &Store, cfg: &Config, req: RunRequest) -> Result<Planned, EngineError> {
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
-    let snapshot = store.snapshot(req.scope, window).await?;
+    let started = Clock::now();
+    let mut snapshot = store.snapshot(req.scope, window).await?;
+    let mut stages = Stages {
+        snapshot: started.elapsed(),
+        queries: std::mem::take(&mut snapshot.timings),
+        ..Stages::default()
+    };
+    tracing::info!(
+        stage = "snapshot",
+        ms = stages.snapshot.as_millis() as u64,
+        referred_users = snapshot.referred.len(),
+        "stage finished"
+    );
     let cfg = cfg.clone();
-    let (plan, computation) = tokio::task::spawn_blocking(move || {
+    let (plan, computation, compute_time, plan_time) = tokio::task::spawn_blocking(move || {
+        let t = Clock::now();
         let computation = compute::compute(&snapshot, &cfg, req.as_of)
             .map_err(|e| EngineError::Compute(e.to_string()))?;
+        let compute_time = t.elapsed();
+        let t = Clock::now();
         let plan = Plan::build(
             computation.results.clone(),
             snapshot.stored_rewards,
             &snapshot.host_bonus,
             req.scope,
         );
-        Ok::<_, EngineError>((plan, computation))
+        Ok::<_, EngineError>((plan, computation, compute_time, t.elapsed()))
     })
     .await
     .map_err(|e| EngineError::Compute(e.to_string()))??;
-    Ok((plan, computation))
+    stages.compute = compute_time;
+    stages.plan = plan_time;
+    tracing::info!(
+        stage = "compute",
+        ms = (compute_time + plan_time).as_millis() as u64,
+        referrers = plan.entries.len(),
+        "stage finished"
+    );
+    Ok(Planned {
+        plan,
+        computation,
+        stages,
+    })
 }
 
 pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunReport, EngineError> {
@@ -113,7 +156,11 @@ pub async fn run_controlled(
         check_known(store, cfg, req, id).await?;
     }
     if req.dry_run {
-        let (plan, computation) = plan(store, cfg, req).await?;
+        let Planned {
+            plan,
+            computation,
+            stages,
+        } = plan(store, cfg, req).await?;
         if let Some(expected) = &ctl.expect_digest
             && plan.digest != *expected
         {
@@ -131,32 +178,40 @@ pub async fn run_controlled(
             computation,
             applied: None,
             abandoned_runs: 0,
+            stages,
             elapsed: started.elapsed(),
         };
         log_run(&report);
         return Ok(report);
     }
 
-    let lock = store.try_lock().await?.ok_or(EngineError::Locked)?;
+    let lock = store
+        .try_lock(req.scope)
+        .await?
+        .ok_or(EngineError::Locked)?;
     let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
     // With an expected digest the plan comes first, under the lock, so that a refusal writes
     // nothing; otherwise the run row comes first, so that a failing snapshot is recorded too.
     let planned = match &ctl.expect_digest {
         None => None,
         Some(expected) => {
-            let (plan, computation) = plan(store, cfg, req).await?;
-            if plan.digest != *expected {
+            let planned = plan(store, cfg, req).await?;
+            if planned.plan.digest != *expected {
                 return Err(EngineError::DigestMismatch {
                     expected: expected.clone(),
-                    plan: Box::new(plan),
+                    plan: Box::new(planned.plan),
                 });
             }
-            Some((plan, computation))
+            Some(planned)
         }
     };
     let run_id = store.start_run(req.scope, req.as_of, now()).await?;
     let work = async {
-        let (plan, computation) = match planned {
+        let Planned {
+            plan,
+            computation,
+            mut stages,
+        } = match planned {
             Some(p) => p,
             None => plan(store, cfg, req).await?,
         };
@@ -166,10 +221,17 @@ pub async fn run_controlled(
             outcome_counts: outcome_counts_json(&computation),
             digest: plan.digest.clone(),
         };
+        let t = Clock::now();
         let applied = store
             .apply(&plan, run_id, req.as_of, &cfg.new_subscription, &finish)
             .await?;
-        Ok::<_, EngineError>((plan, computation, stats, applied))
+        stages.write = t.elapsed();
+        tracing::info!(
+            stage = "write",
+            ms = stages.write.as_millis() as u64,
+            "stage finished"
+        );
+        Ok::<_, EngineError>((plan, computation, stats, applied, stages))
     };
     // Dropping `work` drops its open transaction, which rolls back.
     let result = tokio::select! {
@@ -177,7 +239,7 @@ pub async fn run_controlled(
         _ = ctl.abort.cancelled() => Err(EngineError::Aborted),
     };
     let outcome = match result {
-        Ok((plan, computation, stats, applied)) => Ok(RunReport {
+        Ok((plan, computation, stats, applied, stages)) => Ok(RunReport {
             request: req,
             backend: store.backend(),
             run_id: Some(run_id),
@@ -186,6 +248,7 @@ pub async fn run_controlled(
             stats,
             applied: Some(applied),
             abandoned_runs,
+            stages,
             elapsed: started.elapsed(),
         }),
         Err(e) => {

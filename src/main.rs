@@ -296,6 +296,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Reconcile {
             referrer,
+            shard,
             dry_run,
             as_of,
             report,
@@ -324,7 +325,11 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             };
             let store = connect(&config, dry_run).await?;
             let req = RunRequest {
-                scope: referrer.map_or(Scope::Full, Scope::Referrer),
+                scope: match (referrer, shard) {
+                    (Some(id), _) => Scope::Referrer(id),
+                    (None, Some(s)) => Scope::Shard(s),
+                    (None, None) => Scope::Full,
+                },
                 as_of: as_of.or(audited_as_of).unwrap_or_else(now),
                 dry_run,
             };

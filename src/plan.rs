@@ -127,8 +127,13 @@ impl Plan {
             });
         }
 
-        // What is left belongs to users who are not referrers.
-        let mut others: Vec<i64> = stored.keys().chain(host.keys()).copied().collect();
+        // What is left belongs to users who are not referrers (in this scope).
+        let mut others: Vec<i64> = stored
+            .keys()
+            .chain(host.keys())
+            .copied()
+            .filter(|id| scope.covers(*id))
+            .collect();
         if let Scope::Referrer(id) = scope
             && !entries.iter().any(|e| e.referrer_user_id() == id)
         {

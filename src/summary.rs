@@ -7,6 +7,7 @@ use crate::engine::RunReport;
 use crate::instant;
 use crate::plan::PlanEntry;
 use crate::rules::Outcome;
+use crate::snapshot::Scope;
 use crate::store::RunRow;
 
 /// The summary a run prints: referrers processed, rewards up / down, total bonus delta, counts
@@ -14,9 +15,10 @@ use crate::store::RunRow;
 pub fn run_summary(r: &RunReport) -> String {
     let mut s = String::new();
     let req = &r.request;
-    let what = match req.scope.referrer() {
-        None => "full run".to_owned(),
-        Some(id) => format!("referrer {id}"),
+    let what = match req.scope {
+        Scope::Full => "full run".to_owned(),
+        Scope::Referrer(id) => format!("referrer {id}"),
+        Scope::Shard(s) => format!("shard {s}"),
     };
     let mode = if req.dry_run {
         "dry run, nothing written"

@@ -214,7 +214,7 @@ each_backend!(
         db.exec("UPDATE subscriptions SET referral_bonus_domains = 7 WHERE user_id = 30")
             .await;
 
-        let lock = store.try_lock().await.unwrap().expect("lock");
+        let lock = store.try_lock(Scope::Full).await.unwrap().expect("lock");
         let run_id = store.start_run(Scope::Full, now(), now()).await.unwrap();
         let finish = RunFinish {
             stats: plan.stats(),
@@ -248,7 +248,11 @@ each_backend!(
     |db: TestDb| async move {
         db.load(&every_outcome()).await;
         let store = db.store().await;
-        let lock = store.try_lock().await.unwrap().expect("first lock");
+        let lock = store
+            .try_lock(Scope::Full)
+            .await
+            .unwrap()
+            .expect("first lock");
         let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
         assert!(matches!(e, EngineError::Locked), "{e}");
         assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::*;
 use proptest::prelude::*;
 use referral_rewards::compute::compute;
@@ -187,31 +185,6 @@ fn shuffled(f: &Fixture, seed: u64) -> Fixture {
     g
 }
 
-/// What the databases hold after a run that matters to users: rewards, host bonus and tiers.
-async fn outcome_state(
-    db: &TestDb,
-) -> (
-    Vec<Vec<Option<String>>>,
-    BTreeMap<String, Vec<Option<String>>>,
-) {
-    let rewards = db
-        .rows(
-            "SELECT CAST(referrer_user_id AS TEXT), CAST(referred_users_total AS TEXT), CAST(qualified_referrals AS TEXT), \
-             CAST(disqualified_self_referral AS TEXT), CAST(disqualified_cooldown AS TEXT), \
-             CAST(disqualified_missing_ip AS TEXT), CAST(disqualified_shared_ip AS TEXT), \
-             CAST(disqualified_duplicate_ip AS TEXT), CAST(bonus_slots AS TEXT), badge \
-             FROM referral_rewards ORDER BY referrer_user_id",
-        )
-        .await;
-    let subs = db
-        .rows("SELECT CAST(user_id AS TEXT), tier, status, CAST(referral_bonus_domains AS TEXT) FROM subscriptions")
-        .await
-        .into_iter()
-        .map(|r| (r[0].clone().unwrap(), r[1..].to_vec()))
-        .collect();
-    (rewards, subs)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -280,7 +253,7 @@ async fn database_properties(backend: Backend, f: Fixture, seed: u64) -> Result<
     let ra = a.reconcile(Scope::Full, now(), false).await.unwrap();
     let rb = b.reconcile(Scope::Full, now(), false).await.unwrap();
     prop_assert_eq!(&ra.plan.digest, &rb.plan.digest);
-    prop_assert_eq!(outcome_state(&a).await, outcome_state(&b).await);
+    prop_assert_eq!(a.outcome_state().await, b.outcome_state().await);
 
     let before = a.state().await;
     let again = a
@@ -305,7 +278,7 @@ async fn database_properties(backend: Backend, f: Fixture, seed: u64) -> Result<
             .await
             .unwrap();
     }
-    prop_assert_eq!(outcome_state(&c).await, outcome_state(&a).await);
+    prop_assert_eq!(c.outcome_state().await, a.outcome_state().await);
     Ok(())
 }
 

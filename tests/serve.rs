@@ -322,7 +322,7 @@ each_backend!(
 
         // A busy lock is 409 for an apply; a dry run needs no lock.
         let store = db.store().await;
-        let lock = store.try_lock().await.unwrap().unwrap();
+        let lock = store.try_lock(Scope::Full).await.unwrap().unwrap();
         let r = http
             .post(url(&format!("/v1/referrers/{id}/reconcile")))
             .bearer_auth(TOKEN)

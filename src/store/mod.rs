@@ -12,7 +12,7 @@ use crate::config::NewSubscriptionConfig;
 use crate::demo::DemoSpec;
 use crate::instant::Instant;
 use crate::plan::{Plan, PlanStats};
-use crate::snapshot::{Scope, Snapshot};
+use crate::snapshot::{Scope, Shard, Snapshot};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -104,12 +104,18 @@ pub struct ApplyOutcome {
 }
 
 /// Held for the whole of an applying run; dropping it releases the lock.
-pub enum RunLock {
-    /// SQLite: an exclusive `flock` on `<database>.lock`, released by the OS if we die.
-    File(#[allow(dead_code)] std::fs::File),
-    /// PostgreSQL: a session advisory lock on a dedicated connection, released when the
-    /// connection closes, so a killed process never leaves it behind.
-    Postgres(#[allow(dead_code)] sqlx::PgConnection),
+pub struct RunLock {
+    /// `None`: exclusive (a full or one-referrer run); `Some`: one shard's.
+    pub shard: Option<Shard>,
+    pub(crate) _held: Held,
+}
+
+pub(crate) enum Held {
+    /// SQLite: `flock`s on `<database>.lock` files, released by the OS if the process dies.
+    Files(#[allow(dead_code)] Vec<std::fs::File>),
+    /// PostgreSQL: session advisory locks on a dedicated connection, released when the
+    /// connection closes, so a killed process never leaves them behind.
+    Postgres(#[allow(dead_code)] Box<sqlx::PgConnection>),
 }
 
 pub enum Store {
@@ -168,19 +174,20 @@ impl Store {
         }
     }
 
-    /// The applying-run lock: `None` when another run holds it.
-    pub async fn try_lock(&self) -> Result<Option<RunLock>, StoreError> {
+    /// The applying-run lock for a scope: `None` when another run holds it.
+    pub async fn try_lock(&self, scope: Scope) -> Result<Option<RunLock>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.try_lock(),
-            Store::Postgres(s) => s.try_lock().await,
+            Store::Sqlite(s) => s.try_lock(scope.shard()),
+            Store::Postgres(s) => s.try_lock(scope.shard()).await,
         }
     }
 
-    /// Under the lock, any `running` row belongs to a process that died: mark it `abandoned`.
-    pub async fn abandon_orphans(&self, _lock: &RunLock, now: Instant) -> Result<u64, StoreError> {
+    /// Under the exclusive lock, any `running` row belongs to a process that died; under a
+    /// shard's lock, any `running` row of that shard. Marks them `abandoned`.
+    pub async fn abandon_orphans(&self, lock: &RunLock, now: Instant) -> Result<u64, StoreError> {
         match self {
-            Store::Sqlite(s) => s.abandon_orphans(now).await,
-            Store::Postgres(s) => s.abandon_orphans(now).await,
+            Store::Sqlite(s) => s.abandon_orphans(lock.shard, now).await,
+            Store::Postgres(s) => s.abandon_orphans(lock.shard, now).await,
         }
     }
 

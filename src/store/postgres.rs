@@ -10,15 +10,15 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, RunFinish, RunLock, RunRow, StoreError,
-    host_int,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RunFinish, RunLock, RunRow,
+    StoreError, host_int,
 };
 use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::plan::{HostChange, Plan};
 use crate::rewards::RewardResult;
-use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Subscription};
+use crate::snapshot::{Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/postgres");
 
@@ -124,14 +124,11 @@ impl PgStore {
             .map_err(q("starting the snapshot"))?;
         utc(&mut tx).await?;
         let mut snap = Snapshot::default();
-        let one = scope.referrer();
+        let mut sw = Stopwatch::start();
+        let (from, to) = (dt(window.0), dt(window.1));
 
-        snap.referrers = match one {
-            None => sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrers.sql"))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("reading referrers"))?,
-            Some(id) => {
+        snap.referrers = match scope {
+            Scope::Referrer(id) => {
                 let r: Option<bool> =
                     sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrer_one.sql"))
                         .bind(id)
@@ -140,39 +137,60 @@ impl PgStore {
                         .map_err(q("reading the referrer"))?;
                 if r == Some(true) { vec![id] } else { vec![] }
             }
+            Scope::Full | Scope::Shard(_) => {
+                let all: Vec<i64> =
+                    sqlx::query_scalar(include_str!("../../sql/queries/postgres/referrers.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(q("reading referrers"))?;
+                all.into_iter().filter(|id| scope.covers(*id)).collect()
+            }
         };
-        let referrer_in_scope = one.is_none() || !snap.referrers.is_empty();
+        sw.lap(&mut snap.timings, "referrers", snap.referrers.len());
 
-        if referrer_in_scope {
-            let rows: Vec<PgRow> = match one {
-                Some(id) => {
+        if !snap.referrers.is_empty() {
+            let ids = &snap.referrers;
+            let rows: Vec<PgRow> = match scope {
+                Scope::Full => {
+                    sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Scope::Referrer(id) => {
                     sqlx::query(include_str!("../../sql/queries/postgres/referred_one.sql"))
                         .bind(id)
                         .fetch_all(&mut *tx)
                         .await
                 }
-                None => {
-                    sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
-                        .fetch_all(&mut *tx)
-                        .await
+                Scope::Shard(_) => {
+                    sqlx::query(include_str!(
+                        "../../sql/queries/postgres/referred_shard.sql"
+                    ))
+                    .bind(ids)
+                    .fetch_all(&mut *tx)
+                    .await
                 }
             }
             .map_err(q("reading referred users"))?;
             let mut interner = Interner::default();
-            snap.referred.reserve(rows.len());
+            let mut referred = Vec::with_capacity(rows.len());
             for r in &rows {
-                snap.referred.push(
+                referred.push(
                     referred_from_row(r, &mut interner).map_err(q("decoding referred users"))?,
                 );
             }
+            drop(rows);
+            snap.referred = referred;
+            sw.lap(&mut snap.timings, "referred_users", snap.referred.len());
 
-            snap.registrations = match one {
-                None => {
+            let ids = &snap.referrers;
+            snap.registrations = match scope {
+                Scope::Full => {
                     sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
                         .fetch_all(&mut *tx)
                         .await
                 }
-                Some(id) => {
+                Scope::Referrer(id) => {
                     sqlx::query_as(include_str!(
                         "../../sql/queries/postgres/registrations_one.sql"
                     ))
@@ -180,42 +198,60 @@ impl PgStore {
                     .fetch_all(&mut *tx)
                     .await
                 }
-            }
-            .map_err(q("reading registration events"))?;
-
-            snap.referrer_events = match one {
-                None => {
+                Scope::Shard(_) => {
                     sqlx::query_as(include_str!(
-                        "../../sql/queries/postgres/referrer_events.sql"
+                        "../../sql/queries/postgres/registrations_shard.sql"
                     ))
-                    .bind(dt(window.0))
-                    .bind(dt(window.1))
+                    .bind(ids)
                     .fetch_all(&mut *tx)
                     .await
                 }
-                Some(id) => {
+            }
+            .map_err(q("reading registration events"))?;
+            sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
+
+            snap.referrer_events = match scope {
+                Scope::Full => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/postgres/referrer_events.sql"
+                    ))
+                    .bind(from)
+                    .bind(to)
+                    .fetch_all(&mut *tx)
+                    .await
+                }
+                Scope::Referrer(id) => {
                     sqlx::query_as(include_str!(
                         "../../sql/queries/postgres/referrer_events_one.sql"
                     ))
-                    .bind(dt(window.0))
-                    .bind(dt(window.1))
+                    .bind(from)
+                    .bind(to)
                     .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await
+                }
+                Scope::Shard(_) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/postgres/referrer_events_shard.sql"
+                    ))
+                    .bind(from)
+                    .bind(to)
+                    .bind(ids)
                     .fetch_all(&mut *tx)
                     .await
                 }
             }
             .map_err(q("reading referrer events"))?;
+            sw.lap(
+                &mut snap.timings,
+                "referrer_events",
+                snap.referrer_events.len(),
+            );
         }
 
-        snap.stored_rewards = match one {
-            None => {
-                sqlx::query(include_str!(
-                    "../../sql/queries/postgres/stored_rewards.sql"
-                ))
-                .fetch_all(&mut *tx)
-                .await
-            }
-            Some(id) => {
+        // The current state: a shard reads all of it and keeps its own users'.
+        snap.stored_rewards = match scope {
+            Scope::Referrer(id) => {
                 sqlx::query(include_str!(
                     "../../sql/queries/postgres/stored_rewards_one.sql"
                 ))
@@ -223,20 +259,31 @@ impl PgStore {
                 .fetch_all(&mut *tx)
                 .await
             }
+            _ => {
+                sqlx::query(include_str!(
+                    "../../sql/queries/postgres/stored_rewards.sql"
+                ))
+                .fetch_all(&mut *tx)
+                .await
+            }
         }
         .map_err(q("reading referral_rewards"))?
         .iter()
         .map(reward_from_row)
+        .filter(|r| {
+            r.as_ref()
+                .map_or(true, |r| scope.covers(r.referrer_user_id))
+        })
         .collect::<Result<_, _>>()
         .map_err(q("decoding referral_rewards"))?;
+        sw.lap(
+            &mut snap.timings,
+            "stored_rewards",
+            snap.stored_rewards.len(),
+        );
 
-        snap.host_bonus = match one {
-            None => {
-                sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-            Some(id) => {
+        let host: Vec<(i64, i64)> = match scope {
+            Scope::Referrer(id) => {
                 sqlx::query_as(include_str!(
                     "../../sql/queries/postgres/host_bonus_one.sql"
                 ))
@@ -244,34 +291,62 @@ impl PgStore {
                 .fetch_all(&mut *tx)
                 .await
             }
+            _ => {
+                sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
+                    .fetch_all(&mut *tx)
+                    .await
+            }
         }
         .map_err(q("reading subscriptions"))?;
+        snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
+        sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
         tx.commit().await.map_err(q("ending the snapshot"))?;
         Ok(snap)
     }
 
-    pub async fn try_lock(&self) -> Result<Option<RunLock>, StoreError> {
+    /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full
+    /// or one-referrer run; shared on it plus exclusive on the shard's own key for a shard.
+    pub async fn try_lock(&self, shard: Option<Shard>) -> Result<Option<RunLock>, StoreError> {
         let mut conn = sqlx::PgConnection::connect_with(&self.options)
             .await
             .map_err(q("connecting for the run lock"))?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LOCK_KEY)
-            .fetch_one(&mut conn)
-            .await
-            .map_err(q("taking the run lock"))?;
-        Ok(got.then_some(RunLock::Postgres(conn)))
+        let got: bool = match shard {
+            None => {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await
+            }
+            Some(s) => {
+                sqlx::query_scalar(
+                    "SELECT pg_try_advisory_lock_shared($1) AND pg_try_advisory_lock($2)",
+                )
+                .bind(LOCK_KEY)
+                .bind(LOCK_KEY.wrapping_add(((s.count as i64) << 20) | s.index as i64))
+                .fetch_one(&mut conn)
+                .await
+            }
+        }
+        .map_err(q("taking the run lock"))?;
+        // On refusal the connection closes, releasing whatever half was taken.
+        Ok(got.then_some(RunLock {
+            shard,
+            _held: Held::Postgres(Box::new(conn)),
+        }))
     }
 
-    pub async fn abandon_orphans(&self, now: Instant) -> Result<u64, StoreError> {
-        let r = sqlx::query(
-            "UPDATE reward_runs SET status = 'abandoned', finished_at = $1, \
-             error = 'the process running it ended before it finished' WHERE status = 'running'",
-        )
-        .bind(dt(now))
-        .execute(&self.pool)
-        .await
-        .map_err(q("marking abandoned runs"))?;
+    pub async fn abandon_orphans(
+        &self,
+        shard: Option<Shard>,
+        now: Instant,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query(include_str!("../../sql/queries/abandon_orphans.sql"))
+            .bind(dt(now))
+            .bind(shard.map(|s| s.to_string()))
+            .execute(&self.pool)
+            .await
+            .map_err(q("marking abandoned runs"))?;
         Ok(r.rows_affected())
     }
 
@@ -282,13 +357,14 @@ impl PgStore {
         now: Instant,
     ) -> Result<i64, StoreError> {
         sqlx::query_scalar(
-            "INSERT INTO reward_runs (mode, referrer_user_id, as_of, started_at, status) \
-             VALUES ($1, $2, $3, $4, 'running') RETURNING id",
+            "INSERT INTO reward_runs (mode, referrer_user_id, shard, as_of, started_at, status) \
+             VALUES ($1, $2, $5, $3, $4, 'running') RETURNING id",
         )
         .bind(scope.mode())
         .bind(scope.referrer())
         .bind(dt(as_of))
         .bind(dt(now))
+        .bind(scope.shard().map(|s| s.to_string()))
         .fetch_one(&self.pool)
         .await
         .map_err(q("recording the run"))

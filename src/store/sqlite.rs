@@ -12,8 +12,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, RunFinish, RunLock, RunRow, StoreError,
-    host_int,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RunFinish, RunLock, RunRow,
+    StoreError, host_int,
 };
 use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
@@ -21,7 +21,7 @@ use crate::instant::{self, Instant};
 use crate::plan::{HostChange, Plan};
 use crate::rewards::RewardResult;
 use crate::rules;
-use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Subscription};
+use crate::snapshot::{Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite");
 
@@ -142,14 +142,10 @@ impl SqliteStore {
             .await
             .map_err(q("starting the snapshot"))?;
         let mut snap = Snapshot::default();
-        let one = scope.referrer();
+        let mut sw = Stopwatch::start();
 
-        snap.referrers = match one {
-            None => sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrers.sql"))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("reading referrers"))?,
-            Some(id) => {
+        snap.referrers = match scope {
+            Scope::Referrer(id) => {
                 let r: Option<bool> =
                     sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
                         .bind(id)
@@ -158,78 +154,108 @@ impl SqliteStore {
                         .map_err(q("reading the referrer"))?;
                 if r == Some(true) { vec![id] } else { vec![] }
             }
+            Scope::Full | Scope::Shard(_) => {
+                let all: Vec<i64> =
+                    sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrers.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(q("reading referrers"))?;
+                all.into_iter().filter(|id| scope.covers(*id)).collect()
+            }
         };
-        let referrer_in_scope = one.is_none() || !snap.referrers.is_empty();
+        sw.lap(&mut snap.timings, "referrers", snap.referrers.len());
 
-        type ReferredRow = (
-            i64,
-            i64,
-            String,
-            bool,
-            bool,
-            bool,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
-        let rows: Vec<ReferredRow> = if !referrer_in_scope {
-            vec![]
-        } else if let Some(id) = one {
-            sqlx::query_as(include_str!("../../sql/queries/sqlite/referred_one.sql"))
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("reading referred users"))?
-        } else {
-            sqlx::query_as(include_str!("../../sql/queries/sqlite/referred.sql"))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("reading referred users"))?
-        };
-        let mut interner = Interner::default();
-        snap.referred.reserve(rows.len());
-        for (
-            id,
-            referrer_id,
-            created_at,
-            is_active,
-            is_verified,
-            has_sub,
-            tier,
-            status,
-            started_at,
-            expires_at,
-        ) in rows
-        {
-            let subscription = if has_sub {
-                Some(Subscription {
-                    tier: interner.intern(tier.as_deref().unwrap_or_default()),
-                    status: interner.intern(status.as_deref().unwrap_or_default()),
-                    started_at: opt_time("subscriptions", "started_at", id, started_at.as_deref())?,
-                    expires_at: opt_time("subscriptions", "expires_at", id, expires_at.as_deref())?,
-                })
-            } else {
-                None
+        if !snap.referrers.is_empty() {
+            // A shard's referrers, for `json_each`.
+            let ids = match scope {
+                Scope::Shard(_) => serde_json::to_string(&snap.referrers).expect("integers"),
+                _ => String::new(),
             };
-            snap.referred.push(ReferredUser {
+            type ReferredRow = (
+                i64,
+                i64,
+                String,
+                bool,
+                bool,
+                bool,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+            );
+            let rows: Vec<ReferredRow> = match scope {
+                Scope::Full => {
+                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referred.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Scope::Referrer(id) => {
+                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referred_one.sql"))
+                        .bind(id)
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+                Scope::Shard(_) => {
+                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referred_shard.sql"))
+                        .bind(&ids)
+                        .fetch_all(&mut *tx)
+                        .await
+                }
+            }
+            .map_err(q("reading referred users"))?;
+            let mut interner = Interner::default();
+            snap.referred.reserve(rows.len());
+            for (
                 id,
                 referrer_id,
-                created_at: time("users", "created_at", id, &created_at)?,
+                created_at,
                 is_active,
                 is_verified,
-                subscription,
-            });
-        }
+                has_sub,
+                tier,
+                status,
+                started_at,
+                expires_at,
+            ) in rows
+            {
+                let subscription = if has_sub {
+                    Some(Subscription {
+                        tier: interner.intern(tier.as_deref().unwrap_or_default()),
+                        status: interner.intern(status.as_deref().unwrap_or_default()),
+                        started_at: opt_time(
+                            "subscriptions",
+                            "started_at",
+                            id,
+                            started_at.as_deref(),
+                        )?,
+                        expires_at: opt_time(
+                            "subscriptions",
+                            "expires_at",
+                            id,
+                            expires_at.as_deref(),
+                        )?,
+                    })
+                } else {
+                    None
+                };
+                snap.referred.push(ReferredUser {
+                    id,
+                    referrer_id,
+                    created_at: time("users", "created_at", id, &created_at)?,
+                    is_active,
+                    is_verified,
+                    subscription,
+                });
+            }
+            sw.lap(&mut snap.timings, "referred_users", snap.referred.len());
 
-        if referrer_in_scope {
-            snap.registrations = match one {
-                None => {
+            snap.registrations = match scope {
+                Scope::Full => {
                     sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations.sql"))
                         .fetch_all(&mut *tx)
                         .await
                 }
-                Some(id) => {
+                Scope::Referrer(id) => {
                     sqlx::query_as(include_str!(
                         "../../sql/queries/sqlite/registrations_one.sql"
                     ))
@@ -237,28 +263,47 @@ impl SqliteStore {
                     .fetch_all(&mut *tx)
                     .await
                 }
+                Scope::Shard(_) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/sqlite/registrations_shard.sql"
+                    ))
+                    .bind(&ids)
+                    .fetch_all(&mut *tx)
+                    .await
+                }
             }
             .map_err(q("reading registration events"))?;
+            sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
 
             // Whole dates around the window as text, a day wider on each side for offsets up
             // to ±24 h; the exact bounds are checked below on the parsed instants.
             let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
             let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
-            let events: Vec<(i64, String, String)> = match one {
-                None => {
+            let events: Vec<(i64, String, String)> = match scope {
+                Scope::Full => {
                     sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events.sql"))
                         .bind(&lo)
                         .bind(&hi)
                         .fetch_all(&mut *tx)
                         .await
                 }
-                Some(id) => {
+                Scope::Referrer(id) => {
                     sqlx::query_as(include_str!(
                         "../../sql/queries/sqlite/referrer_events_one.sql"
                     ))
                     .bind(&lo)
                     .bind(&hi)
                     .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await
+                }
+                Scope::Shard(_) => {
+                    sqlx::query_as(include_str!(
+                        "../../sql/queries/sqlite/referrer_events_shard.sql"
+                    ))
+                    .bind(&lo)
+                    .bind(&hi)
+                    .bind(&ids)
                     .fetch_all(&mut *tx)
                     .await
                 }
@@ -271,15 +316,16 @@ impl SqliteStore {
                     snap.referrer_events.push((user, ip));
                 }
             }
+            sw.lap(
+                &mut snap.timings,
+                "referrer_events",
+                snap.referrer_events.len(),
+            );
         }
 
-        snap.stored_rewards = match one {
-            None => {
-                sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards.sql"))
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-            Some(id) => {
+        // The current state: a shard reads all of it and keeps its own users'.
+        snap.stored_rewards = match scope {
+            Scope::Referrer(id) => {
                 sqlx::query(include_str!(
                     "../../sql/queries/sqlite/stored_rewards_one.sql"
                 ))
@@ -287,70 +333,123 @@ impl SqliteStore {
                 .fetch_all(&mut *tx)
                 .await
             }
+            _ => {
+                sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards.sql"))
+                    .fetch_all(&mut *tx)
+                    .await
+            }
         }
         .map_err(q("reading referral_rewards"))?
         .iter()
         .map(reward_from_row)
+        .filter(|r| {
+            r.as_ref()
+                .map_or(true, |r| scope.covers(r.referrer_user_id))
+        })
         .collect::<Result<_, _>>()
         .map_err(q("decoding referral_rewards"))?;
+        sw.lap(
+            &mut snap.timings,
+            "stored_rewards",
+            snap.stored_rewards.len(),
+        );
 
-        snap.host_bonus = match one {
-            None => {
-                sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus.sql"))
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-            Some(id) => {
+        let host: Vec<(i64, i64)> = match scope {
+            Scope::Referrer(id) => {
                 sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus_one.sql"))
                     .bind(id)
                     .fetch_all(&mut *tx)
                     .await
             }
+            _ => {
+                sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus.sql"))
+                    .fetch_all(&mut *tx)
+                    .await
+            }
         }
         .map_err(q("reading subscriptions"))?;
+        snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
+        sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
         tx.commit().await.map_err(q("ending the snapshot"))?;
         Ok(snap)
     }
 
-    pub fn try_lock(&self) -> Result<Option<RunLock>, StoreError> {
+    /// `flock` on `<database>.lock`: exclusive for a full or one-referrer run; shared plus an
+    /// exclusive `<database>.lock.shard-K-of-N` for a shard, so that shards run side by side
+    /// but never beside a full run or the same shard.
+    pub fn try_lock(&self, shard: Option<Shard>) -> Result<Option<RunLock>, StoreError> {
         let Some(path) = &self.path else {
             return Err(StoreError::Invalid(
                 "an in-memory SQLite database cannot be reconciled with a lock; use a file".into(),
             ));
         };
-        let mut lock_path = path.clone().into_os_string();
-        lock_path.push(".lock");
-        let file = std::fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| {
-                StoreError::Invalid(format!(
-                    "cannot open lock file {}: {e}",
-                    PathBuf::from(&lock_path).display()
-                ))
-            })?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(RunLock::File(file))),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Invalid(format!(
-                "cannot lock {}: {e}",
-                PathBuf::from(&lock_path).display()
-            ))),
+        let open = |suffix: String| -> Result<(std::fs::File, PathBuf), StoreError> {
+            let mut lock_path = path.clone().into_os_string();
+            lock_path.push(suffix);
+            let lock_path = PathBuf::from(lock_path);
+            let file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| {
+                    StoreError::Invalid(format!(
+                        "cannot open lock file {}: {e}",
+                        lock_path.display()
+                    ))
+                })?;
+            Ok((file, lock_path))
+        };
+        let take =
+            |r: Result<(), std::fs::TryLockError>, at: &PathBuf| -> Result<bool, StoreError> {
+                match r {
+                    Ok(()) => Ok(true),
+                    Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+                    Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Invalid(format!(
+                        "cannot lock {}: {e}",
+                        at.display()
+                    ))),
+                }
+            };
+        let (global, global_path) = open(".lock".into())?;
+        match shard {
+            None => {
+                if !take(global.try_lock(), &global_path)? {
+                    return Ok(None);
+                }
+                Ok(Some(RunLock {
+                    shard,
+                    _held: Held::Files(vec![global]),
+                }))
+            }
+            Some(s) => {
+                if !take(global.try_lock_shared(), &global_path)? {
+                    return Ok(None);
+                }
+                let (own, own_path) = open(format!(".lock.shard-{}-of-{}", s.index, s.count))?;
+                if !take(own.try_lock(), &own_path)? {
+                    return Ok(None);
+                }
+                Ok(Some(RunLock {
+                    shard,
+                    _held: Held::Files(vec![global, own]),
+                }))
+            }
         }
     }
 
-    pub async fn abandon_orphans(&self, now: Instant) -> Result<u64, StoreError> {
-        let r = sqlx::query(
-            "UPDATE reward_runs SET status = 'abandoned', finished_at = $1, \
-             error = 'the process running it ended before it finished' WHERE status = 'running'",
-        )
-        .bind(instant::to_sql_text(now))
-        .execute(&self.pool)
-        .await
-        .map_err(q("marking abandoned runs"))?;
+    pub async fn abandon_orphans(
+        &self,
+        shard: Option<Shard>,
+        now: Instant,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query(include_str!("../../sql/queries/abandon_orphans.sql"))
+            .bind(instant::to_sql_text(now))
+            .bind(shard.map(|s| s.to_string()))
+            .execute(&self.pool)
+            .await
+            .map_err(q("marking abandoned runs"))?;
         Ok(r.rows_affected())
     }
 
@@ -361,13 +460,14 @@ impl SqliteStore {
         now: Instant,
     ) -> Result<i64, StoreError> {
         sqlx::query_scalar(
-            "INSERT INTO reward_runs (mode, referrer_user_id, as_of, started_at, status) \
-             VALUES ($1, $2, $3, $4, 'running') RETURNING id",
+            "INSERT INTO reward_runs (mode, referrer_user_id, shard, as_of, started_at, status) \
+             VALUES ($1, $2, $5, $3, $4, 'running') RETURNING id",
         )
         .bind(scope.mode())
         .bind(scope.referrer())
         .bind(instant::to_sql_text(as_of))
         .bind(instant::to_sql_text(now))
+        .bind(scope.shard().map(|s| s.to_string()))
         .fetch_one(&self.pool)
         .await
         .map_err(q("recording the run"))

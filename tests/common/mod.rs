@@ -314,6 +314,32 @@ impl TestDb {
         all
     }
 
+    /// What matters to users after a run: reward rows, and each subscription's tier, status
+    /// and bonus (subscription ids may differ with insertion order).
+    pub async fn outcome_state(
+        &self,
+    ) -> (
+        Vec<Vec<Option<String>>>,
+        std::collections::BTreeMap<String, Vec<Option<String>>>,
+    ) {
+        let rewards = self
+            .rows(
+                "SELECT CAST(referrer_user_id AS TEXT), CAST(referred_users_total AS TEXT), CAST(qualified_referrals AS TEXT), \
+                 CAST(disqualified_self_referral AS TEXT), CAST(disqualified_cooldown AS TEXT), \
+                 CAST(disqualified_missing_ip AS TEXT), CAST(disqualified_shared_ip AS TEXT), \
+                 CAST(disqualified_duplicate_ip AS TEXT), CAST(bonus_slots AS TEXT), badge \
+                 FROM referral_rewards ORDER BY referrer_user_id",
+            )
+            .await;
+        let subs = self
+            .rows("SELECT CAST(user_id AS TEXT), tier, status, CAST(referral_bonus_domains AS TEXT) FROM subscriptions")
+            .await
+            .into_iter()
+            .map(|r| (r[0].clone().unwrap(), r[1..].to_vec()))
+            .collect();
+        (rewards, subs)
+    }
+
     /// Host column per user.
     pub async fn bonus(&self, user: i64) -> Option<i64> {
         let rows = self

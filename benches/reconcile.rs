@@ -1,0 +1,541 @@
+//! `make bench`: the speed and memory figures of SPEC's three ways to run, on SQLite and
+//! PostgreSQL, at 100k and 1M users. Prints a table per backend; asserts nothing.
+//!
+//! Datasets are generated once by `demo-data` and cached (SQLite files under target/bench/,
+//! PostgreSQL databases `rr_bench_<users>` with a marker file under target/bench/). Cold-process
+//! figures come from the release binary under `/usr/bin/time -v`; the stage breakdown and the
+//! one-referrer latencies are measured in-process through the library.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use referral_rewards::config::Config;
+use referral_rewards::engine::{self, RunReport, RunRequest};
+use referral_rewards::instant;
+use referral_rewards::report::{self, ReportFormat};
+use referral_rewards::rules;
+use referral_rewards::snapshot::Scope;
+use referral_rewards::store::{ConnectOptions, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
+const ANCHOR: &str = "2026-11-01T00:00:00Z";
+const SEED: &str = "42";
+
+fn bench_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sizes() -> Vec<i64> {
+    std::env::var("BENCH_SIZES")
+        .unwrap_or_else(|_| "100000,1000000".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("BENCH_SIZES: comma-separated user counts")
+        })
+        .collect()
+}
+
+/// `/usr/bin/time -v` of one cold process: (wall seconds, peak RSS in MiB, stdout).
+fn timed(url: &str, args: &[&str]) -> (f64, f64, String) {
+    let out = Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(BIN)
+        .args(["--database-url", url])
+        .args(args)
+        .output()
+        .expect("/usr/bin/time");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed: {err}");
+    let field = |name: &str| -> &str {
+        err.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} not in /usr/bin/time output"))
+            .trim()
+    };
+    let wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss):");
+    let secs = wall
+        .split(':')
+        .fold(0.0, |acc, part| acc * 60.0 + part.parse::<f64>().unwrap());
+    let rss_kb: f64 = field("Maximum resident set size (kbytes):")
+        .parse()
+        .unwrap();
+    (
+        secs,
+        rss_kb / 1024.0,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn run_cli(url: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["--database-url", url])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+struct Dataset {
+    backend: Backend,
+    users: i64,
+    url: String,
+}
+
+fn pg_base() -> String {
+    std::env::var("REFERRAL_REWARDS_BENCH_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-XAtq", "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A fresh working copy of the dataset: the pristine one is generated once and cached, and
+/// every benchmark run starts from a copy of it.
+fn dataset(backend: Backend, users: i64) -> Dataset {
+    let dir = bench_dir();
+    let marker = dir.join(format!(
+        "{}-{users}.ok",
+        if backend == Backend::Sqlite {
+            "sqlite"
+        } else {
+            "pg"
+        }
+    ));
+    let pristine_db = format!("rr_bench_{users}");
+    let pristine_path = dir.join(format!("sqlite-{users}.db"));
+    let pg_url = |db: &str| {
+        let mut u = url::Url::parse(&pg_base()).unwrap();
+        u.set_path(&format!("/{db}"));
+        u.to_string()
+    };
+    let exists = marker.exists()
+        && match backend {
+            Backend::Sqlite => pristine_path.exists(),
+            Backend::Postgres => {
+                psql(
+                    &pg_base(),
+                    &format!("SELECT count(*) FROM pg_database WHERE datname = '{pristine_db}'"),
+                ) == "1"
+            }
+        };
+    if !exists {
+        eprintln!(
+            "generating the {users}-user dataset on {} (once; cached)…",
+            name(backend)
+        );
+        let url = match backend {
+            Backend::Sqlite => {
+                for ext in ["", "-wal", "-shm", ".lock"] {
+                    let _ = std::fs::remove_file(format!("{}{ext}", pristine_path.display()));
+                }
+                format!("sqlite://{}", pristine_path.display())
+            }
+            Backend::Postgres => {
+                psql(
+                    &pg_base(),
+                    &format!("DROP DATABASE IF EXISTS {pristine_db}"),
+                );
+                psql(&pg_base(), &format!("CREATE DATABASE {pristine_db}"));
+                pg_url(&pristine_db)
+            }
+        };
+        let t = Instant::now();
+        run_cli(
+            &url,
+            &[
+                "demo-data",
+                "--users",
+                &users.to_string(),
+                "--seed",
+                SEED,
+                "--anchor",
+                ANCHOR,
+            ],
+        );
+        run_cli(&url, &["migrate"]);
+        eprintln!("  demo-data: {:.1} s", t.elapsed().as_secs_f64());
+        if backend == Backend::Sqlite {
+            // One self-contained file to copy.
+            let out = Command::new("sqlite3")
+                .args([
+                    pristine_path.to_str().unwrap(),
+                    "PRAGMA wal_checkpoint(TRUNCATE);",
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+        }
+        std::fs::write(&marker, "ok").unwrap();
+    }
+    let url = match backend {
+        Backend::Sqlite => {
+            let work = dir.join(format!("sqlite-{users}-work.db"));
+            for ext in ["", "-wal", "-shm", ".lock"] {
+                let _ = std::fs::remove_file(format!("{}{ext}", work.display()));
+            }
+            std::fs::copy(&pristine_path, &work).unwrap();
+            format!("sqlite://{}", work.display())
+        }
+        Backend::Postgres => {
+            let work = format!("{pristine_db}_work");
+            psql(&pg_base(), &format!("DROP DATABASE IF EXISTS {work}"));
+            psql(
+                &pg_base(),
+                &format!("CREATE DATABASE {work} TEMPLATE {pristine_db}"),
+            );
+            psql(&pg_url(&work), "ANALYZE");
+            pg_url(&work)
+        }
+    };
+    Dataset {
+        backend,
+        users,
+        url,
+    }
+}
+
+fn name(b: Backend) -> &'static str {
+    match b {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres => "PostgreSQL",
+    }
+}
+
+async fn store(url: &str, read_only: bool) -> Store {
+    Store::connect(
+        url,
+        &ConnectOptions {
+            read_only,
+            busy_timeout: Duration::from_secs(30),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+fn anchor() -> i64 {
+    instant::parse_as_of(ANCHOR).unwrap()
+}
+
+/// The bare read of the snapshot's rows: each snapshot query through the database's own shell
+/// into /dev/null (binary COPY on PostgreSQL).
+fn read_ceiling(d: &Dataset) -> Duration {
+    let window = rules::ip_window(anchor(), Config::default().rules.ip_window_days);
+    let queries: Vec<String> = match d.backend {
+        Backend::Postgres => {
+            let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
+            [
+                include_str!("../sql/queries/postgres/referrers.sql"),
+                include_str!("../sql/queries/postgres/referred.sql"),
+                include_str!("../sql/queries/postgres/registrations.sql"),
+                include_str!("../sql/queries/postgres/referrer_events.sql"),
+                include_str!("../sql/queries/postgres/stored_rewards.sql"),
+                include_str!("../sql/queries/postgres/host_bonus.sql"),
+            ]
+            .iter()
+            .map(|q| q.replace("$1", &ts(window.0)).replace("$2", &ts(window.1)))
+            .collect()
+        }
+        Backend::Sqlite => {
+            let date = |t| format!("'{}'", instant::date_text(t));
+            [
+                include_str!("../sql/queries/sqlite/referrers.sql"),
+                include_str!("../sql/queries/sqlite/referred.sql"),
+                include_str!("../sql/queries/sqlite/registrations.sql"),
+                include_str!("../sql/queries/sqlite/referrer_events.sql"),
+                include_str!("../sql/queries/sqlite/stored_rewards.sql"),
+                include_str!("../sql/queries/sqlite/host_bonus.sql"),
+            ]
+            .iter()
+            .map(|q| {
+                q.replace("$1", &date(window.0 - instant::MICROS_PER_DAY))
+                    .replace("$2", &date(window.1 + 2 * instant::MICROS_PER_DAY))
+            })
+            .collect()
+        }
+    };
+    let t = Instant::now();
+    for q in queries {
+        let body: String = q
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let status = match d.backend {
+            Backend::Postgres => Command::new("psql")
+                .args([
+                    &d.url,
+                    "-XAtq",
+                    "-c",
+                    &format!("SET TIME ZONE 'UTC'; COPY ({body}) TO STDOUT (FORMAT binary)"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .status(),
+            Backend::Sqlite => Command::new("sqlite3")
+                .args([d.url.trim_start_matches("sqlite://"), &body])
+                .stdout(std::process::Stdio::null())
+                .status(),
+        };
+        assert!(status.unwrap().success(), "{body}");
+    }
+    t.elapsed()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+async fn one_referrer_latencies(d: &Dataset, dry_run: bool) -> (Duration, Duration) {
+    let store = store(&d.url, dry_run).await;
+    let cfg = Config::default();
+    // 1,000 referrers spread over the id range (demo referrers are ids ≡ 1 mod 10).
+    let referrers = (d.users / 10).max(1);
+    let mut samples = Vec::new();
+    for k in 0..1000i64 {
+        let id = ((k * 7919) % referrers) * 10 + 1;
+        let req = RunRequest {
+            scope: Scope::Referrer(id),
+            as_of: anchor(),
+            dry_run,
+        };
+        let t = Instant::now();
+        engine::run(&store, &cfg, req).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    store.close().await;
+    samples.sort();
+    (percentile(&samples, 0.5), percentile(&samples, 0.99))
+}
+
+async fn in_process_dry_run(d: &Dataset) -> RunReport {
+    let store = store(&d.url, true).await;
+    let r = engine::run(
+        &store,
+        &Config::default(),
+        RunRequest {
+            scope: Scope::Full,
+            as_of: anchor(),
+            dry_run: true,
+        },
+    )
+    .await
+    .unwrap();
+    store.close().await;
+    r
+}
+
+/// Changes about 1% of referrers: a referred user of each loses verification, and the host
+/// column of as many others drifts.
+fn change_one_percent(d: &Dataset) {
+    let sql = "UPDATE users SET is_verified = NOT is_verified WHERE id IN \
+                 (SELECT min(id) FROM users WHERE referred_by_user_id % 1000 = 1 GROUP BY referred_by_user_id); \
+               UPDATE subscriptions SET referral_bonus_domains = referral_bonus_domains + 1 WHERE user_id % 2000 = 1001;";
+    match d.backend {
+        Backend::Sqlite => {
+            let sql = sql.replace("NOT is_verified", "1 - is_verified");
+            let out = Command::new("sqlite3")
+                .args([d.url.trim_start_matches("sqlite://"), &sql])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Backend::Postgres => {
+            psql(&d.url, sql);
+        }
+    }
+}
+
+fn written(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("written"))
+        .map(|l| {
+            l.trim_start()
+                .trim_start_matches("written")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+async fn bench(d: &Dataset) {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "\n## {} — {} users (load average before: {})",
+        name(d.backend),
+        d.users,
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+
+    // Cold processes: a warm-up, then the measured dry run.
+    timed(&d.url, &["reconcile", "--dry-run", "--as-of", ANCHOR]);
+    let (dry_wall, dry_rss, _) = timed(&d.url, &["reconcile", "--dry-run", "--as-of", ANCHOR]);
+
+    // Where the time goes, in-process.
+    let r = in_process_dry_run(d).await;
+    let ceiling = read_ceiling(d);
+    println!("| step | rows | time | rows/s |");
+    println!("| --- | ---: | ---: | ---: |");
+    for q in &r.stages.queries {
+        let rate = q.rows as f64 / q.elapsed.as_secs_f64().max(1e-9);
+        println!(
+            "| query {} | {} | {} | {:.0} |",
+            q.query,
+            q.rows,
+            ms(q.elapsed),
+            rate
+        );
+    }
+    println!("| snapshot (all queries) | | {} | |", ms(r.stages.snapshot));
+    println!(
+        "| compute (rules + polars) | {} | {} | |",
+        r.computation.referrals.len(),
+        ms(r.stages.compute)
+    );
+    println!(
+        "| plan + digest | {} | {} | |",
+        r.plan.entries.len(),
+        ms(r.stages.plan)
+    );
+    println!(
+        "| read ceiling (bare read of the same queries) | | {} | |",
+        ms(ceiling)
+    );
+    println!(
+        "| **snapshot / read ceiling** | | **{:.2}×** | |",
+        r.stages.snapshot.as_secs_f64() / ceiling.as_secs_f64()
+    );
+
+    // Reports of the full run, written with polars.
+    let dir = bench_dir().join("reports");
+    std::fs::create_dir_all(&dir).unwrap();
+    for format in [ReportFormat::Csv, ReportFormat::Json, ReportFormat::Parquet] {
+        let ext = format!("{format:?}").to_lowercase();
+        let path = dir.join(format!("report-{}-{}.{ext}", d.users, name(d.backend)));
+        let t = Instant::now();
+        let mut referrers = report::referrer_frame(&r.plan, false).unwrap();
+        report::write(&mut referrers, &path, format).unwrap();
+        let mut referrals = report::referral_frame(&r.computation.referrals, None).unwrap();
+        report::write(
+            &mut referrals,
+            &report::per_referral_path(&path, format),
+            format,
+        )
+        .unwrap();
+        println!(
+            "| report {ext} ({} referrers + {} referrals) | | {} | |",
+            referrers.height(),
+            referrals.height(),
+            ms(t.elapsed())
+        );
+    }
+
+    // Applies, cold processes: the first (everything is new), ~1% changed, nothing changed.
+    let (first_wall, _, first) = timed(&d.url, &["reconcile", "--as-of", ANCHOR]);
+    change_one_percent(d);
+    let (one_pct_wall, one_pct_rss, one_pct) = timed(&d.url, &["reconcile", "--as-of", ANCHOR]);
+    let (again_wall, _, again) = timed(&d.url, &["reconcile", "--as-of", ANCHOR]);
+
+    let (dry_p50, dry_p99) = one_referrer_latencies(d, true).await;
+    let (apply_p50, apply_p99) = one_referrer_latencies(d, false).await;
+
+    println!();
+    println!("| cold process | wall | peak RSS | written |");
+    println!("| --- | ---: | ---: | --- |");
+    println!("| full dry run | {dry_wall:.2} s | {dry_rss:.0} MiB | nothing |");
+    println!(
+        "| first apply (all new) | {first_wall:.2} s | | {} |",
+        written(&first)
+    );
+    println!(
+        "| apply, ~1% changed | {one_pct_wall:.2} s ({:+.2} s vs dry run) | {one_pct_rss:.0} MiB | {} |",
+        one_pct_wall - dry_wall,
+        written(&one_pct)
+    );
+    println!(
+        "| apply, nothing changed | {again_wall:.2} s | | {} |",
+        written(&again)
+    );
+    println!();
+    println!("| one referrer, in-process, 1,000 referrers | p50 | p99 |");
+    println!("| --- | ---: | ---: |");
+    println!(
+        "| dry run (`reconcile --referrer ID --dry-run`) | {} | {} |",
+        ms(dry_p50),
+        ms(dry_p99)
+    );
+    println!(
+        "| apply (`reconcile --referrer ID`), nothing to change | {} | {} |",
+        ms(apply_p50),
+        ms(apply_p99)
+    );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "(load average after: {})",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes --bench; nothing else is accepted.
+    println!(
+        "# referral-rewards benchmark ({} cores)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let only = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    for users in sizes() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let key = if backend == Backend::Sqlite {
+                "sqlite"
+            } else {
+                "postgres"
+            };
+            if !only.split(',').any(|b| b.trim() == key) {
+                continue;
+            }
+            let d = dataset(backend, users);
+            bench(&d).await;
+        }
+    }
+}
