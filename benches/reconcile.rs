@@ -233,6 +233,7 @@ async fn store(url: &str, read_only: bool) -> Store {
         &ConnectOptions {
             read_only,
             busy_timeout: Duration::from_secs(30),
+            ..ConnectOptions::default()
         },
     )
     .await

@@ -46,6 +46,9 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Seconds a SQLite writer waits for a busy database before giving up.
     pub busy_timeout_secs: i64,
+    /// PostgreSQL: read the snapshot's large queries with binary COPY (faster); the job falls
+    /// back to SELECTs by itself where COPY is refused. `false` forces SELECTs.
+    pub pg_binary_copy: bool,
 }
 
 /// SPEC section 3: the qualification rules.
@@ -107,6 +110,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://referral-rewards.db".into(),
             busy_timeout_secs: 30,
+            pg_binary_copy: true,
         }
     }
 }

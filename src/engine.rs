@@ -84,8 +84,23 @@ pub struct Planned {
 
 /// Reads, computes and plans, without writing anything. Logs a line per stage.
 pub async fn plan(store: &Store, cfg: &Config, req: RunRequest) -> Result<Planned, EngineError> {
+    plan_with_progress(store, cfg, req, None).await
+}
+
+async fn plan_with_progress(
+    store: &Store,
+    cfg: &Config,
+    req: RunRequest,
+    progress: Option<&Progress>,
+) -> Result<Planned, EngineError> {
+    let say = |what: &str| {
+        if let Some(p) = progress {
+            p(what)
+        }
+    };
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let started = Clock::now();
+    say("reading the snapshot");
     let mut snapshot = store.snapshot(req.scope, window).await?;
     let mut stages = Stages {
         snapshot: started.elapsed(),
@@ -98,6 +113,10 @@ pub async fn plan(store: &Store, cfg: &Config, req: RunRequest) -> Result<Planne
         referred_users = snapshot.referred.len(),
         "stage finished"
     );
+    say(&format!(
+        "computing {} referred users",
+        snapshot.referred.len()
+    ));
     let cfg = cfg.clone();
     let (plan, computation, compute_time, plan_time) = tokio::task::spawn_blocking(move || {
         let t = Clock::now();
@@ -134,8 +153,11 @@ pub async fn run(store: &Store, cfg: &Config, req: RunRequest) -> Result<RunRepo
     run_controlled(store, cfg, req, &RunControl::default()).await
 }
 
+/// Told what a run is doing, stage by stage (a terminal progress display).
+pub type Progress = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
 /// How a caller steers an applying run.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RunControl {
     /// Cancelled: the run stops at once, its transaction rolls back and its row is marked
     /// `failed` with the reason (a server shutting down past its grace period).
@@ -143,6 +165,16 @@ pub struct RunControl {
     /// Apply only if the freshly computed plan has this digest (SPEC section 4); otherwise
     /// refuse before writing anything, not even a run row.
     pub expect_digest: Option<String>,
+    pub progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for RunControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunControl")
+            .field("expect_digest", &self.expect_digest)
+            .field("progress", &self.progress.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 pub async fn run_controlled(
@@ -160,7 +192,7 @@ pub async fn run_controlled(
             plan,
             computation,
             stages,
-        } = plan(store, cfg, req).await?;
+        } = plan_with_progress(store, cfg, req, ctl.progress.as_ref()).await?;
         if let Some(expected) = &ctl.expect_digest
             && plan.digest != *expected
         {
@@ -195,7 +227,7 @@ pub async fn run_controlled(
     let planned = match &ctl.expect_digest {
         None => None,
         Some(expected) => {
-            let planned = plan(store, cfg, req).await?;
+            let planned = plan_with_progress(store, cfg, req, ctl.progress.as_ref()).await?;
             if planned.plan.digest != *expected {
                 return Err(EngineError::DigestMismatch {
                     expected: expected.clone(),
@@ -213,7 +245,7 @@ pub async fn run_controlled(
             mut stages,
         } = match planned {
             Some(p) => p,
-            None => plan(store, cfg, req).await?,
+            None => plan_with_progress(store, cfg, req, ctl.progress.as_ref()).await?,
         };
         let stats = plan.stats();
         let finish = RunFinish {
@@ -221,6 +253,13 @@ pub async fn run_controlled(
             outcome_counts: outcome_counts_json(&computation),
             digest: plan.digest.clone(),
         };
+        if let Some(p) = &ctl.progress {
+            let st = plan.stats();
+            p(&format!(
+                "writing {} reward rows and {} host values",
+                st.reward_rows_to_write, st.host_values_to_write
+            ));
+        }
         let t = Clock::now();
         let applied = store
             .apply(&plan, run_id, req.as_of, &cfg.new_subscription, &finish)

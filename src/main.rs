@@ -187,8 +187,23 @@ async fn connect(config: &Config, read_only: bool) -> Result<Store, Failure> {
     let opts = ConnectOptions {
         read_only,
         busy_timeout: Duration::from_secs(config.database.busy_timeout_secs as u64),
+        pg_binary_copy: config.database.pg_binary_copy,
     };
     Ok(Store::connect(&config.database.url, &opts).await?)
+}
+
+/// A spinner with the run's stage on a terminal; nothing otherwise (the stages are log lines).
+fn progress_spinner() -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Some(bar)
 }
 
 /// Writes the report (and the per-referral rows beside it) on a blocking thread; returns what
@@ -319,8 +334,13 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 })?),
                 None => None,
             };
+            let spinner = progress_spinner();
             let control = RunControl {
                 expect_digest: expect_digest.or_else(|| audited.as_ref().map(|a| a.digest.clone())),
+                progress: spinner.clone().map(|bar| {
+                    std::sync::Arc::new(move |what: &str| bar.set_message(what.to_owned()))
+                        as engine::Progress
+                }),
                 ..RunControl::default()
             };
             let store = connect(&config, dry_run).await?;
@@ -334,6 +354,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 dry_run,
             };
             let result = engine::run_controlled(&store, &config, req, &control).await;
+            if let Some(bar) = spinner {
+                bar.finish_and_clear();
+            }
             store.close().await;
             let run = match result {
                 Err(EngineError::DigestMismatch { expected, plan }) => {

@@ -66,7 +66,7 @@ impl App {
     fn control(&self) -> RunControl {
         RunControl {
             abort: self.abort.clone(),
-            expect_digest: None,
+            ..RunControl::default()
         }
     }
 }

@@ -153,6 +153,8 @@ pub struct Snapshot {
     pub host_bonus: Vec<(i64, i64)>,
     /// How long each query took and how many rows it gave (benchmarks, stage logs).
     pub timings: Vec<QueryTiming>,
+    /// Whether the large queries were read with PostgreSQL's binary COPY.
+    pub via_copy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -413,6 +413,7 @@ async fn dry_run_on_a_read_only_sqlite_connection_writes_nothing() {
         &ConnectOptions {
             read_only: true,
             busy_timeout: std::time::Duration::from_secs(1),
+            ..ConnectOptions::default()
         },
     )
     .await

@@ -3,6 +3,7 @@
 //! One implementation per backend, chosen once from the URL scheme. The store knows nothing
 //! of the rules: it reads rows and writes what a [`Plan`] says.
 
+mod pgcopy;
 mod postgres;
 mod sqlite;
 
@@ -59,6 +60,19 @@ pub struct ConnectOptions {
     /// A dry run opens SQLite with `mode=ro` and never writes on PostgreSQL.
     pub read_only: bool,
     pub busy_timeout: Duration,
+    /// PostgreSQL: read the large snapshot queries through binary COPY (falling back to plain
+    /// SELECTs where the server refuses it); `false` always uses SELECTs.
+    pub pg_binary_copy: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            read_only: false,
+            busy_timeout: Duration::from_secs(30),
+            pg_binary_copy: true,
+        }
+    }
 }
 
 /// A run's row in `reward_runs`.

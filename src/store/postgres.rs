@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
+use super::pgcopy;
 use super::{
     ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RunFinish, RunLock, RunRow,
     StoreError, host_int,
@@ -28,10 +29,89 @@ pub const LOCK_KEY: i64 = 0x7265_6665_7272_616c;
 pub struct PgStore {
     pub(super) pool: PgPool,
     options: PgConnectOptions,
+    /// Read the large snapshot queries through binary COPY; cleared for good the first time
+    /// the server refuses it.
+    copy: std::sync::atomic::AtomicBool,
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     StoreError::sql(what)
+}
+
+/// A SQL literal of a bigint array, for COPY (which takes no bind parameters).
+fn array(ids: &[i64]) -> String {
+    let mut s = String::with_capacity(ids.len() * 8 + 16);
+    s.push_str("'{");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&id.to_string());
+    }
+    s.push_str("}'");
+    s
+}
+
+/// A SQL literal of an instant, for COPY.
+fn ts(t: Instant) -> String {
+    format!("'{}'::timestamptz", instant::to_rfc3339(t))
+}
+
+fn copy_err(what: &'static str) -> impl FnOnce(pgcopy::CopyError) -> StoreError {
+    move |e| StoreError::Sql {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// The referred users from binary COPY of `referred*.sql` (same columns as [`referred_from_row`]).
+fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, pgcopy::CopyError> {
+    let mut t = pgcopy::Tuples::new(bytes, 10)?;
+    let mut interner = Interner::default();
+    let mut out = Vec::new();
+    let missing = |c: &str| pgcopy::CopyError(format!("NULL {c}"));
+    while t.next_tuple()? {
+        let id = t.i64()?.ok_or_else(|| missing("id"))?;
+        let referrer_id = t.i64()?.ok_or_else(|| missing("referred_by_user_id"))?;
+        let created_at = t.i64()?.ok_or_else(|| missing("created_at"))?;
+        let is_active = t.bool()?.ok_or_else(|| missing("is_active"))?;
+        let is_verified = t.bool()?.ok_or_else(|| missing("is_verified"))?;
+        let has_sub = t.bool()?.unwrap_or(false);
+        let tier = t.text()?;
+        let status = t.text()?;
+        let started_at = t.i64()?;
+        let expires_at = t.i64()?;
+        out.push(ReferredUser {
+            id,
+            referrer_id,
+            created_at,
+            is_active,
+            is_verified,
+            subscription: has_sub.then(|| Subscription {
+                tier: interner.intern(tier.unwrap_or_default()),
+                status: interner.intern(status.unwrap_or_default()),
+                started_at,
+                expires_at,
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// `(user_id, ip_hash)` pairs from binary COPY.
+fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, pgcopy::CopyError> {
+    let mut t = pgcopy::Tuples::new(bytes, 2)?;
+    let mut out = Vec::new();
+    while t.next_tuple()? {
+        let user = t
+            .i64()?
+            .ok_or_else(|| pgcopy::CopyError("NULL user_id".into()))?;
+        let ip = t
+            .text()?
+            .ok_or_else(|| pgcopy::CopyError("NULL ip_hash".into()))?;
+        out.push((user, ip.to_owned()));
+    }
+    Ok(out)
 }
 
 /// Pins the transaction to UTC, so that `TIMESTAMP` columns (UTC by SPEC) and `TIMESTAMPTZ`
@@ -73,7 +153,11 @@ impl PgStore {
             .max_connections(4)
             .acquire_timeout(std::time::Duration::from_secs(30))
             .connect_lazy_with(options.clone());
-        Ok(Self { pool, options })
+        Ok(Self {
+            pool,
+            options,
+            copy: std::sync::atomic::AtomicBool::new(opts.pg_binary_copy),
+        })
     }
 
     pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
@@ -150,98 +234,169 @@ impl PgStore {
 
         if !snap.referrers.is_empty() {
             let ids = &snap.referrers;
-            let rows: Vec<PgRow> = match scope {
+            let copied = match scope {
                 Scope::Full => {
-                    sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-                Scope::Referrer(id) => {
-                    sqlx::query(include_str!("../../sql/queries/postgres/referred_one.sql"))
-                        .bind(id)
-                        .fetch_all(&mut *tx)
-                        .await
+                    self.copy_out(
+                        &mut tx,
+                        include_str!("../../sql/queries/postgres/referred.sql"),
+                        &[],
+                    )
+                    .await?
                 }
                 Scope::Shard(_) => {
-                    sqlx::query(include_str!(
-                        "../../sql/queries/postgres/referred_shard.sql"
-                    ))
-                    .bind(ids)
-                    .fetch_all(&mut *tx)
-                    .await
+                    self.copy_out(
+                        &mut tx,
+                        include_str!("../../sql/queries/postgres/referred_shard.sql"),
+                        &[array(ids)],
+                    )
+                    .await?
                 }
+                Scope::Referrer(_) => None,
+            };
+            if let Some(bytes) = copied {
+                snap.via_copy = true;
+                snap.referred = referred_from_copy(&bytes).map_err(copy_err("referred users"))?;
+            } else {
+                let rows: Vec<PgRow> = match scope {
+                    Scope::Full => {
+                        sqlx::query(include_str!("../../sql/queries/postgres/referred.sql"))
+                            .fetch_all(&mut *tx)
+                            .await
+                    }
+                    Scope::Referrer(id) => {
+                        sqlx::query(include_str!("../../sql/queries/postgres/referred_one.sql"))
+                            .bind(id)
+                            .fetch_all(&mut *tx)
+                            .await
+                    }
+                    Scope::Shard(_) => {
+                        sqlx::query(include_str!(
+                            "../../sql/queries/postgres/referred_shard.sql"
+                        ))
+                        .bind(ids)
+                        .fetch_all(&mut *tx)
+                        .await
+                    }
+                }
+                .map_err(q("reading referred users"))?;
+                let mut interner = Interner::default();
+                let mut referred = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    referred.push(
+                        referred_from_row(r, &mut interner)
+                            .map_err(q("decoding referred users"))?,
+                    );
+                }
+                drop(rows);
+                snap.referred = referred;
             }
-            .map_err(q("reading referred users"))?;
-            let mut interner = Interner::default();
-            let mut referred = Vec::with_capacity(rows.len());
-            for r in &rows {
-                referred.push(
-                    referred_from_row(r, &mut interner).map_err(q("decoding referred users"))?,
-                );
-            }
-            drop(rows);
-            snap.referred = referred;
             sw.lap(&mut snap.timings, "referred_users", snap.referred.len());
 
             let ids = &snap.referrers;
-            snap.registrations = match scope {
+            let copied = match scope {
                 Scope::Full => {
-                    sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
+                    self.copy_out(
+                        &mut tx,
+                        include_str!("../../sql/queries/postgres/registrations.sql"),
+                        &[],
+                    )
+                    .await?
+                }
+                Scope::Shard(_) => {
+                    self.copy_out(
+                        &mut tx,
+                        include_str!("../../sql/queries/postgres/registrations_shard.sql"),
+                        &[array(ids)],
+                    )
+                    .await?
+                }
+                Scope::Referrer(_) => None,
+            };
+            snap.registrations = if let Some(bytes) = copied {
+                pairs_from_copy(&bytes).map_err(copy_err("registration events"))?
+            } else {
+                match scope {
+                    Scope::Full => {
+                        sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
+                            .fetch_all(&mut *tx)
+                            .await
+                    }
+                    Scope::Referrer(id) => {
+                        sqlx::query_as(include_str!(
+                            "../../sql/queries/postgres/registrations_one.sql"
+                        ))
+                        .bind(id)
                         .fetch_all(&mut *tx)
                         .await
+                    }
+                    Scope::Shard(_) => {
+                        sqlx::query_as(include_str!(
+                            "../../sql/queries/postgres/registrations_shard.sql"
+                        ))
+                        .bind(ids)
+                        .fetch_all(&mut *tx)
+                        .await
+                    }
                 }
-                Scope::Referrer(id) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/postgres/registrations_one.sql"
-                    ))
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-                Scope::Shard(_) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/postgres/registrations_shard.sql"
-                    ))
-                    .bind(ids)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-            }
-            .map_err(q("reading registration events"))?;
+                .map_err(q("reading registration events"))?
+            };
             sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
 
-            snap.referrer_events = match scope {
+            let copied = match scope {
                 Scope::Full => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/postgres/referrer_events.sql"
-                    ))
-                    .bind(from)
-                    .bind(to)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-                Scope::Referrer(id) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/postgres/referrer_events_one.sql"
-                    ))
-                    .bind(from)
-                    .bind(to)
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await
+                    self.copy_out(
+                        &mut tx,
+                        include_str!("../../sql/queries/postgres/referrer_events.sql"),
+                        &[ts(window.0), ts(window.1)],
+                    )
+                    .await?
                 }
                 Scope::Shard(_) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/postgres/referrer_events_shard.sql"
-                    ))
-                    .bind(from)
-                    .bind(to)
-                    .bind(ids)
-                    .fetch_all(&mut *tx)
-                    .await
+                    self.copy_out(
+                        &mut tx,
+                        include_str!("../../sql/queries/postgres/referrer_events_shard.sql"),
+                        &[ts(window.0), ts(window.1), array(ids)],
+                    )
+                    .await?
                 }
-            }
-            .map_err(q("reading referrer events"))?;
+                Scope::Referrer(_) => None,
+            };
+            snap.referrer_events = if let Some(bytes) = copied {
+                pairs_from_copy(&bytes).map_err(copy_err("referrer events"))?
+            } else {
+                match scope {
+                    Scope::Full => {
+                        sqlx::query_as(include_str!(
+                            "../../sql/queries/postgres/referrer_events.sql"
+                        ))
+                        .bind(from)
+                        .bind(to)
+                        .fetch_all(&mut *tx)
+                        .await
+                    }
+                    Scope::Referrer(id) => {
+                        sqlx::query_as(include_str!(
+                            "../../sql/queries/postgres/referrer_events_one.sql"
+                        ))
+                        .bind(from)
+                        .bind(to)
+                        .bind(id)
+                        .fetch_all(&mut *tx)
+                        .await
+                    }
+                    Scope::Shard(_) => {
+                        sqlx::query_as(include_str!(
+                            "../../sql/queries/postgres/referrer_events_shard.sql"
+                        ))
+                        .bind(from)
+                        .bind(to)
+                        .bind(ids)
+                        .fetch_all(&mut *tx)
+                        .await
+                    }
+                }
+                .map_err(q("reading referrer events"))?
+            };
             sw.lap(
                 &mut snap.timings,
                 "referrer_events",
@@ -303,6 +458,59 @@ impl PgStore {
 
         tx.commit().await.map_err(q("ending the snapshot"))?;
         Ok(snap)
+    }
+
+    /// `COPY (<query>) TO STDOUT (FORMAT binary)` with `params` ($1, $2, … as SQL literals) in
+    /// the snapshot's transaction, or `None` when COPY is off or refused: the caller then runs
+    /// the same query as a SELECT. A savepoint keeps a refusal from aborting the snapshot.
+    async fn copy_out(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        sql: &str,
+        params: &[String],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        use futures_util::TryStreamExt;
+        use std::sync::atomic::Ordering;
+        if !self.copy.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let mut query = sql.to_owned();
+        // Highest first, so that $1 does not match the start of $10.
+        for (i, p) in params.iter().enumerate().rev() {
+            query = query.replace(&format!("${}", i + 1), p);
+        }
+        sqlx::query("SAVEPOINT copy_read")
+            .execute(&mut *tx)
+            .await
+            .map_err(q("reading with COPY"))?;
+        let statement = format!("COPY (\n{query}\n) TO STDOUT (FORMAT binary)");
+        let result: Result<Vec<u8>, sqlx::Error> = async {
+            let mut stream = tx.copy_out_raw(&statement).await?;
+            let mut buf = Vec::new();
+            while let Some(chunk) = stream.try_next().await? {
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(buf)
+        }
+        .await;
+        match result {
+            Ok(buf) => {
+                sqlx::query("RELEASE SAVEPOINT copy_read")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("reading with COPY"))?;
+                Ok(Some(buf))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "binary COPY refused; reading with SELECT from now on");
+                self.copy.store(false, Ordering::Relaxed);
+                sqlx::query("ROLLBACK TO SAVEPOINT copy_read")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("reading with COPY"))?;
+                Ok(None)
+            }
+        }
     }
 
     /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full

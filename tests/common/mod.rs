@@ -194,6 +194,7 @@ impl TestDb {
             &ConnectOptions {
                 read_only: false,
                 busy_timeout: Duration::from_secs(10),
+                ..ConnectOptions::default()
             },
         )
         .await
