@@ -299,7 +299,7 @@ pub async fn run_controlled(
             Err(EngineError::RunFailed { run_id, message })
         }
     };
-    drop(lock);
+    store.release(lock).await;
     match &outcome {
         Ok(r) => log_run(r),
         Err(e) => tracing::warn!(run_id, mode = req.scope.mode(), error = %e, "run failed"),

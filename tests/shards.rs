@@ -109,7 +109,9 @@ each_backend!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_and_select_snapshots_are_identical() {
     for backend in [Backend::PgTimestamp, Backend::PgTimestamptz] {
-        let Some(db) = with_demo(backend).await else { return };
+        let Some(db) = with_demo(backend).await else {
+            return;
+        };
         db.load(&every_outcome_shifted()).await;
         let window = referral_rewards::rules::ip_window(now(), 30);
         for scope in [Scope::Full, Scope::Shard(Shard { index: 2, count: 3 })] {
@@ -117,7 +119,10 @@ async fn copy_and_select_snapshots_are_identical() {
             for copy in [true, false] {
                 let store = referral_rewards::store::Store::connect(
                     &db.url,
-                    &referral_rewards::store::ConnectOptions { pg_binary_copy: copy, ..Default::default() },
+                    &referral_rewards::store::ConnectOptions {
+                        pg_binary_copy: copy,
+                        ..Default::default()
+                    },
                 )
                 .await
                 .unwrap();
@@ -136,7 +141,10 @@ async fn copy_and_select_snapshots_are_identical() {
             assert!(!snaps[0].referred.is_empty());
             assert_eq!(snaps[0].referred, snaps[1].referred, "{scope:?}");
             assert_eq!(snaps[0].registrations, snaps[1].registrations, "{scope:?}");
-            assert_eq!(snaps[0].referrer_events, snaps[1].referrer_events, "{scope:?}");
+            assert_eq!(
+                snaps[0].referrer_events, snaps[1].referrer_events,
+                "{scope:?}"
+            );
             assert_eq!(snaps[0].referrers, snaps[1].referrers);
         }
     }

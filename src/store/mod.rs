@@ -196,6 +196,14 @@ impl Store {
         }
     }
 
+    /// Releases the run lock (on PostgreSQL keeping its connection for the next run).
+    pub async fn release(&self, lock: RunLock) {
+        match self {
+            Store::Sqlite(_) => drop(lock),
+            Store::Postgres(s) => s.release(lock).await,
+        }
+    }
+
     /// Under the exclusive lock, any `running` row belongs to a process that died; under a
     /// shard's lock, any `running` row of that shard. Marks them `abandoned`.
     pub async fn abandon_orphans(&self, lock: &RunLock, now: Instant) -> Result<u64, StoreError> {

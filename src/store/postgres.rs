@@ -32,6 +32,9 @@ pub struct PgStore {
     /// Read the large snapshot queries through binary COPY; cleared for good the first time
     /// the server refuses it.
     copy: std::sync::atomic::AtomicBool,
+    /// Idle connections for the run lock, kept so that a one-referrer run does not pay a new
+    /// connection each time.
+    lock_conns: tokio::sync::Mutex<Vec<sqlx::PgConnection>>,
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -157,6 +160,7 @@ impl PgStore {
             pool,
             options,
             copy: std::sync::atomic::AtomicBool::new(opts.pg_binary_copy),
+            lock_conns: tokio::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -516,9 +520,28 @@ impl PgStore {
     /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full
     /// or one-referrer run; shared on it plus exclusive on the shard's own key for a shard.
     pub async fn try_lock(&self, shard: Option<Shard>) -> Result<Option<RunLock>, StoreError> {
-        let mut conn = sqlx::PgConnection::connect_with(&self.options)
+        // A kept connection if there is one (a stale one fails the query: then a fresh one).
+        let kept = self.lock_conns.lock().await.pop();
+        match kept {
+            Some(conn) => match self.lock_on(conn, shard).await {
+                Ok(r) => Ok(r),
+                Err(_) => self.lock_on(self.lock_connection().await?, shard).await,
+            },
+            None => self.lock_on(self.lock_connection().await?, shard).await,
+        }
+    }
+
+    async fn lock_connection(&self) -> Result<sqlx::PgConnection, StoreError> {
+        sqlx::PgConnection::connect_with(&self.options)
             .await
-            .map_err(q("connecting for the run lock"))?;
+            .map_err(q("connecting for the run lock"))
+    }
+
+    async fn lock_on(
+        &self,
+        mut conn: sqlx::PgConnection,
+        shard: Option<Shard>,
+    ) -> Result<Option<RunLock>, StoreError> {
         let got: bool = match shard {
             None => {
                 sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -537,11 +560,34 @@ impl PgStore {
             }
         }
         .map_err(q("taking the run lock"))?;
-        // On refusal the connection closes, releasing whatever half was taken.
-        Ok(got.then_some(RunLock {
+        if !got {
+            // Let go of whatever half was taken, and keep the connection.
+            self.keep(conn).await;
+            return Ok(None);
+        }
+        Ok(Some(RunLock {
             shard,
             _held: Held::Postgres(Box::new(conn)),
         }))
+    }
+
+    /// Releases the run lock and keeps its connection for the next run.
+    pub async fn release(&self, lock: RunLock) {
+        if let Held::Postgres(conn) = lock._held {
+            self.keep(*conn).await;
+        }
+    }
+
+    async fn keep(&self, mut conn: sqlx::PgConnection) {
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut conn)
+            .await
+            .is_ok();
+        let mut kept = self.lock_conns.lock().await;
+        if unlocked && kept.len() < 2 {
+            kept.push(conn);
+        }
+        // Otherwise dropped: closing the connection releases its locks.
     }
 
     pub async fn abandon_orphans(

@@ -1,6 +1,6 @@
 -- The referred users' registration IP hashes; the greatest non-blank one is chosen in Rust
--- (byte order). DISTINCT under "C": a case-insensitive collation must not merge hashes.
-SELECT DISTINCT e.user_id, e.ip_hash COLLATE "C"
+-- (byte order), so repeated rows do no harm and no DISTINCT is needed.
+SELECT e.user_id, e.ip_hash
 FROM telemetry_events e
 JOIN users u ON u.id = e.user_id
 JOIN users r ON r.id = u.referred_by_user_id AND r.invite_code IS NOT NULL

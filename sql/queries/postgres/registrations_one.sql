@@ -1,4 +1,4 @@
-SELECT DISTINCT e.user_id, e.ip_hash COLLATE "C"
+SELECT e.user_id, e.ip_hash
 FROM telemetry_events e
 JOIN users u ON u.id = e.user_id
 WHERE u.referred_by_user_id = $1 AND e.event_name = 'user_registered' AND e.ip_hash IS NOT NULL
