@@ -166,7 +166,7 @@ async fn slow_down(db: &TestDb, table: &str) {
         db.exec(&format!(
             "CREATE TABLE slow_once (n INTEGER NOT NULL); INSERT INTO slow_once VALUES (0);
              CREATE TRIGGER slow BEFORE INSERT ON {table} WHEN (SELECT n FROM slow_once) = 0 BEGIN
-               SELECT max(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000000) SELECT x FROM c);
+               SELECT max(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) SELECT x FROM c);
                UPDATE slow_once SET n = 1;
              END;"
         ))

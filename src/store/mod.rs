@@ -6,6 +6,7 @@
 mod pgcopy;
 mod postgres;
 mod sqlite;
+mod sqlite_read;
 
 use std::time::Duration;
 

@@ -19,9 +19,7 @@ use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::plan::{HostChange, Plan};
-use crate::rewards::RewardResult;
-use crate::rules;
-use crate::snapshot::{Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription};
+use crate::snapshot::{Scope, Shard, Snapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite");
 
@@ -29,6 +27,7 @@ pub struct SqliteStore {
     pub(super) pool: SqlitePool,
     /// `None` for an in-memory database (no lock file is possible; one process only).
     path: Option<PathBuf>,
+    busy_timeout: std::time::Duration,
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -91,6 +90,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             path: (!in_memory).then_some(path),
+            busy_timeout: opts.busy_timeout,
         })
     }
 
@@ -130,249 +130,23 @@ impl SqliteStore {
         Ok(row.is_some())
     }
 
+    /// One consistent read, through rusqlite on a blocking thread (see `sqlite_read`).
     pub async fn snapshot(
         &self,
         scope: Scope,
         window: (Instant, Instant),
     ) -> Result<Snapshot, StoreError> {
-        // A deferred transaction: every read below sees the same committed state (WAL).
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(q("starting the snapshot"))?;
-        let mut snap = Snapshot::default();
-        let mut sw = Stopwatch::start();
-
-        snap.referrers = match scope {
-            Scope::Referrer(id) => {
-                let r: Option<bool> =
-                    sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrer_one.sql"))
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(q("reading the referrer"))?;
-                if r == Some(true) { vec![id] } else { vec![] }
-            }
-            Scope::Full | Scope::Shard(_) => {
-                let all: Vec<i64> =
-                    sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referrers.sql"))
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(q("reading referrers"))?;
-                all.into_iter().filter(|id| scope.covers(*id)).collect()
-            }
+        let Some(path) = self.path.clone() else {
+            return Err(StoreError::Invalid(
+                "an in-memory SQLite database has nothing to reconcile; use a file".into(),
+            ));
         };
-        sw.lap(&mut snap.timings, "referrers", snap.referrers.len());
-
-        if !snap.referrers.is_empty() {
-            // A shard's referrers, for `json_each`.
-            let ids = match scope {
-                Scope::Shard(_) => serde_json::to_string(&snap.referrers).expect("integers"),
-                _ => String::new(),
-            };
-            type ReferredRow = (
-                i64,
-                i64,
-                String,
-                bool,
-                bool,
-                bool,
-                Option<String>,
-                Option<String>,
-                Option<String>,
-                Option<String>,
-            );
-            let rows: Vec<ReferredRow> = match scope {
-                Scope::Full => {
-                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referred.sql"))
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-                Scope::Referrer(id) => {
-                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referred_one.sql"))
-                        .bind(id)
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-                Scope::Shard(_) => {
-                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referred_shard.sql"))
-                        .bind(&ids)
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-            }
-            .map_err(q("reading referred users"))?;
-            let mut interner = Interner::default();
-            snap.referred.reserve(rows.len());
-            for (
-                id,
-                referrer_id,
-                created_at,
-                is_active,
-                is_verified,
-                has_sub,
-                tier,
-                status,
-                started_at,
-                expires_at,
-            ) in rows
-            {
-                let subscription = if has_sub {
-                    Some(Subscription {
-                        tier: interner.intern(tier.as_deref().unwrap_or_default()),
-                        status: interner.intern(status.as_deref().unwrap_or_default()),
-                        started_at: opt_time(
-                            "subscriptions",
-                            "started_at",
-                            id,
-                            started_at.as_deref(),
-                        )?,
-                        expires_at: opt_time(
-                            "subscriptions",
-                            "expires_at",
-                            id,
-                            expires_at.as_deref(),
-                        )?,
-                    })
-                } else {
-                    None
-                };
-                snap.referred.push(ReferredUser {
-                    id,
-                    referrer_id,
-                    created_at: time("users", "created_at", id, &created_at)?,
-                    is_active,
-                    is_verified,
-                    subscription,
-                });
-            }
-            sw.lap(&mut snap.timings, "referred_users", snap.referred.len());
-
-            snap.registrations = match scope {
-                Scope::Full => {
-                    sqlx::query_as(include_str!("../../sql/queries/sqlite/registrations.sql"))
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-                Scope::Referrer(id) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/sqlite/registrations_one.sql"
-                    ))
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-                Scope::Shard(_) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/sqlite/registrations_shard.sql"
-                    ))
-                    .bind(&ids)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-            }
-            .map_err(q("reading registration events"))?;
-            sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
-
-            // Whole dates around the window as text, a day wider on each side for offsets up
-            // to ±24 h; the exact bounds are checked below on the parsed instants.
-            let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
-            let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
-            let events: Vec<(i64, String, String)> = match scope {
-                Scope::Full => {
-                    sqlx::query_as(include_str!("../../sql/queries/sqlite/referrer_events.sql"))
-                        .bind(&lo)
-                        .bind(&hi)
-                        .fetch_all(&mut *tx)
-                        .await
-                }
-                Scope::Referrer(id) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/sqlite/referrer_events_one.sql"
-                    ))
-                    .bind(&lo)
-                    .bind(&hi)
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-                Scope::Shard(_) => {
-                    sqlx::query_as(include_str!(
-                        "../../sql/queries/sqlite/referrer_events_shard.sql"
-                    ))
-                    .bind(&lo)
-                    .bind(&hi)
-                    .bind(&ids)
-                    .fetch_all(&mut *tx)
-                    .await
-                }
-            }
-            .map_err(q("reading referrer events"))?;
-            let mut seen = HashSet::new();
-            for (user, ip, at) in events {
-                let at = time("telemetry_events", "created_at", user, &at)?;
-                if rules::in_ip_window(at, window) && seen.insert((user, ip.clone())) {
-                    snap.referrer_events.push((user, ip));
-                }
-            }
-            sw.lap(
-                &mut snap.timings,
-                "referrer_events",
-                snap.referrer_events.len(),
-            );
-        }
-
-        // The current state: a shard reads all of it and keeps its own users'.
-        snap.stored_rewards = match scope {
-            Scope::Referrer(id) => {
-                sqlx::query(include_str!(
-                    "../../sql/queries/sqlite/stored_rewards_one.sql"
-                ))
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await
-            }
-            _ => {
-                sqlx::query(include_str!("../../sql/queries/sqlite/stored_rewards.sql"))
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-        }
-        .map_err(q("reading referral_rewards"))?
-        .iter()
-        .map(reward_from_row)
-        .filter(|r| {
-            r.as_ref()
-                .map_or(true, |r| scope.covers(r.referrer_user_id))
+        let busy = self.busy_timeout;
+        tokio::task::spawn_blocking(move || {
+            super::sqlite_read::snapshot(&path, busy, scope, window)
         })
-        .collect::<Result<_, _>>()
-        .map_err(q("decoding referral_rewards"))?;
-        sw.lap(
-            &mut snap.timings,
-            "stored_rewards",
-            snap.stored_rewards.len(),
-        );
-
-        let host: Vec<(i64, i64)> = match scope {
-            Scope::Referrer(id) => {
-                sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus_one.sql"))
-                    .bind(id)
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-            _ => {
-                sqlx::query_as(include_str!("../../sql/queries/sqlite/host_bonus.sql"))
-                    .fetch_all(&mut *tx)
-                    .await
-            }
-        }
-        .map_err(q("reading subscriptions"))?;
-        snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
-        sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
-
-        tx.commit().await.map_err(q("ending the snapshot"))?;
-        Ok(snap)
+        .await
+        .map_err(|e| StoreError::Invalid(format!("reading the snapshot: {e}")))?
     }
 
     /// `flock` on `<database>.lock`: exclusive for a full or one-referrer run; shared plus an
@@ -771,19 +545,4 @@ fn encode_json(c: DemoChunk) -> EncodedChunk {
     )
     .expect("plain data serializes");
     [users, subs, events]
-}
-
-fn reward_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<RewardResult, sqlx::Error> {
-    Ok(RewardResult {
-        referrer_user_id: r.try_get(0)?,
-        referred_users_total: r.try_get(1)?,
-        qualified_referrals: r.try_get(2)?,
-        disqualified_self_referral: r.try_get(3)?,
-        disqualified_cooldown: r.try_get(4)?,
-        disqualified_missing_ip: r.try_get(5)?,
-        disqualified_shared_ip: r.try_get(6)?,
-        disqualified_duplicate_ip: r.try_get(7)?,
-        bonus_slots: r.try_get(8)?,
-        badge: r.try_get(9)?,
-    })
 }
