@@ -46,6 +46,9 @@ pub fn to_rfc3339(t: Instant) -> String {
 /// Parses a SQLite time column: `YYYY-MM-DD HH:MM:SS[.ffffff]`, a `T` separator accepted,
 /// an optional `Z` or numeric offset honoured, and a bare date read as midnight UTC.
 pub fn parse_sql_text(s: &str) -> Option<Instant> {
+    if let Some(t) = parse_canonical(s.as_bytes()) {
+        return Some(t);
+    }
     let s = s.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp_micros());
@@ -63,6 +66,40 @@ pub fn parse_sql_text(s: &str) -> Option<Instant> {
         return Some(d.and_time(NaiveTime::MIN).and_utc().timestamp_micros());
     }
     None
+}
+
+/// The fast path for the common shape, `YYYY-MM-DD HH:MM:SS[.f…]` (or `T`), no offset: digits
+/// read directly, without chrono's format machinery (this runs three times per referred user).
+fn parse_canonical(b: &[u8]) -> Option<Instant> {
+    fn num(b: &[u8]) -> Option<u32> {
+        b.iter().try_fold(0u32, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + (c - b'0') as u32)
+        })
+    }
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b' ' | b'T')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let date = NaiveDate::from_ymd_opt(num(&b[0..4])? as i32, num(&b[5..7])?, num(&b[8..10])?)?;
+    let (h, m, sec) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    let micros = match &b[19..] {
+        [] => 0,
+        [b'.', frac @ ..]
+            if (1..=9).contains(&frac.len()) && frac.iter().all(u8::is_ascii_digit) =>
+        {
+            // Up to nanoseconds accepted; instants keep microseconds (truncated).
+            let digits = &frac[..frac.len().min(6)];
+            num(digits)? * 10u32.pow(6 - digits.len() as u32)
+        }
+        _ => return None,
+    };
+    let time = NaiveTime::from_hms_micro_opt(h, m, sec, micros)?;
+    Some(date.and_time(time).and_utc().timestamp_micros())
 }
 
 /// Parses `--as-of`: RFC 3339 with any offset; a time without an offset is UTC.
@@ -96,6 +133,36 @@ mod tests {
             parse_sql_text("2026-11-01T12:00:00"),
             parse_sql_text("2026-11-01 12:00:00")
         );
+    }
+
+    #[test]
+    fn fast_path_agrees_with_chrono() {
+        for s in [
+            "2026-11-01 12:00:00",
+            "2026-11-01T12:00:00",
+            "2026-11-01 12:00:00.5",
+            "2026-11-01 12:00:00.000001",
+            "1999-12-31 23:59:59.999999",
+            "2024-02-29 00:00:00",
+        ] {
+            let slow =
+                NaiveDateTime::parse_from_str(&s.replacen('T', " ", 1), "%Y-%m-%d %H:%M:%S%.f")
+                    .unwrap()
+                    .and_utc()
+                    .timestamp_micros();
+            assert_eq!(parse_canonical(s.as_bytes()), Some(slow), "{s}");
+        }
+        // Not the canonical shape: left to the general parser.
+        for s in [
+            "2026-11-01 12:00:00Z",
+            "2026-11-01T12:00:00+02:00",
+            " 2026-11-01 12:00:00",
+            "2026-02-30 00:00:00",
+            "2026-11-01 12:00",
+        ] {
+            assert_eq!(parse_canonical(s.as_bytes()), None, "{s}");
+        }
+        assert_eq!(parse_sql_text("2026-02-30 00:00:00"), None);
     }
 
     #[test]
