@@ -32,8 +32,8 @@ demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summari
 	$(BIN) --database-url $(DEMO_URL) reconcile --as-of $(DEMO_AS_OF)
 	@echo; echo "== apply again: nothing left to write"
 	$(BIN) --database-url $(DEMO_URL) reconcile --as-of $(DEMO_AS_OF)
-	@echo; echo "== why did referrer 11's referrals count or not?"
-	$(BIN) --database-url $(DEMO_URL) explain --referrer 11 --as-of $(DEMO_AS_OF)
+	@echo; echo "== why did referrer 2611's referrals count or not?"
+	$(BIN) --database-url $(DEMO_URL) explain --referrer 2611 --as-of $(DEMO_AS_OF)
 	@echo; echo "== run history"
 	$(BIN) --database-url $(DEMO_URL) runs
 	@echo; echo "The demo database is $(DEMO_DB)."
