@@ -222,10 +222,14 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_url("database.url", &self.database.url)?;
-        if self.database.busy_timeout_secs < 0 {
+        // The drivers take milliseconds in an i32.
+        if !(0..=2_000_000).contains(&self.database.busy_timeout_secs) {
             return Err(invalid(
                 "database.busy_timeout_secs",
-                format!("must be >= 0, got {}", self.database.busy_timeout_secs),
+                format!(
+                    "must be between 0 and 2000000, got {}",
+                    self.database.busy_timeout_secs
+                ),
             ));
         }
         let r = &self.rules;
@@ -298,7 +302,7 @@ impl Config {
             ));
         }
         cron_with_seconds(&self.schedule.cron)?;
-        if self.schedule.shutdown_grace_secs < 0 {
+        if !(0..=MAX_DAYS * 86_400).contains(&self.schedule.shutdown_grace_secs) {
             return Err(invalid(
                 "schedule.shutdown_grace_secs",
                 format!("must be >= 0, got {}", self.schedule.shutdown_grace_secs),
@@ -399,6 +403,12 @@ mod tests {
     #[test]
     fn zero_batch_size_names_the_key() {
         assert!(err("[rewards]\nbatch_size = 0").contains("rewards.batch_size"));
+    }
+
+    #[test]
+    fn busy_timeout_beyond_the_drivers_range_is_refused() {
+        let e = err("[database]\nbusy_timeout_secs = 9999999999");
+        assert!(e.contains("database.busy_timeout_secs"), "{e}");
     }
 
     #[test]

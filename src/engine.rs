@@ -221,7 +221,6 @@ pub async fn run_controlled(
         .try_lock(req.scope)
         .await?
         .ok_or(EngineError::Locked)?;
-    let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
     // With an expected digest the plan comes first, under the lock, so that a refusal writes
     // nothing; otherwise the run row comes first, so that a failing snapshot is recorded too.
     let planned = match &ctl.expect_digest {
@@ -237,6 +236,7 @@ pub async fn run_controlled(
             Some(planned)
         }
     };
+    let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
     let run_id = store.start_run(req.scope, req.as_of, now()).await?;
     let work = async {
         let Planned {

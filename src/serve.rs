@@ -162,7 +162,7 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
         // Rolling back and marking the run failed takes a moment; do not wait forever.
         let _ = tokio::time::timeout(Duration::from_secs(30), app.runs.wait()).await;
     }
-    // In-flight requests finish on their own; a recompute they started was aborted above.
+    // Recomputes started over HTTP were tracked with the runs above.
     app.abort.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!("stopped");
@@ -327,14 +327,30 @@ async fn reconcile_referrer(
     let Ok(Query(params)) = params else {
         return error(StatusCode::BAD_REQUEST, "dry_run must be true or false");
     };
+    if app.stopping.is_cancelled() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        );
+    }
     let req = RunRequest {
         scope: Scope::Referrer(id),
         as_of: instant::from_datetime(chrono::Utc::now()),
         dry_run: params.dry_run,
     };
-    match engine::run_controlled(&app.store, &app.config, req, &app.control()).await {
-        Ok(report) => Json(referrer_json(&report, id)).into_response(),
-        Err(e) => engine_error(e),
+    // Detached from the request and tracked with the scheduled runs: a client that hangs up
+    // does not cut a run short, and shutdown gives it the same grace period.
+    let task = app.clone();
+    let run = app.runs.spawn(async move {
+        engine::run_controlled(&task.store, &task.config, req, &task.control()).await
+    });
+    match run.await {
+        Ok(Ok(report)) => Json(referrer_json(&report, id)).into_response(),
+        Ok(Err(e)) => engine_error(e),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the run stopped: {e}"),
+        ),
     }
 }
 

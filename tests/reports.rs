@@ -322,9 +322,13 @@ async fn stale_expected_digest_exits_3_and_changes_nothing() {
         ],
     );
     assert_eq!(o.status.code(), Some(0));
-    // The world moves on after the audit: two referrers' results change.
+    // The world moves on after the audit: two referrers' results change. And a killed process
+    // left a `running` row: a refused run must not even mark it abandoned.
     db.exec("UPDATE users SET is_active = 0 WHERE id IN (2, 30)")
         .await;
+    let store = db.store().await;
+    store.start_run(Scope::Full, now(), now()).await.unwrap();
+    store.close().await;
     let before = db.state().await;
     let o = cli(&db.url, &["reconcile", "--plan", plan.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -335,9 +339,9 @@ async fn stale_expected_digest_exits_3_and_changes_nothing() {
     );
     assert_eq!(db.state().await, before);
     assert_eq!(
-        db.scalar("SELECT COUNT(*) FROM reward_runs").await,
-        0,
-        "not even a run row"
+        db.rows("SELECT status FROM reward_runs").await,
+        [[Some("running".to_owned())]],
+        "no run row of its own, and the orphan untouched"
     );
     let o = cli(
         &db.url,
@@ -369,8 +373,15 @@ async fn stale_expected_digest_exits_3_and_changes_nothing() {
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
     assert_eq!(
-        db.rows("SELECT digest FROM reward_runs").await,
-        [[Some(saved["digest"].as_str().unwrap().to_owned())]]
+        db.rows("SELECT status, digest FROM reward_runs ORDER BY id")
+            .await,
+        [
+            [Some("abandoned".into()), None],
+            [
+                Some("succeeded".into()),
+                Some(saved["digest"].as_str().unwrap().to_owned())
+            ]
+        ]
     );
 }
 

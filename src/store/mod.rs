@@ -32,8 +32,12 @@ pub enum StoreError {
         row: i64,
         value: String,
     },
+    /// Bad usage (exit 2).
     #[error("{0}")]
     Invalid(String),
+    /// A failure of the machine rather than of the request (exit 1): lock files, threads.
+    #[error("{0}")]
+    Runtime(String),
 }
 
 impl StoreError {
@@ -334,7 +338,7 @@ impl ChunkFeed {
         };
         let chunk = pending
             .await
-            .map_err(|e| StoreError::Invalid(format!("generating demo data: {e}")))?;
+            .map_err(|e| StoreError::Runtime(format!("generating demo data: {e}")))?;
         self.start_next();
         Ok(Some(chunk))
     }

@@ -626,7 +626,8 @@ impl PgStore {
 
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3",
+            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 \
+             WHERE id = $3 AND status = 'running'",
         )
         .bind(dt(now))
         .bind(error)

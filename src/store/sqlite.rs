@@ -146,7 +146,7 @@ impl SqliteStore {
             super::sqlite_read::snapshot(&path, busy, scope, window)
         })
         .await
-        .map_err(|e| StoreError::Invalid(format!("reading the snapshot: {e}")))?
+        .map_err(|e| StoreError::Runtime(format!("reading the snapshot: {e}")))?
     }
 
     /// `flock` on `<database>.lock`: exclusive for a full or one-referrer run; shared plus an
@@ -168,7 +168,7 @@ impl SqliteStore {
                 .write(true)
                 .open(&lock_path)
                 .map_err(|e| {
-                    StoreError::Invalid(format!(
+                    StoreError::Runtime(format!(
                         "cannot open lock file {}: {e}",
                         lock_path.display()
                     ))
@@ -180,7 +180,7 @@ impl SqliteStore {
                 match r {
                     Ok(()) => Ok(true),
                     Err(std::fs::TryLockError::WouldBlock) => Ok(false),
-                    Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Invalid(format!(
+                    Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Runtime(format!(
                         "cannot lock {}: {e}",
                         at.display()
                     ))),
@@ -249,7 +249,8 @@ impl SqliteStore {
 
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 WHERE id = $3",
+            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 \
+             WHERE id = $3 AND status = 'running'",
         )
         .bind(instant::to_sql_text(now))
         .bind(error)
