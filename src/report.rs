@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::compute::ReferralOutcome;
 use crate::instant::{self, Instant};
 use crate::plan::{Plan, PlanEntry};
+use crate::rewards::RewardResult;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -155,36 +156,18 @@ pub struct SavedPlan {
     pub referrers: Vec<ReportRow>,
 }
 
-/// A SPEC section 5 report row.
+/// A SPEC section 5 report row: the result's fields, then `current_bonus_slots`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportRow {
-    pub referrer_user_id: i64,
-    pub referred_users_total: i64,
-    pub qualified_referrals: i64,
-    pub disqualified_self_referral: i64,
-    pub disqualified_cooldown: i64,
-    pub disqualified_missing_ip: i64,
-    pub disqualified_shared_ip: i64,
-    pub disqualified_duplicate_ip: i64,
-    pub bonus_slots: i64,
-    pub badge: Option<String>,
+    #[serde(flatten)]
+    pub result: RewardResult,
     pub current_bonus_slots: i64,
 }
 
 impl ReportRow {
     pub fn of(e: &PlanEntry) -> Self {
-        let d = &e.desired;
         ReportRow {
-            referrer_user_id: d.referrer_user_id,
-            referred_users_total: d.referred_users_total,
-            qualified_referrals: d.qualified_referrals,
-            disqualified_self_referral: d.disqualified_self_referral,
-            disqualified_cooldown: d.disqualified_cooldown,
-            disqualified_missing_ip: d.disqualified_missing_ip,
-            disqualified_shared_ip: d.disqualified_shared_ip,
-            disqualified_duplicate_ip: d.disqualified_duplicate_ip,
-            bonus_slots: d.bonus_slots,
-            badge: d.badge.clone(),
+            result: e.desired.clone(),
             current_bonus_slots: e.current_bonus_slots(),
         }
     }
@@ -233,7 +216,7 @@ pub fn count_differences(audited: &SavedPlan, fresh: &Plan) -> usize {
     let old: BTreeMap<i64, &ReportRow> = audited
         .referrers
         .iter()
-        .map(|r| (r.referrer_user_id, r))
+        .map(|r| (r.result.referrer_user_id, r))
         .collect();
     let new: BTreeMap<i64, ReportRow> = fresh
         .entries

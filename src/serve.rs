@@ -362,11 +362,7 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
         .iter()
         .find(|e| e.referrer_user_id() == id);
     let mut v = match entry {
-        Some(e) => {
-            let mut v = serde_json::to_value(&e.desired).expect("plain data");
-            v["current_bonus_slots"] = e.current_bonus_slots().into();
-            v
-        }
+        Some(e) => serde_json::to_value(crate::report::ReportRow::of(e)).expect("plain data"),
         None => json!({ "referrer_user_id": id }),
     };
     let applied = report.applied.as_ref();

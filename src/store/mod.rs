@@ -43,16 +43,34 @@ pub enum StoreError {
 impl StoreError {
     /// Wraps a driver error, adding the fix for the most common setup mistake.
     pub(crate) fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-        move |e| {
-            let mut message = one_line(&e.to_string());
-            if message.contains("no such table") || message.contains("does not exist") {
-                message.push_str(
-                    " (run `referral-rewards migrate`, plus `--with-reference-schema` for a demo database)",
-                );
-            }
-            StoreError::Sql { what, message }
-        }
+        move |e| StoreError::driver(what, &e)
     }
+
+    /// Any driver's error (sqlx, rusqlite) as one line, with the fix for missing tables.
+    pub(crate) fn driver(what: &'static str, e: &dyn std::fmt::Display) -> StoreError {
+        let mut message = one_line(&e.to_string());
+        if message.contains("no such table") || message.contains("does not exist") {
+            message.push_str(
+                " (run `referral-rewards migrate`, plus `--with-reference-schema` for a demo database)",
+            );
+        }
+        StoreError::Sql { what, message }
+    }
+}
+
+/// A SQLite time column's text as an instant; the error names the table, column, row and value.
+pub(crate) fn sqlite_time(
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+    value: &str,
+) -> Result<Instant, StoreError> {
+    crate::instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
+        table,
+        column,
+        row,
+        value: value.to_owned(),
+    })
 }
 
 pub(crate) fn one_line(s: &str) -> String {

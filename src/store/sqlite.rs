@@ -34,27 +34,15 @@ fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     StoreError::sql(what)
 }
 
-fn time(
-    table: &'static str,
-    column: &'static str,
-    row: i64,
-    value: &str,
-) -> Result<Instant, StoreError> {
-    instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
-        table,
-        column,
-        row,
-        value: value.to_owned(),
-    })
-}
-
 fn opt_time(
     table: &'static str,
     column: &'static str,
     row: i64,
     value: Option<&str>,
 ) -> Result<Option<Instant>, StoreError> {
-    value.map(|v| time(table, column, row, v)).transpose()
+    value
+        .map(|v| super::sqlite_time(table, column, row, v))
+        .transpose()
 }
 
 impl SqliteStore {

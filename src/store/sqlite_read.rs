@@ -18,30 +18,10 @@ use crate::rules;
 use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Stopwatch, Subscription};
 
 fn sql_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |e| {
-        let mut message = super::one_line(&e.to_string());
-        if message.contains("no such table") {
-            message.push_str(
-                " (run `referral-rewards migrate`, plus `--with-reference-schema` for a demo database)",
-            );
-        }
-        StoreError::Sql { what, message }
-    }
+    move |e| StoreError::driver(what, &e)
 }
 
-fn time(
-    table: &'static str,
-    column: &'static str,
-    row: i64,
-    value: &str,
-) -> Result<Instant, StoreError> {
-    instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
-        table,
-        column,
-        row,
-        value: value.to_owned(),
-    })
-}
+use super::sqlite_time as time;
 
 fn text<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
     use rusqlite::types::ValueRef;
