@@ -83,11 +83,7 @@ pub struct Planned {
 }
 
 /// Reads, computes and plans, without writing anything. Logs a line per stage.
-pub async fn plan(store: &Store, cfg: &Config, req: RunRequest) -> Result<Planned, EngineError> {
-    plan_with_progress(store, cfg, req, None).await
-}
-
-async fn plan_with_progress(
+pub async fn plan(
     store: &Store,
     cfg: &Config,
     req: RunRequest,
@@ -192,7 +188,7 @@ pub async fn run_controlled(
             plan,
             computation,
             stages,
-        } = plan_with_progress(store, cfg, req, ctl.progress.as_ref()).await?;
+        } = plan(store, cfg, req, ctl.progress.as_ref()).await?;
         if let Some(expected) = &ctl.expect_digest
             && plan.digest != *expected
         {
@@ -226,7 +222,7 @@ pub async fn run_controlled(
     let planned = match &ctl.expect_digest {
         None => None,
         Some(expected) => {
-            let planned = plan_with_progress(store, cfg, req, ctl.progress.as_ref()).await?;
+            let planned = plan(store, cfg, req, ctl.progress.as_ref()).await?;
             if planned.plan.digest != *expected {
                 return Err(EngineError::DigestMismatch {
                     expected: expected.clone(),
@@ -245,7 +241,7 @@ pub async fn run_controlled(
             mut stages,
         } = match planned {
             Some(p) => p,
-            None => plan_with_progress(store, cfg, req, ctl.progress.as_ref()).await?,
+            None => plan(store, cfg, req, ctl.progress.as_ref()).await?,
         };
         let stats = plan.stats();
         let finish = RunFinish {

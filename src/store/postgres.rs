@@ -141,9 +141,8 @@ impl PgStore {
         let options = PgConnectOptions::from_str(url)
             .map_err(connect_err)?
             .application_name("referral-rewards");
-        // Dry runs only ever SELECT (the snapshot is a READ ONLY transaction), so a role with
-        // nothing but SELECT rights works; no session option is needed for it.
-        let _ = opts.read_only;
+        // `opts.read_only` needs no session option here: dry runs only ever SELECT (the snapshot
+        // is a READ ONLY transaction), so a role with nothing but SELECT rights works.
         // One direct attempt first: the pool would retry a refused connection until its
         // acquire timeout, and an unreachable server should fail at once.
         sqlx::PgConnection::connect_with(&options)
