@@ -49,6 +49,11 @@ pub struct DatabaseConfig {
     /// PostgreSQL: read the snapshot's large queries with binary COPY (faster); the job falls
     /// back to SELECTs by itself where COPY is refused. `false` forces SELECTs.
     pub pg_binary_copy: bool,
+    /// PostgreSQL: seconds a run's statement waits for a lock another transaction holds
+    /// (`lock_timeout`) before the run fails; 0 waits forever.
+    pub lock_timeout_secs: i64,
+    /// PostgreSQL: seconds one statement of a run may take (`statement_timeout`); 0: no limit.
+    pub statement_timeout_secs: i64,
 }
 
 /// SPEC section 3: the qualification rules.
@@ -111,6 +116,8 @@ impl Default for DatabaseConfig {
             url: "sqlite://referral-rewards.db".into(),
             busy_timeout_secs: 30,
             pg_binary_copy: true,
+            lock_timeout_secs: 30,
+            statement_timeout_secs: 600,
         }
     }
 }
@@ -222,15 +229,27 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_url("database.url", &self.database.url)?;
-        // The drivers take milliseconds in an i32.
-        if !(0..=2_000_000).contains(&self.database.busy_timeout_secs) {
-            return Err(invalid(
+        // The drivers and PostgreSQL's settings take milliseconds in an i32.
+        for (key, v) in [
+            (
                 "database.busy_timeout_secs",
-                format!(
-                    "must be between 0 and 2000000, got {}",
-                    self.database.busy_timeout_secs
-                ),
-            ));
+                self.database.busy_timeout_secs,
+            ),
+            (
+                "database.lock_timeout_secs",
+                self.database.lock_timeout_secs,
+            ),
+            (
+                "database.statement_timeout_secs",
+                self.database.statement_timeout_secs,
+            ),
+        ] {
+            if !(0..=2_000_000).contains(&v) {
+                return Err(invalid(
+                    key,
+                    format!("must be between 0 and 2000000, got {v}"),
+                ));
+            }
         }
         let r = &self.rules;
         if !(0..=MAX_DAYS).contains(&r.cooldown_days) {

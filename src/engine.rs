@@ -213,7 +213,7 @@ pub async fn run_controlled(
         return Ok(report);
     }
 
-    let lock = store
+    let mut lock = store
         .try_lock(req.scope)
         .await?
         .ok_or(EngineError::Locked)?;
@@ -245,6 +245,7 @@ pub async fn run_controlled(
         };
         let stats = plan.stats();
         let finish = RunFinish {
+            finished_at: now(),
             stats: stats.clone(),
             outcome_counts: outcome_counts_json(&computation),
             digest: plan.digest.clone(),
@@ -258,7 +259,14 @@ pub async fn run_controlled(
         }
         let t = Clock::now();
         let applied = store
-            .apply(&plan, run_id, req.as_of, &cfg.new_subscription, &finish)
+            .apply(
+                &mut lock,
+                &plan,
+                run_id,
+                req.as_of,
+                &cfg.new_subscription,
+                &finish,
+            )
             .await?;
         stages.write = t.elapsed();
         tracing::info!(
@@ -288,10 +296,9 @@ pub async fn run_controlled(
         }),
         Err(e) => {
             let message = e.to_string();
+            store.settle(&mut lock).await;
             // Still under the lock, so no other run can mistake this row for an orphan.
-            if let Err(record) = store.fail_run(run_id, &message, now()).await {
-                tracing::error!(run_id, error = %record, "could not mark the run failed");
-            }
+            record_failure(store, run_id, &message, ctl).await;
             Err(EngineError::RunFailed { run_id, message })
         }
     };
@@ -301,6 +308,32 @@ pub async fn run_controlled(
         Err(e) => tracing::warn!(run_id, mode = req.scope.mode(), error = %e, "run failed"),
     }
     outcome
+}
+
+/// How many times a failure is offered to a busy SQLite database (each attempt waits up to the
+/// busy timeout) before giving up and leaving the row to the next run's orphan check.
+const RECORD_FAILURE_ATTEMPTS: u32 = 5;
+
+/// Marks the run `failed` with its error. A run that failed because SQLite was busy finds it
+/// busy again here: keep trying for a while rather than leave a `running` row that a later run
+/// would have to guess about.
+async fn record_failure(store: &Store, run_id: i64, message: &str, ctl: &RunControl) {
+    for attempt in 1..=RECORD_FAILURE_ATTEMPTS {
+        match store.fail_run(run_id, message, now()).await {
+            Ok(()) => return,
+            Err(e) if e.is_busy() && attempt < RECORD_FAILURE_ATTEMPTS => {
+                tracing::warn!(run_id, attempt, error = %e, "recording the failure: the database is busy; trying again");
+                if let Some(p) = &ctl.progress {
+                    p("recording the failure: the database is busy, trying again");
+                }
+                tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+            }
+            Err(e) => {
+                tracing::error!(run_id, error = %e, "could not mark the run failed; the next run will mark it abandoned");
+                return;
+            }
+        }
+    }
 }
 
 /// One log line per run, for operators and log search.

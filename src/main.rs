@@ -183,11 +183,28 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
     Ok(config)
 }
 
-async fn connect(config: &Config, read_only: bool) -> Result<Store, Failure> {
+/// How a command opens the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Dry runs, `explain`, `runs`: never writes (SQLite `mode=ro`).
+    ReadOnly,
+    /// Applies and `serve`: writes, but never creates a missing SQLite file (a typo'd path
+    /// must not leave an empty database behind).
+    Write,
+    /// `migrate` and `demo-data`: may create the SQLite file.
+    Create,
+}
+
+async fn connect(config: &Config, access: Access) -> Result<Store, Failure> {
+    let d = &config.database;
+    let secs = |s: i64| Duration::from_secs(s as u64);
     let opts = ConnectOptions {
-        read_only,
-        busy_timeout: Duration::from_secs(config.database.busy_timeout_secs as u64),
-        pg_binary_copy: config.database.pg_binary_copy,
+        read_only: access == Access::ReadOnly,
+        busy_timeout: secs(d.busy_timeout_secs),
+        pg_binary_copy: d.pg_binary_copy,
+        lock_timeout: secs(d.lock_timeout_secs),
+        statement_timeout: secs(d.statement_timeout_secs),
+        create: access == Access::Create,
     };
     Ok(Store::connect(&config.database.url, &opts).await?)
 }
@@ -273,7 +290,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Migrate {
             with_reference_schema,
         } => {
-            let store = connect(&config, false).await?;
+            let store = connect(&config, Access::Create).await?;
             store.migrate(with_reference_schema).await?;
             println!(
                 "migrated {} database{}",
@@ -291,7 +308,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             seed,
             anchor,
         } => {
-            let store = connect(&config, false).await?;
+            let store = connect(&config, Access::Create).await?;
             store.migrate(false).await?;
             let started = std::time::Instant::now();
             let (u, s, e) = store
@@ -343,7 +360,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 }),
                 ..RunControl::default()
             };
-            let store = connect(&config, dry_run).await?;
+            let access = if dry_run {
+                Access::ReadOnly
+            } else {
+                Access::Write
+            };
+            let store = connect(&config, access).await?;
             let req = RunRequest {
                 scope: match (referrer, shard) {
                     (Some(id), _) => Scope::Referrer(id),
@@ -402,7 +424,7 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             as_of,
             format,
         } => {
-            let store = connect(&config, true).await?;
+            let store = connect(&config, Access::ReadOnly).await?;
             let req = RunRequest {
                 scope: Scope::Referrer(referrer),
                 as_of: as_of.unwrap_or_else(now),
@@ -432,11 +454,12 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Serve => {
-            let store = connect(&config, false).await?;
+            serve::settings(&config)?;
+            let store = connect(&config, Access::Write).await?;
             serve::serve(config, store).await?;
         }
         Command::Runs { limit } => {
-            let store = connect(&config, true).await?;
+            let store = connect(&config, Access::ReadOnly).await?;
             let runs = store.runs(limit).await;
             store.close().await;
             print!("{}", summary::runs_table(&runs?));

@@ -71,9 +71,15 @@ impl App {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM; then stops taking ticks and requests, lets an
-/// in-flight run finish within `schedule.shutdown_grace_secs`, else aborts it.
-pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
+/// What `serve` needs from the configuration and environment, checked before anything else
+/// (a usage error must not wait for the database).
+pub struct Settings {
+    cron: String,
+    bind: SocketAddr,
+    token: Option<String>,
+}
+
+pub fn settings(config: &Config) -> Result<Settings, ServeError> {
     let cron = crate::config::cron_with_seconds(&config.schedule.cron).map_err(|e| {
         ServeError::Config {
             key: "schedule.cron",
@@ -84,9 +90,11 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
         key: "http.bind",
         message: format!("not an address:port: {:?}", config.http.bind),
     })?;
+    // Trimmed as the presented token is: a token file's trailing newline is not part of it.
     let token = std::env::var(&config.http.token_env)
         .ok()
-        .filter(|t| !t.trim().is_empty());
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
     if token.is_none() && !bind.ip().is_loopback() {
         return Err(ServeError::Config {
             key: "http.bind",
@@ -96,6 +104,13 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
             ),
         });
     }
+    Ok(Settings { cron, bind, token })
+}
+
+/// Runs the server until SIGINT or SIGTERM; then stops taking ticks and requests, lets an
+/// in-flight run finish within `schedule.shutdown_grace_secs`, else aborts it.
+pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
+    let Settings { cron, bind, token } = settings(&config)?;
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .map_err(|e| ServeError::Runtime(format!("cannot listen on {bind}: {e}")))?;

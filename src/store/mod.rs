@@ -38,17 +38,53 @@ pub enum StoreError {
     /// A failure of the machine rather than of the request (exit 1): lock files, threads.
     #[error("{0}")]
     Runtime(String),
+    /// The run's row is no longer `running` (another run marked it): its writes rolled back.
+    #[error(
+        "run {run_id} is no longer running (its row says {status:?}); its writes were rolled back"
+    )]
+    NotRunning { run_id: i64, status: String },
 }
 
 impl StoreError {
     /// Wraps a driver error, adding the fix for the most common setup mistake.
     pub(crate) fn sql(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-        move |e| StoreError::driver(what, &e)
+        move |e| {
+            let code = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .map(|c| c.into_owned());
+            StoreError::driver_coded(what, &e, code.as_deref())
+        }
+    }
+
+    /// Whether SQLite said the database is busy or locked (another writer, a host reader).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Sql { message, .. }
+            if message.contains("database is locked") || message.contains("database is busy"))
     }
 
     /// Any driver's error (sqlx, rusqlite) as one line, with the fix for missing tables.
     pub(crate) fn driver(what: &'static str, e: &dyn std::fmt::Display) -> StoreError {
+        Self::driver_coded(what, e, None)
+    }
+
+    /// As [`StoreError::driver`], explaining the SQLSTATEs an operator can act on.
+    pub(crate) fn driver_coded(
+        what: &'static str,
+        e: &dyn std::fmt::Display,
+        code: Option<&str>,
+    ) -> StoreError {
         let mut message = one_line(&e.to_string());
+        match code {
+            Some("55P03") => message.push_str(
+                " (another transaction held a lock this run needed for longer than \
+                 database.lock_timeout_secs; the next run tries again)",
+            ),
+            Some("57014") if message.contains("statement timeout") => {
+                message.push_str(" (a statement ran longer than database.statement_timeout_secs)")
+            }
+            _ => {}
+        }
         if message.contains("no such table") || message.contains("does not exist") {
             message.push_str(
                 " (run `referral-rewards migrate`, plus `--with-reference-schema` for a demo database)",
@@ -86,6 +122,12 @@ pub struct ConnectOptions {
     /// PostgreSQL: read the large snapshot queries through binary COPY (falling back to plain
     /// SELECTs where the server refuses it); `false` always uses SELECTs.
     pub pg_binary_copy: bool,
+    /// PostgreSQL `lock_timeout` of the snapshot and apply transactions (zero: none).
+    pub lock_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of the snapshot and apply transactions (zero: none).
+    pub statement_timeout: Duration,
+    /// SQLite: only `migrate` and `demo-data` may create a missing database file.
+    pub create: bool,
 }
 
 impl Default for ConnectOptions {
@@ -94,6 +136,9 @@ impl Default for ConnectOptions {
             read_only: false,
             busy_timeout: Duration::from_secs(30),
             pg_binary_copy: true,
+            lock_timeout: Duration::from_secs(30),
+            statement_timeout: Duration::from_secs(600),
+            create: false,
         }
     }
 }
@@ -124,6 +169,8 @@ pub struct RunRow {
 /// What a run records in its row when it succeeds.
 #[derive(Debug, Clone)]
 pub struct RunFinish {
+    /// From the application's clock, like the row's `started_at`.
+    pub finished_at: Instant,
     pub stats: PlanStats,
     /// JSON object: outcome name → count.
     pub outcome_counts: String,
@@ -151,8 +198,14 @@ pub(crate) enum Held {
     /// SQLite: `flock`s on `<database>.lock` files, released by the OS if the process dies.
     Files(#[allow(dead_code)] Vec<std::fs::File>),
     /// PostgreSQL: session advisory locks on a dedicated connection, released when the
-    /// connection closes, so a killed process never leaves them behind.
-    Postgres(#[allow(dead_code)] Box<sqlx::PgConnection>),
+    /// connection closes, so a killed process never leaves them behind. The apply transaction
+    /// runs on this same connection: if the server closed it (and so released the lock), the
+    /// write cannot commit, whoever holds the lock now. `broken` is set after a failed write,
+    /// so that the connection is closed rather than kept for the next run.
+    Postgres {
+        conn: Box<sqlx::PgConnection>,
+        broken: bool,
+    },
 }
 
 pub enum Store {
@@ -248,9 +301,12 @@ impl Store {
         }
     }
 
-    /// Writes the plan in one transaction and marks the run succeeded in the same commit.
+    /// Writes the plan in one transaction and marks the run succeeded in the same commit,
+    /// fenced by the run lock: the commit happens only while `lock` is still held and the
+    /// run's row still says `running`.
     pub async fn apply(
         &self,
+        lock: &mut RunLock,
         plan: &Plan,
         run_id: i64,
         as_of: Instant,
@@ -259,10 +315,23 @@ impl Store {
     ) -> Result<ApplyOutcome, StoreError> {
         match self {
             Store::Sqlite(s) => s.apply(plan, run_id, as_of, new_subscription, finish).await,
-            Store::Postgres(s) => s.apply(plan, run_id, as_of, new_subscription, finish).await,
+            Store::Postgres(s) => {
+                s.apply(lock, plan, run_id, as_of, new_subscription, finish)
+                    .await
+            }
         }
     }
 
+    /// After a failed or aborted write: ends what is left of its transaction before the run's
+    /// row is marked failed (an unsent rollback would otherwise keep the row locked).
+    pub async fn settle(&self, lock: &mut RunLock) {
+        if let Store::Postgres(s) = self {
+            s.settle(lock).await
+        }
+    }
+
+    /// Marks the run `failed` with its error, also over an `abandoned` mark that another run
+    /// made meanwhile (this process knows better why it ended), never over `succeeded`.
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.fail_run(run_id, error, now).await,

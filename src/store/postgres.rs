@@ -35,6 +35,8 @@ pub struct PgStore {
     /// Idle connections for the run lock, kept so that a one-referrer run does not pay a new
     /// connection each time.
     lock_conns: tokio::sync::Mutex<Vec<sqlx::PgConnection>>,
+    /// `SET LOCAL` statements bounding lock waits and statements in the run's transactions.
+    timeouts: String,
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -120,12 +122,26 @@ fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, pgcopy::CopyError
 /// Pins the transaction to UTC, so that `TIMESTAMP` columns (UTC by SPEC) and `TIMESTAMPTZ`
 /// columns compare and convert as the same instants. sqlx asks for UTC at connect, but a URL's
 /// `options` or a connection pooler can change it; `SET LOCAL` holds for this transaction.
-async fn utc(tx: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-    sqlx::query("SET LOCAL TIME ZONE 'UTC'")
-        .execute(tx)
-        .await
-        .map(|_| ())
-        .map_err(q("setting the time zone"))
+/// Also bounds lock waits and statements (`database.lock_timeout_secs`,
+/// `database.statement_timeout_secs`): a host transaction holding a row the run needs fails
+/// the run with a clear message instead of blocking it, and every later tick, forever.
+async fn utc(tx: &mut sqlx::PgConnection, timeouts: &str) -> Result<(), StoreError> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL TIME ZONE 'UTC'; {timeouts}"
+    )))
+    .execute(tx)
+    .await
+    .map(|_| ())
+    .map_err(q("setting the time zone and timeouts"))
+}
+
+/// `SET LOCAL` of both timeouts, in milliseconds (0: no limit, PostgreSQL's own default).
+fn timeouts_sql(opts: &ConnectOptions) -> String {
+    format!(
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {};",
+        opts.lock_timeout.as_millis(),
+        opts.statement_timeout.as_millis()
+    )
 }
 
 fn dt(t: Instant) -> DateTime<Utc> {
@@ -160,6 +176,7 @@ impl PgStore {
             options,
             copy: std::sync::atomic::AtomicBool::new(opts.pg_binary_copy),
             lock_conns: tokio::sync::Mutex::new(Vec::new()),
+            timeouts: timeouts_sql(opts),
         })
     }
 
@@ -209,7 +226,7 @@ impl PgStore {
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q("starting the snapshot"))?;
-        utc(&mut tx).await?;
+        utc(&mut tx, &self.timeouts).await?;
         let mut snap = Snapshot::default();
         let mut sw = Stopwatch::start();
         let (from, to) = (dt(window.0), dt(window.1));
@@ -530,10 +547,22 @@ impl PgStore {
         }
     }
 
+    /// The lock's connection sits idle while the run reads and computes: a server-side
+    /// `idle_session_timeout` (PostgreSQL 14+) would close it and free the lock mid-run. It is
+    /// switched off for this one session; if the connection is lost anyway, the fence in
+    /// [`PgStore::apply`] keeps the run from writing.
     async fn lock_connection(&self) -> Result<sqlx::PgConnection, StoreError> {
-        sqlx::PgConnection::connect_with(&self.options)
+        let mut conn = sqlx::PgConnection::connect_with(&self.options)
             .await
-            .map_err(q("connecting for the run lock"))
+            .map_err(q("connecting for the run lock"))?;
+        sqlx::query(
+            "SELECT set_config('idle_session_timeout', '0', false) \
+             WHERE current_setting('server_version_num')::int >= 140000",
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(q("connecting for the run lock"))?;
+        Ok(conn)
     }
 
     async fn lock_on(
@@ -566,14 +595,34 @@ impl PgStore {
         }
         Ok(Some(RunLock {
             shard,
-            _held: Held::Postgres(Box::new(conn)),
+            _held: Held::Postgres {
+                conn: Box::new(conn),
+                broken: false,
+            },
         }))
     }
 
-    /// Releases the run lock and keeps its connection for the next run.
+    /// Releases the run lock and keeps its connection for the next run, unless a write failed
+    /// on it (then closing it is the sure way to end its session and its locks).
     pub async fn release(&self, lock: RunLock) {
-        if let Held::Postgres(conn) = lock._held {
-            self.keep(*conn).await;
+        if let Held::Postgres { conn, broken } = lock._held {
+            if broken {
+                let _ = conn.close().await;
+            } else {
+                self.keep(*conn).await;
+            }
+        }
+    }
+
+    /// Flushes the rollback of a dropped apply transaction on the lock's connection, so that
+    /// the run row it had updated is unlocked before the failure is recorded.
+    pub async fn settle(&self, lock: &mut RunLock) {
+        if let Held::Postgres { conn, broken } = &mut lock._held {
+            *broken = true;
+            let ping = tokio::time::timeout(std::time::Duration::from_secs(10), conn.ping());
+            if !matches!(ping.await, Ok(Ok(()))) {
+                tracing::warn!("the run lock's connection did not answer after a failed write");
+            }
         }
     }
 
@@ -626,7 +675,7 @@ impl PgStore {
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 \
-             WHERE id = $3 AND status = 'running'",
+             WHERE id = $3 AND status IN ('running', 'abandoned')",
         )
         .bind(dt(now))
         .bind(error)
@@ -637,21 +686,33 @@ impl PgStore {
         Ok(())
     }
 
+    /// The write runs on the run lock's own connection: the lock is a session lock of that
+    /// connection, so the transaction can only commit while the lock is held. Had the server
+    /// closed the connection (an idle reaper, a network drop, `pg_terminate_backend`), the lock
+    /// would be free for another run, and this write fails instead of racing it.
     pub async fn apply(
         &self,
+        lock: &mut RunLock,
         plan: &Plan,
         run_id: i64,
         as_of: Instant,
         new_sub: &NewSubscriptionConfig,
         finish: &RunFinish,
     ) -> Result<ApplyOutcome, StoreError> {
+        let Held::Postgres { conn, .. } = &mut lock._held else {
+            return Err(StoreError::Runtime(
+                "a PostgreSQL apply needs a PostgreSQL run lock".into(),
+            ));
+        };
         let mut out = ApplyOutcome::default();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(q("starting the write transaction"))?;
-        utc(&mut tx).await?;
+        let mut tx = conn.begin().await.map_err(|e| StoreError::Sql {
+            what: "starting the write transaction",
+            message: format!(
+                "the run lock's connection was lost, so another run may hold the lock now: {}",
+                super::one_line(&e.to_string())
+            ),
+        })?;
+        utc(&mut tx, &self.timeouts).await?;
 
         let upserts: Vec<&RewardResult> = plan.reward_upserts().collect();
         if !upserts.is_empty() {
@@ -767,24 +828,33 @@ impl PgStore {
         }
 
         let s = &finish.stats;
-        sqlx::query(
-            "UPDATE reward_runs SET status = 'succeeded', finished_at = clock_timestamp(), referrers_processed = $1, \
-             rewards_up = $2, rewards_down = $3, bonus_delta = $4, reward_rows_written = $5, \
-             host_values_written = $6, conflicts = $7, outcome_counts = $8, digest = $9 WHERE id = $10",
-        )
-        .bind(s.referrers as i64)
-        .bind(s.rewards_up as i64)
-        .bind(s.rewards_down as i64)
-        .bind(s.bonus_delta)
-        .bind(out.reward_rows_written as i64)
-        .bind(out.host_values_written as i64)
-        .bind(out.conflicts.len() as i64)
-        .bind(&finish.outcome_counts)
-        .bind(&finish.digest)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("recording the run"))?;
+        let finished = sqlx::query(include_str!("../../sql/queries/postgres/finish_run.sql"))
+            .bind(s.referrers as i64)
+            .bind(s.rewards_up as i64)
+            .bind(s.rewards_down as i64)
+            .bind(s.bonus_delta)
+            .bind(out.reward_rows_written as i64)
+            .bind(out.host_values_written as i64)
+            .bind(out.conflicts.len() as i64)
+            .bind(&finish.outcome_counts)
+            .bind(&finish.digest)
+            .bind(run_id)
+            .bind(dt(finish.finished_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording the run"))?;
+        if finished.rows_affected() != 1 {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM reward_runs WHERE id = $1")
+                    .bind(run_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(q("reading the run"))?;
+            return Err(StoreError::NotRunning {
+                run_id,
+                status: status.unwrap_or_else(|| "missing".into()),
+            });
+        }
 
         tx.commit().await.map_err(q("committing the run"))?;
         Ok(out)

@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde_json::json;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection, Row};
 
 use super::{
@@ -46,6 +44,9 @@ fn opt_time(
 }
 
 impl SqliteStore {
+    /// Opens the database without changing it: no journal mode is set (the host's choice
+    /// persists in the file and is not ours to change), dry runs open it `mode=ro`, and only
+    /// `migrate` and `demo-data` may create a missing file.
     pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self, StoreError> {
         let connect_err = |e: sqlx::Error| StoreError::Connect {
             url: url.to_owned(),
@@ -57,17 +58,14 @@ impl SqliteStore {
         options = if opts.read_only {
             options.read_only(true)
         } else {
-            options
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
+            options.create_if_missing(opts.create)
         };
         let path = options.get_filename().to_path_buf();
         let in_memory = url.contains(":memory:") || path.as_os_str().is_empty();
-        if opts.read_only && !in_memory && !path.exists() {
+        if !opts.create && !in_memory && !path.exists() {
             return Err(StoreError::Connect {
                 url: url.to_owned(),
-                message: "no database file there".into(),
+                message: "no database file there (`referral-rewards migrate` creates one)".into(),
             });
         }
         let pool = SqlitePoolOptions::new()
@@ -139,13 +137,16 @@ impl SqliteStore {
 
     /// `flock` on `<database>.lock`: exclusive for a full or one-referrer run; shared plus an
     /// exclusive `<database>.lock.shard-K-of-N` for a shard, so that shards run side by side
-    /// but never beside a full run or the same shard.
+    /// but never beside a full run or the same shard. The lock files sit beside the database's
+    /// canonical path, so that a symlink or `./x.db` beside `x.db` finds the same lock.
     pub fn try_lock(&self, shard: Option<Shard>) -> Result<Option<RunLock>, StoreError> {
         let Some(path) = &self.path else {
             return Err(StoreError::Invalid(
                 "an in-memory SQLite database cannot be reconciled with a lock; use a file".into(),
             ));
         };
+        let path = &std::fs::canonicalize(path)
+            .map_err(|e| StoreError::Runtime(format!("cannot resolve {}: {e}", path.display())))?;
         let open = |suffix: String| -> Result<(std::fs::File, PathBuf), StoreError> {
             let mut lock_path = path.clone().into_os_string();
             lock_path.push(suffix);
@@ -238,7 +239,7 @@ impl SqliteStore {
     pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 \
-             WHERE id = $3 AND status = 'running'",
+             WHERE id = $3 AND status IN ('running', 'abandoned')",
         )
         .bind(instant::to_sql_text(now))
         .bind(error)
@@ -263,7 +264,7 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(q("starting the write transaction"))?;
-        let now = instant::to_sql_text(instant::from_datetime(chrono::Utc::now()));
+        let now = instant::to_sql_text(finish.finished_at);
 
         let upserts: Vec<_> = plan
             .reward_upserts()
@@ -349,25 +350,33 @@ impl SqliteStore {
         }
 
         let s = &finish.stats;
-        sqlx::query(
-            "UPDATE reward_runs SET status = 'succeeded', finished_at = $1, referrers_processed = $2, \
-             rewards_up = $3, rewards_down = $4, bonus_delta = $5, reward_rows_written = $6, \
-             host_values_written = $7, conflicts = $8, outcome_counts = $9, digest = $10 WHERE id = $11",
-        )
-        .bind(&now)
-        .bind(s.referrers as i64)
-        .bind(s.rewards_up as i64)
-        .bind(s.rewards_down as i64)
-        .bind(s.bonus_delta)
-        .bind(out.reward_rows_written as i64)
-        .bind(out.host_values_written as i64)
-        .bind(out.conflicts.len() as i64)
-        .bind(&finish.outcome_counts)
-        .bind(&finish.digest)
-        .bind(run_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(q("recording the run"))?;
+        let finished = sqlx::query(include_str!("../../sql/queries/sqlite/finish_run.sql"))
+            .bind(instant::to_sql_text(finish.finished_at))
+            .bind(s.referrers as i64)
+            .bind(s.rewards_up as i64)
+            .bind(s.rewards_down as i64)
+            .bind(s.bonus_delta)
+            .bind(out.reward_rows_written as i64)
+            .bind(out.host_values_written as i64)
+            .bind(out.conflicts.len() as i64)
+            .bind(&finish.outcome_counts)
+            .bind(&finish.digest)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording the run"))?;
+        if finished.rows_affected() != 1 {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM reward_runs WHERE id = $1")
+                    .bind(run_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(q("reading the run"))?;
+            return Err(StoreError::NotRunning {
+                run_id,
+                status: status.unwrap_or_else(|| "missing".into()),
+            });
+        }
 
         tx.commit().await.map_err(q("committing the run"))?;
         Ok(out)

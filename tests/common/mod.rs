@@ -189,16 +189,9 @@ impl TestDb {
     }
 
     pub async fn store(&self) -> Store {
-        Store::connect(
-            &self.url,
-            &ConnectOptions {
-                read_only: false,
-                busy_timeout: Duration::from_secs(10),
-                ..ConnectOptions::default()
-            },
-        )
-        .await
-        .expect("store")
+        Store::connect(&self.url, &self.opts())
+            .await
+            .expect("store")
     }
 
     pub async fn exec(&self, sql: &str) {
@@ -551,6 +544,103 @@ macro_rules! each_backend {
                 }
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg_timestamptz() {
+                if let Some(db) = TestDb::new(Backend::PgTimestamptz).await {
+                    ($body)(db).await;
+                }
+            }
+        }
+    };
+}
+
+/// A handshake with a running engine through its progress hook: when the run reports a stage
+/// whose message starts with `stage`, the hook tells the test (`reached`) and, if `hold`, blocks
+/// the run right there until the test calls [`Pause::resume`]. No sleeps: the test acts exactly
+/// when the run is at that point.
+pub struct Pause {
+    reached: tokio::sync::mpsc::UnboundedReceiver<String>,
+    resume: std::sync::mpsc::Sender<()>,
+}
+
+impl Pause {
+    pub fn at(stage: &'static str, hold: bool) -> (engine::Progress, Pause) {
+        let (reached_tx, reached) = tokio::sync::mpsc::unbounded_channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
+        let resume_rx = std::sync::Mutex::new(resume_rx);
+        let hook: engine::Progress = std::sync::Arc::new(move |what: &str| {
+            if what.starts_with(stage) {
+                let _ = reached_tx.send(what.to_owned());
+                if hold {
+                    let _ = resume_rx.lock().unwrap().recv();
+                }
+            }
+        });
+        (hook, Pause { reached, resume })
+    }
+
+    /// Waits until the run reaches the stage; returns the stage's message.
+    pub async fn reached(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(60), self.reached.recv())
+            .await
+            .expect("the run never reached the stage")
+            .expect("the run ended before the stage")
+    }
+
+    pub fn resume(&self) {
+        let _ = self.resume.send(());
+    }
+}
+
+/// Starts an applying (or dry) run on its own store in a task, steered by `progress`.
+pub fn spawn_run(
+    url: String,
+    opts: ConnectOptions,
+    cfg: Config,
+    req: RunRequest,
+    progress: Option<engine::Progress>,
+) -> tokio::task::JoinHandle<Result<RunReport, EngineError>> {
+    tokio::spawn(async move {
+        let store = Store::connect(&url, &opts).await.expect("store");
+        let ctl = engine::RunControl {
+            progress,
+            ..engine::RunControl::default()
+        };
+        let r = engine::run_controlled(&store, &cfg, req, &ctl).await;
+        store.close().await;
+        r
+    })
+}
+
+impl TestDb {
+    /// The options the tests' stores use.
+    pub fn opts(&self) -> ConnectOptions {
+        ConnectOptions {
+            read_only: false,
+            busy_timeout: Duration::from_secs(10),
+            ..ConnectOptions::default()
+        }
+    }
+
+    /// The database name on PostgreSQL.
+    pub fn pg_name(&self) -> Option<&str> {
+        self.pg_name.as_deref()
+    }
+}
+
+/// Runs `f` on each PostgreSQL schema, for what only PostgreSQL has (no SQLite variant that
+/// would pass by returning at once).
+#[macro_export]
+macro_rules! each_pg_backend {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn pg_timestamp() {
+                if let Some(db) = TestDb::new(Backend::PgTimestamp).await {
+                    ($body)(db).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn pg_timestamptz() {
                 if let Some(db) = TestDb::new(Backend::PgTimestamptz).await {
                     ($body)(db).await;

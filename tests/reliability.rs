@@ -1,0 +1,390 @@
+//! The run lock fences the write; run rows tell the truth; contention happens where the test
+//! puts it (a run paused at its write stage through its progress hook), never by chance.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use referral_rewards::config::Config;
+use referral_rewards::engine::{EngineError, RunRequest};
+use referral_rewards::snapshot::Scope;
+use sqlx::Connection;
+
+fn apply_req(as_of: i64) -> RunRequest {
+    RunRequest {
+        scope: Scope::Full,
+        as_of,
+        dry_run: false,
+    }
+}
+
+/// Ledger rows recorded twice for one referrer and field in one as-of: a double write.
+async fn duplicated_ledger_rows(db: &TestDb) -> i64 {
+    db.scalar(
+        "SELECT COUNT(*) FROM (SELECT c.referrer_user_id, c.field, c.new_value FROM reward_changes c \
+         GROUP BY c.referrer_user_id, c.field, c.new_value HAVING COUNT(*) > 1) AS d",
+    )
+    .await
+}
+
+async fn run_rows(db: &TestDb) -> Vec<(String, Option<String>)> {
+    db.rows("SELECT status, error FROM reward_runs ORDER BY id")
+        .await
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone()))
+        .collect()
+}
+
+/// The server closes the lock's connection mid-run (as `pg_terminate_backend`, an idle reaper
+/// or a network drop would): a second run takes the lock and applies; the first must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_whose_lock_connection_dies_cannot_write() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    db.load(&every_outcome()).await;
+    let (hook, mut pause) = Pause::at("writing", true);
+    let first = spawn_run(
+        db.url.clone(),
+        db.opts(),
+        Config::default(),
+        apply_req(now()),
+        Some(hook),
+    );
+    pause.reached().await;
+
+    // The first run holds the lock on one connection: terminate that backend and wait for it.
+    let killed = db
+        .scalar(
+            "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid, 10000) AS t FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS k \
+             WHERE t",
+        )
+        .await;
+    assert_eq!(killed, 1, "the lock's backend was terminated");
+
+    // The lock is free: a second run takes it and applies everything.
+    let second = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    let written = second.applied.unwrap().ledger_rows_written as i64;
+    assert!(written > 0);
+
+    pause.resume();
+    let e = first.await.unwrap().unwrap_err();
+    let EngineError::RunFailed { message, .. } = &e else {
+        panic!("{e}")
+    };
+    assert!(message.contains("run lock"), "{message}");
+    assert_eq!(
+        db.scalar("SELECT COUNT(*) FROM reward_changes").await,
+        written,
+        "only the second run recorded changes"
+    );
+    assert_eq!(duplicated_ledger_rows(&db).await, 0);
+    let runs = run_rows(&db).await;
+    assert_eq!(
+        runs[0].0, "failed",
+        "the first run says why it ended: {runs:?}"
+    );
+    assert!(runs[0].1.as_deref().unwrap().contains("run lock"));
+    assert_eq!(runs[1].0, "succeeded");
+}
+
+/// `idle_session_timeout` on the database: the lock's connection, idle while the run reads and
+/// computes, must not be closed under the run (it switches the timeout off for itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_session_timeout_does_not_free_the_lock_mid_run() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    db.load(&every_outcome()).await;
+    let name = db.pg_name().unwrap().to_owned();
+    db.exec(&format!(
+        "ALTER DATABASE {name} SET idle_session_timeout = '200ms'"
+    ))
+    .await;
+    let (hook, mut pause) = Pause::at("writing", true);
+    let first = spawn_run(
+        db.url.clone(),
+        db.opts(),
+        Config::default(),
+        apply_req(now()),
+        Some(hook),
+    );
+    pause.reached().await;
+
+    // Proof that the timeout is in force and has passed for the lock's connection: an idle
+    // probe opened after the lock was taken gets closed by the server.
+    let mut probe = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let probe_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+    let mut watcher = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    loop {
+        let alive: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(probe_pid)
+            .fetch_one(&mut watcher)
+            .await
+            .unwrap();
+        if alive == 0 {
+            break;
+        }
+        // Polled well within the timeout, so the watcher itself never goes idle long enough.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let holders: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&mut watcher)
+    .await
+    .unwrap();
+    assert_eq!(holders, 1, "the run still holds its lock");
+    let _ = watcher.close().await;
+
+    let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
+    assert!(matches!(e, EngineError::Locked), "{e}");
+
+    pause.resume();
+    let report = first.await.unwrap().unwrap();
+    assert!(report.applied.unwrap().ledger_rows_written > 0);
+    assert_eq!(duplicated_ledger_rows(&db).await, 0);
+    assert_eq!(run_rows(&db).await.len(), 1, "the refused run left no row");
+}
+
+each_backend!(
+    a_run_marked_abandoned_meanwhile_rolls_back_its_write,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let before = db.state().await;
+        let (hook, mut pause) = Pause::at("writing", true);
+        let run = spawn_run(
+            db.url.clone(),
+            db.opts(),
+            Config::default(),
+            apply_req(now()),
+            Some(hook),
+        );
+        pause.reached().await;
+        // What another run that took the lock would do to this run's row.
+        db.exec("UPDATE reward_runs SET status = 'abandoned'").await;
+        pause.resume();
+        let e = run.await.unwrap().unwrap_err();
+        let EngineError::RunFailed { message, .. } = &e else {
+            panic!("{e}")
+        };
+        assert!(message.contains("no longer running"), "{message}");
+        assert_eq!(db.state().await, before, "nothing of the run was committed");
+        let runs = run_rows(&db).await;
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].0, "failed", "{runs:?}");
+    }
+);
+
+each_backend!(
+    a_second_run_while_one_is_writing_is_refused,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let (hook, mut pause) = Pause::at("writing", true);
+        let first = spawn_run(
+            db.url.clone(),
+            db.opts(),
+            Config::default(),
+            apply_req(now()),
+            Some(hook),
+        );
+        pause.reached().await;
+        for scope in [
+            Scope::Full,
+            Scope::Referrer(1),
+            Scope::Shard(referral_rewards::snapshot::Shard::parse("1/2").unwrap()),
+        ] {
+            let e = db.reconcile(scope, now(), false).await.unwrap_err();
+            assert!(matches!(e, EngineError::Locked), "{scope:?}: {e}");
+        }
+        // A dry run needs no lock.
+        db.reconcile(Scope::Full, now(), true).await.unwrap();
+        pause.resume();
+        let report = first.await.unwrap().unwrap();
+        assert!(report.applied.unwrap().ledger_rows_written > 0);
+        assert_eq!(
+            run_rows(&db).await,
+            [("succeeded".to_owned(), None)],
+            "one run, the first; the refused ones left no row"
+        );
+    }
+);
+
+/// SQLite busy past the busy timeout: the run fails, and its row says so (the failure is
+/// offered again until the database takes it), instead of staying `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_failing_on_a_busy_sqlite_database_records_its_failure() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let before = db.state().await;
+    let (hook, mut writing) = Pause::at("writing", true);
+    let (retry_hook, mut retrying) = Pause::at("recording the failure", false);
+    let both: referral_rewards::engine::Progress = std::sync::Arc::new(move |m: &str| {
+        hook(m);
+        retry_hook(m);
+    });
+    let mut opts = db.opts();
+    opts.busy_timeout = Duration::from_millis(100);
+    let run = spawn_run(
+        db.url.clone(),
+        opts,
+        Config::default(),
+        apply_req(now()),
+        Some(both),
+    );
+    writing.reached().await;
+    // A host writer holds the database longer than the run's busy timeout.
+    let mut host = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut host)
+        .await
+        .unwrap();
+    writing.resume();
+    // The write failed, and so did the first attempt to record it: the host lets go now.
+    let said = retrying.reached().await;
+    assert!(said.contains("busy"), "{said}");
+    sqlx::query("COMMIT").execute(&mut host).await.unwrap();
+
+    let e = run.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("database is locked"), "{e}");
+    assert_eq!(db.state().await, before);
+    let runs = run_rows(&db).await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].0, "failed", "{runs:?}");
+    assert!(runs[0].1.as_deref().unwrap().contains("database is locked"));
+}
+
+/// The lock follows the file, not the path text: a symlink to the database and `dir/./x.db`
+/// find the lock an ordinary path holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_lock_is_keyed_on_the_file_not_the_path_text() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let path = db.url.strip_prefix("sqlite://").unwrap().to_owned();
+    let path = std::path::Path::new(&path);
+    let dir = path.parent().unwrap();
+    let link = dir.join("link.db");
+    std::os::unix::fs::symlink(path, &link).unwrap();
+    let holder = db.store().await;
+    let lock = holder.try_lock(Scope::Full).await.unwrap().expect("lock");
+    for url in [
+        format!("sqlite://{}", link.display()),
+        format!(
+            "sqlite://{}/./{}",
+            dir.display(),
+            path.file_name().unwrap().to_str().unwrap()
+        ),
+    ] {
+        let other = referral_rewards::store::Store::connect(&url, &db.opts())
+            .await
+            .unwrap();
+        assert!(
+            other.try_lock(Scope::Full).await.unwrap().is_none(),
+            "{url} got a second lock"
+        );
+        other.close().await;
+    }
+    holder.release(lock).await;
+    holder.close().await;
+}
+
+/// A typo'd SQLite path: an error naming it, and no file or lock file left behind.
+#[tokio::test]
+async fn a_missing_sqlite_database_is_not_created_by_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.db");
+    let url = format!("sqlite://{}", path.display());
+    for read_only in [false, true] {
+        let opts = referral_rewards::store::ConnectOptions {
+            read_only,
+            ..Default::default()
+        };
+        let e = referral_rewards::store::Store::connect(&url, &opts)
+            .await
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("no database file"), "{e}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// The job never changes the host database's journal mode.
+#[tokio::test]
+async fn the_journal_mode_of_the_host_database_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("host.db");
+    let url = format!("sqlite://{}", path.display());
+    let create = referral_rewards::store::ConnectOptions {
+        create: true,
+        ..Default::default()
+    };
+    let store = referral_rewards::store::Store::connect(&url, &create)
+        .await
+        .unwrap();
+    store.migrate(true).await.unwrap();
+    store.close().await;
+    let store = referral_rewards::store::Store::connect(&url, &Default::default())
+        .await
+        .unwrap();
+    engine_apply(&store).await;
+    store.close().await;
+    let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(mode, "delete");
+    assert!(!dir.path().join("host.db-wal").exists());
+}
+
+async fn engine_apply(store: &referral_rewards::store::Store) {
+    referral_rewards::engine::run(store, &Config::default(), apply_req(now()))
+        .await
+        .unwrap();
+}
+
+// A host transaction holds a subscriptions row the run must write: the run waits at most
+// `database.lock_timeout_secs`, then fails saying so, with nothing written. (SQLite has no row
+// locks; its busy timeout is tested above.)
+each_pg_backend!(
+    a_host_row_lock_fails_the_run_after_the_lock_timeout,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let before = db.state().await;
+        let (hook, mut pause) = Pause::at("writing", true);
+        let mut opts = db.opts();
+        opts.lock_timeout = Duration::from_millis(200);
+        let run = spawn_run(
+            db.url.clone(),
+            opts,
+            Config::default(),
+            apply_req(now()),
+            Some(hook),
+        );
+        pause.reached().await;
+        let mut host = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut host).await.unwrap();
+        // User 30's bonus is one the run sets back to zero.
+        sqlx::query("SELECT 1 FROM subscriptions WHERE user_id = 30 FOR UPDATE")
+            .execute(&mut host)
+            .await
+            .unwrap();
+        pause.resume();
+        let e = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the run waited for the row lock forever")
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("database.lock_timeout_secs"), "{e}");
+        sqlx::query("ROLLBACK").execute(&mut host).await.unwrap();
+        assert_eq!(db.state().await, before);
+        assert_eq!(run_rows(&db).await[0].0, "failed");
+    }
+);
