@@ -228,6 +228,35 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        // A NUL passes TOML and SQLite but PostgreSQL refuses it in text, at apply time.
+        let texts = [
+            ("database.url", vec![&self.database.url]),
+            (
+                "rules.qualifying_tiers",
+                self.rules.qualifying_tiers.iter().collect(),
+            ),
+            (
+                "rules.qualifying_statuses",
+                self.rules.qualifying_statuses.iter().collect(),
+            ),
+            (
+                "rewards.badges",
+                self.rewards.badges.iter().map(|b| &b.name).collect(),
+            ),
+            ("new_subscription.tier", vec![&self.new_subscription.tier]),
+            (
+                "new_subscription.status",
+                vec![&self.new_subscription.status],
+            ),
+            ("schedule.cron", vec![&self.schedule.cron]),
+            ("http.bind", vec![&self.http.bind]),
+            ("http.token_env", vec![&self.http.token_env]),
+        ];
+        for (key, values) in texts {
+            if let Some(v) = values.iter().find(|v| v.contains('\0')) {
+                return Err(invalid(key, format!("contains a NUL character: {v:?}")));
+            }
+        }
         validate_url("database.url", &self.database.url)?;
         // The drivers and PostgreSQL's settings take milliseconds in an i32.
         for (key, v) in [
@@ -428,6 +457,19 @@ mod tests {
     fn busy_timeout_beyond_the_drivers_range_is_refused() {
         let e = err("[database]\nbusy_timeout_secs = 9999999999");
         assert!(e.contains("database.busy_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn a_nul_character_in_a_text_value_names_the_key() {
+        let e = err("[rules]\nqualifying_tiers = [\"trader\", \"ty\\u0000coon\"]\n");
+        assert!(
+            e.contains("rules.qualifying_tiers") && e.contains("NUL"),
+            "{e}"
+        );
+        let e = err("[new_subscription]\ntier = \"sc\\u0000out\"\n");
+        assert!(e.contains("new_subscription.tier"), "{e}");
+        let e = err("[[rewards.badges]]\nname = \"a\\u0000\"\nthreshold = 3\n");
+        assert!(e.contains("rewards.badges"), "{e}");
     }
 
     #[test]

@@ -41,6 +41,30 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("computing rewards: {0}")]
     Compute(String),
+    /// A bug: the run's work panicked. The run fails (its row says so); the process goes on.
+    #[error("internal error (a bug; please report it): {0}")]
+    Panicked(String),
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Tests make a run panic on purpose (`REFERRAL_REWARDS_FAULT_PANIC_REFERRER=ID`: a
+/// one-referrer run for ID panics while computing), to show that a panic fails that run only.
+fn fault_injection(scope: Scope) {
+    if let (Scope::Referrer(id), Ok(v)) = (
+        scope,
+        std::env::var("REFERRAL_REWARDS_FAULT_PANIC_REFERRER"),
+    ) && v.trim() == id.to_string()
+    {
+        panic!("fault injected for referrer {id}");
+    }
 }
 
 /// What a run did (or, for a dry run, would do).
@@ -115,6 +139,7 @@ pub async fn plan(
     ));
     let cfg = cfg.clone();
     let (plan, computation, compute_time, plan_time) = tokio::task::spawn_blocking(move || {
+        fault_injection(req.scope);
         let t = Clock::now();
         let computation = compute::compute(&snapshot, &cfg, req.as_of)
             .map_err(|e| EngineError::Compute(e.to_string()))?;
@@ -129,7 +154,10 @@ pub async fn plan(
         Ok::<_, EngineError>((plan, computation, compute_time, t.elapsed()))
     })
     .await
-    .map_err(|e| EngineError::Compute(e.to_string()))??;
+    .map_err(|e| match e.try_into_panic() {
+        Ok(payload) => EngineError::Panicked(panic_message(&*payload)),
+        Err(e) => EngineError::Compute(e.to_string()),
+    })??;
     stages.compute = compute_time;
     stages.plan = plan_time;
     tracing::info!(
@@ -276,6 +304,11 @@ pub async fn run_controlled(
         );
         Ok::<_, EngineError>((plan, computation, stats, applied, stages))
     };
+    // A panic in the run's own async work fails this run like any error (its row says so).
+    let work = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work));
+    let work = futures_util::FutureExt::map(work, |r| {
+        r.unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(&*p))))
+    });
     // Dropping `work` drops its open transaction, which rolls back.
     let result = tokio::select! {
         r = work => r,

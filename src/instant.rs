@@ -102,15 +102,24 @@ fn parse_canonical(b: &[u8]) -> Option<Instant> {
     Some(date.and_time(time).and_utc().timestamp_micros())
 }
 
-/// Parses `--as-of`: RFC 3339 with any offset; a time without an offset is UTC.
+/// Parses `--as-of`: RFC 3339 with any offset; a time without an offset is UTC. Only years 1
+/// to 9999 are accepted: every backend stores them (an as-of becomes a run's `as_of` and may
+/// become a subscription's `started_at`), and every window computed from them stays in range.
 pub fn parse_as_of(s: &str) -> Result<Instant, String> {
     let s = s.trim();
     if s.is_empty() {
         return Err("empty time".into());
     }
-    parse_sql_text(s).ok_or_else(|| {
+    let t = parse_sql_text(s).ok_or_else(|| {
         format!("{s:?} is not a time; expected RFC 3339 such as 2026-11-01T12:00:00Z")
-    })
+    })?;
+    let year = to_datetime(t).year();
+    if !(1..=9999).contains(&year) {
+        return Err(format!(
+            "{s:?} is in the year {year}; only the years 1 to 9999 can be stored by every database"
+        ));
+    }
+    Ok(t)
 }
 
 /// The calendar date (UTC) of an instant, as `YYYY-MM-DD`: used for index-friendly coarse
@@ -178,6 +187,27 @@ mod tests {
         let b = parse_as_of("2026-11-01T12:00:00Z").unwrap();
         assert_eq!(a, b);
         assert_eq!(parse_as_of("2026-11-01T12:00:00").unwrap(), b);
+    }
+
+    #[test]
+    fn as_of_outside_years_1_to_9999_is_refused() {
+        for s in [
+            "+262000-01-01T00:00:00Z",
+            "+10000-01-01T00:00:00Z",
+            "0000-12-31T23:59:59Z",
+            "-0001-01-01T00:00:00Z",
+            "+262143-12-31T23:59:59Z",
+        ] {
+            let e = parse_as_of(s).expect_err(s);
+            assert!(
+                e.contains("1 to 9999") || e.contains("not a time"),
+                "{s}: {e}"
+            );
+        }
+        assert!(parse_as_of("9999-12-31T23:59:59.999999Z").is_ok());
+        assert!(parse_as_of("0001-01-01T00:00:00Z").is_ok());
+        // An offset that moves the instant past the end of 9999 is refused too.
+        assert!(parse_as_of("9999-12-31T23:00:00-02:00").is_err());
     }
 
     #[test]

@@ -91,7 +91,8 @@ impl From<EngineError> for Failure {
             EngineError::RunFailed { .. }
             | EngineError::Aborted
             | EngineError::Store(_)
-            | EngineError::Compute(_) => Exit::RunFailed,
+            | EngineError::Compute(_)
+            | EngineError::Panicked(_) => Exit::RunFailed,
         };
         Failure {
             exit,
@@ -127,6 +128,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli);
+    install_panic_hook(matches!(cli.command, Command::Serve));
+    // Now, while threads and descriptors are plentiful (see Cargo.toml).
+    std::sync::LazyLock::force(&polars_core::runtime::THREAD_POOL);
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -135,13 +139,48 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::RunFailed as u8);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
-        Ok(()) => ExitCode::from(Exit::Success as u8),
-        Err(f) => {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(dispatch(cli))
+    }));
+    match outcome {
+        Ok(Ok(())) => ExitCode::from(Exit::Success as u8),
+        Ok(Err(f)) => {
             eprintln!("error: {}", f.message.replace('\n', " "));
             ExitCode::from(f.exit as u8)
         }
+        Err(payload) => {
+            let message = LAST_PANIC
+                .lock()
+                .ok()
+                .and_then(|mut p| p.take())
+                .unwrap_or_else(|| engine::panic_message(&*payload));
+            eprintln!("error: internal error (a bug; please report it): {message}");
+            ExitCode::from(Exit::RunFailed as u8)
+        }
     }
+}
+
+/// Where the last panic happened, for the one line printed on the way out.
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// A panic is a bug: one line, never Rust's multi-line report. A one-shot command prints it when
+/// it exits (1); a panic inside a run fails that run only (the engine catches it and the run's row
+/// says so), which `serve` logs as one line and survives.
+fn install_panic_hook(server: bool) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = format!(
+            "{} at {}",
+            engine::panic_message(info.payload()),
+            info.location()
+                .map_or_else(|| "?".into(), |l| format!("{}:{}", l.file(), l.line()))
+        );
+        if server {
+            tracing::error!(panic = %message, "a task panicked");
+        }
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(message);
+        }
+    }));
 }
 
 /// `RUST_LOG` wins; otherwise a server logs its runs (info), and a one-shot command only what

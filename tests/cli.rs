@@ -254,3 +254,72 @@ fn demo_round_trip_then_lock_held_exits_3_then_failed_run_exits_1() {
     let runs = ok(&["runs"]);
     assert!(runs.contains("failed"), "{runs}");
 }
+
+/// A small demo database in `dir`, migrated and filled.
+fn demo_db(dir: &Path) -> String {
+    let url = sqlite_url(dir);
+    for args in [
+        &["migrate", "--with-reference-schema"][..],
+        &["demo-data", "--users", "500", "--seed", "1"][..],
+    ] {
+        let mut all = vec!["--database-url", &url];
+        all.extend_from_slice(args);
+        let o = run(dir, &all);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    }
+    url
+}
+
+fn file_hash(path: &Path) -> blake3::Hash {
+    blake3::hash(&std::fs::read(path).unwrap())
+}
+
+#[test]
+fn as_of_beyond_the_year_9999_exits_2_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    let before = file_hash(&dir.path().join("rr.db"));
+    for as_of in [
+        "+262000-01-01T00:00:00Z",
+        "+10000-01-01T00:00:00Z",
+        "9999-12-31T23:00:00-02:00",
+        "-0001-06-01T00:00:00Z",
+        "+262143-12-31T23:59:59Z",
+    ] {
+        let flag = format!("--as-of={as_of}");
+        for args in [
+            &["reconcile", &flag][..],
+            &["reconcile", "--dry-run", &flag][..],
+            &["explain", "--referrer", "11", &flag][..],
+        ] {
+            let mut all = vec!["--database-url", url.as_str()];
+            all.extend_from_slice(args);
+            let o = run(dir.path(), &all);
+            assert_one_line_error(&o, 2, "--as-of");
+        }
+    }
+    assert_eq!(
+        file_hash(&dir.path().join("rr.db")),
+        before,
+        "nothing written"
+    );
+}
+
+#[test]
+fn a_panicking_run_exits_1_with_one_line_and_records_its_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    let o = Command::new(BIN)
+        .args(["--database-url", &url, "reconcile", "--referrer", "11"])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .env("REFERRAL_REWARDS_FAULT_PANIC_REFERRER", "11")
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, 1, "internal error");
+    assert!(stderr(&o).contains("fault injected"), "{}", stderr(&o));
+    let runs = run(dir.path(), &["--database-url", &url, "runs"]);
+    let table = String::from_utf8_lossy(&runs.stdout);
+    assert!(table.contains("failed"), "{table}");
+    assert!(!table.contains("running"), "{table}");
+}
