@@ -94,12 +94,38 @@ each_backend!(
             .await
             .unwrap()
             .expect("another shard beside it");
+        // Shards of another count would cover users twice: refused while 2-shards run.
+        for k in 1..=3 {
+            let third = Scope::Shard(Shard { index: k, count: 3 });
+            assert!(
+                store.try_lock(third).await.unwrap().is_none(),
+                "{k}/3 beside 1/2 and 2/2"
+            );
+            let e = db.reconcile(third, now(), false).await.unwrap_err();
+            assert!(matches!(e, EngineError::Locked), "{e}");
+        }
         // A shard run proceeds while the other shard's lock is held; a full run is refused.
-        drop(held);
+        store.release(held).await;
         db.reconcile(one, now(), false).await.unwrap();
         let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
         assert!(matches!(e, EngineError::Locked), "{e}");
-        drop(other);
+        let e = db
+            .reconcile(Scope::Shard(Shard { index: 1, count: 3 }), now(), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EngineError::Locked), "still one 2-shard: {e}");
+        store.release(other).await;
+        // No 2-shard left: 3-shards may run, and then 2-shards are the ones refused.
+        let third = store
+            .try_lock(Scope::Shard(Shard { index: 1, count: 3 }))
+            .await
+            .unwrap()
+            .expect("1/3 once no 2-shard runs");
+        assert!(
+            store.try_lock(two).await.unwrap().is_none(),
+            "2/2 beside 1/3"
+        );
+        store.release(third).await;
         db.reconcile(Scope::Full, now(), false).await.unwrap();
         store.close().await;
     }

@@ -25,6 +25,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/postgr
 
 /// The advisory lock key of applying runs ("referral-rewards" as 8 bytes, big-endian).
 pub const LOCK_KEY: i64 = 0x7265_6665_7272_616c;
+/// Shard count N's advisory key is `COUNT_KEY_BASE + N` (clear of the shards' own keys, which
+/// stay below `LOCK_KEY + 2^37`).
+const COUNT_KEY_BASE: i64 = LOCK_KEY + (1 << 40);
 
 pub struct PgStore {
     pub(super) pool: PgPool,
@@ -578,13 +581,17 @@ impl PgStore {
                     .await
             }
             Some(s) => {
-                sqlx::query_scalar(
-                    "SELECT pg_try_advisory_lock_shared($1) AND pg_try_advisory_lock($2)",
-                )
-                .bind(LOCK_KEY)
-                .bind(LOCK_KEY.wrapping_add(((s.count as i64) << 20) | s.index as i64))
-                .fetch_one(&mut conn)
-                .await
+                // Shared on the run key, exclusive on the shard's; and one shard count at a
+                // time (`K/2` beside `K/3` would cover users twice): shared on the count's key,
+                // then no other count's key may be held. Each process takes its own key before
+                // looking, so two counts never both go ahead.
+                sqlx::query_scalar(include_str!("../../sql/queries/postgres/shard_lock.sql"))
+                    .bind(LOCK_KEY)
+                    .bind(LOCK_KEY.wrapping_add(((s.count as i64) << 20) | s.index as i64))
+                    .bind(COUNT_KEY_BASE)
+                    .bind(s.count as i64)
+                    .fetch_one(&mut conn)
+                    .await
             }
         }
         .map_err(q("taking the run lock"))?;

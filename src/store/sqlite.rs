@@ -32,6 +32,41 @@ fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     StoreError::sql(what)
 }
 
+/// Whether a `<database>.lock.shards-M` file of another count M is locked by some process:
+/// trying it exclusively succeeds only when nobody holds it (then it is let go at once).
+fn other_shard_count_in_use(database: &std::path::Path, count: u32) -> Result<bool, StoreError> {
+    let dir = database.parent().unwrap_or(std::path::Path::new("."));
+    let prefix = format!(
+        "{}.lock.shards-",
+        database.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StoreError::Runtime(format!("cannot list {}: {e}", dir.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(m) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if m == count.to_string() {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(entry.path()) else {
+            continue;
+        };
+        match file.try_lock() {
+            Ok(()) => drop(file),
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Runtime(format!(
+                    "cannot lock {}: {e}",
+                    entry.path().display()
+                )));
+            }
+        }
+    }
+    Ok(false)
+}
+
 fn opt_time(
     table: &'static str,
     column: &'static str,
@@ -194,9 +229,19 @@ impl SqliteStore {
                 if !take(own.try_lock(), &own_path)? {
                     return Ok(None);
                 }
+                // One shard count at a time: `K/2` beside `K/3` would cover users twice. Hold
+                // this count's file shared, then look for any other count's file in use. Each
+                // process takes its own before looking, so two counts never both go ahead.
+                let (count, count_path) = open(format!(".lock.shards-{}", s.count))?;
+                if !take(count.try_lock_shared(), &count_path)? {
+                    return Ok(None);
+                }
+                if other_shard_count_in_use(path, s.count)? {
+                    return Ok(None);
+                }
                 Ok(Some(RunLock {
                     shard,
-                    _held: Held::Files(vec![global, own]),
+                    _held: Held::Files(vec![global, own, count]),
                 }))
             }
         }
