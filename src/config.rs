@@ -108,6 +108,11 @@ pub struct HttpConfig {
     pub bind: String,
     /// Name of the environment variable holding the API bearer token.
     pub token_env: String,
+    /// Connections served at once; more wait in the listen backlog. Lowered at start if the
+    /// process's descriptor limit cannot hold them plus a reserve for runs.
+    pub max_connections: i64,
+    /// Seconds a client has to send a request's headers; the connection is closed after.
+    pub header_timeout_secs: i64,
 }
 
 impl Default for DatabaseConfig {
@@ -178,6 +183,8 @@ impl Default for HttpConfig {
         Self {
             bind: "127.0.0.1:8787".into(),
             token_env: "REFERRAL_REWARDS_API_TOKEN".into(),
+            max_connections: 256,
+            header_timeout_secs: 10,
         }
     }
 }
@@ -354,6 +361,24 @@ impl Config {
             return Err(invalid(
                 "schedule.shutdown_grace_secs",
                 format!("must be >= 0, got {}", self.schedule.shutdown_grace_secs),
+            ));
+        }
+        if !(1..=65_536).contains(&self.http.max_connections) {
+            return Err(invalid(
+                "http.max_connections",
+                format!(
+                    "must be between 1 and 65536, got {}",
+                    self.http.max_connections
+                ),
+            ));
+        }
+        if !(1..=3_600).contains(&self.http.header_timeout_secs) {
+            return Err(invalid(
+                "http.header_timeout_secs",
+                format!(
+                    "must be between 1 and 3600, got {}",
+                    self.http.header_timeout_secs
+                ),
             ));
         }
         if self.http.bind.parse::<std::net::SocketAddr>().is_err() {

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -37,6 +38,12 @@ const MAX_BODY_BYTES: usize = 1024;
 const MAX_URI_BYTES: usize = 2048;
 /// `GET /v1/runs?limit=` at most.
 const MAX_RUNS_LIMIT: i64 = 1000;
+/// `GET /v1/referrers/{id}`: referrals per page by default, and at most.
+const DEFAULT_REFERRALS_PAGE: usize = 100;
+const MAX_REFERRALS_PAGE: usize = 1000;
+/// Descriptors kept free for the runs (database files and connections, polars' threads) when
+/// the connection cap is sized against the process's limit.
+const DESCRIPTOR_RESERVE: u64 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -60,6 +67,18 @@ struct App {
     /// Cancelled when in-flight runs must stop (shutdown past the grace period).
     abort: CancellationToken,
     runs: TaskTracker,
+    /// Scheduled runs that failed, since start (a skipped tick is not a failure).
+    tick_failures: AtomicU64,
+    /// How the last scheduled run ended: `/healthz` fails while the last one failed.
+    last_tick: std::sync::Mutex<Option<TickOutcome>>,
+    /// HTTP connections open now.
+    http_open: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct TickOutcome {
+    at: instant::Instant,
+    error: Option<String>,
 }
 
 impl App {
@@ -125,6 +144,9 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
         stopping: CancellationToken::new(),
         abort: CancellationToken::new(),
         runs: TaskTracker::new(),
+        tick_failures: AtomicU64::new(0),
+        last_tick: std::sync::Mutex::new(None),
+        http_open: AtomicU64::new(0),
         config,
     });
 
@@ -156,9 +178,17 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
 
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
-    let server = axum::serve(listener, router(app.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let limits = HttpLimits {
+        max_connections: connection_cap(app.config.http.max_connections as u64),
+        header_timeout: Duration::from_secs(app.config.http.header_timeout_secs as u64),
+    };
+    let server = tokio::spawn(accept_loop(
+        listener,
+        router(app.clone()),
+        app.clone(),
+        stop.clone(),
+        limits,
+    ));
 
     stop.cancelled().await;
     app.stopping.cancel();
@@ -208,7 +238,8 @@ async fn shutdown_signal(stop: CancellationToken) {
     stop.cancel();
 }
 
-/// One scheduled full apply, unless one is still going in this process.
+/// One scheduled full apply, unless one is still going in this process. A panic is caught
+/// here too, so that it fails this tick only.
 async fn tick(app: &App) {
     if app.stopping.is_cancelled() {
         return;
@@ -222,14 +253,136 @@ async fn tick(app: &App) {
         as_of: instant::from_datetime(chrono::Utc::now()),
         dry_run: false,
     };
-    match engine::run_controlled(&app.store, &app.config, req, &app.control()).await {
-        Ok(_) => {}
+    let control = app.control();
+    let run = engine::run_controlled(&app.store, &app.config, req, &control);
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .await
+        .unwrap_or_else(|p| Err(EngineError::Panicked(engine::panic_message(&*p))));
+    let error = match outcome {
+        Ok(_) => None,
         Err(EngineError::Locked) => {
-            tracing::info!("tick skipped: another process holds the run lock")
+            tracing::info!("tick skipped: another process holds the run lock");
+            return;
         }
-        // The engine logged the failure and recorded it in the run row.
-        Err(_) => {}
+        // The engine logged it and recorded it in the run row.
+        Err(e @ EngineError::RunFailed { .. }) => Some(e.to_string()),
+        // No run row exists (lock file unusable, database unreachable, …): only this says so.
+        Err(e) => {
+            tracing::error!(error = %e, "tick failed before its run started");
+            Some(e.to_string())
+        }
+    };
+    if error.is_some() {
+        app.tick_failures.fetch_add(1, Ordering::Relaxed);
     }
+    if let Ok(mut last) = app.last_tick.lock() {
+        *last = Some(TickOutcome {
+            at: instant::from_datetime(chrono::Utc::now()),
+            error,
+        });
+    }
+}
+
+struct HttpLimits {
+    max_connections: u64,
+    header_timeout: Duration,
+}
+
+/// Raises the soft descriptor limit to the hard one, and returns the connection cap that leaves
+/// [`DESCRIPTOR_RESERVE`] descriptors for the runs (at least one connection).
+fn connection_cap(wanted: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write or read the one struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return wanted;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let room = lim.rlim_cur.saturating_sub(DESCRIPTOR_RESERVE).max(1);
+    if room < wanted {
+        tracing::warn!(
+            descriptor_limit = lim.rlim_cur,
+            wanted,
+            cap = room,
+            "http.max_connections lowered to keep descriptors for the runs"
+        );
+    }
+    wanted.min(room)
+}
+
+/// Accepts connections while fewer than the cap are open (the rest wait in the listen
+/// backlog), one request per connection, with a deadline for its headers: idle or slow clients
+/// cannot hold descriptors the runs need. An accept error (out of descriptors) is logged at
+/// most once a second and retried after a pause, never in a hot loop.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    app: Arc<App>,
+    stop: CancellationToken,
+    limits: HttpLimits,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections as usize));
+    let conns = TaskTracker::new();
+    let mut last_error_log: Option<std::time::Instant> = None;
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        tracing::error!(error = %e, "accepting a connection failed; pausing");
+                        last_error_log = Some(std::time::Instant::now());
+                    }
+                    drop(permit);
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let (app, stop, header_timeout) = (app.clone(), stop.clone(), limits.header_timeout);
+        app.http_open.fetch_add(1, Ordering::Relaxed);
+        conns.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(false);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            app.http_open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
 }
 
 fn router(app: Arc<App>) -> Router {
@@ -414,40 +567,93 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
 
 /// The `explain` view: the referrer's result and every referred user with its outcome.
 pub fn explanation_json(report: &RunReport, id: i64) -> Value {
+    explanation(report, id, None)
+}
+
+/// One page of the referrals: ordered by referred user id, those after `cursor`, at most
+/// `limit`; `next_cursor` is the cursor of the next page (null on the last).
+pub struct Page {
+    pub limit: usize,
+    pub cursor: Option<i64>,
+}
+
+fn explanation(report: &RunReport, id: i64, page: Option<Page>) -> Value {
     let mut v = referrer_json(report, id);
     if let Some(obj) = v.as_object_mut() {
         for k in ["run_id", "dry_run", "digest", "change"] {
             obj.remove(k);
         }
     }
-    v["referrals"] = report
-        .computation
-        .referrals
-        .iter()
-        .map(|r| {
-            json!({
-                "referred_user_id": r.referred_user_id,
-                "outcome": r.outcome.as_str(),
-                "position": r.position,
-                "signup_ip": r.signup_ip,
-                "reason": crate::summary::reason(r.outcome),
-            })
+    let referral = |r: &crate::compute::ReferralOutcome| {
+        json!({
+            "referred_user_id": r.referred_user_id,
+            "outcome": r.outcome.as_str(),
+            "position": r.position,
+            "signup_ip": r.signup_ip,
+            "reason": crate::summary::reason(r.outcome),
         })
-        .collect();
+    };
+    let all = &report.computation.referrals;
+    match page {
+        None => v["referrals"] = all.iter().map(referral).collect(),
+        Some(Page { limit, cursor }) => {
+            let mut after: Vec<_> = all
+                .iter()
+                .filter(|r| cursor.is_none_or(|c| r.referred_user_id > c))
+                .collect();
+            after.sort_unstable_by_key(|r| r.referred_user_id);
+            let more = after.len() > limit;
+            after.truncate(limit);
+            v["referrals_total"] = all.len().into();
+            v["next_cursor"] = if more {
+                after.last().map(|r| r.referred_user_id).into()
+            } else {
+                Value::Null
+            };
+            v["referrals"] = after.into_iter().map(referral).collect();
+        }
+    }
     v
 }
 
-async fn explain_referrer(State(app): State<Arc<App>>, Path(raw): Path<String>) -> Response {
+#[derive(Debug, Deserialize)]
+struct ExplainParams {
+    limit: Option<usize>,
+    cursor: Option<i64>,
+}
+
+async fn explain_referrer(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    params: Result<Query<ExplainParams>, QueryRejection>,
+) -> Response {
     let Ok(id) = raw.parse::<i64>() else {
         return bad_id(&raw);
     };
+    let Ok(Query(params)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "limit must be a positive integer and cursor a referred user id",
+        );
+    };
+    let limit = params.limit.unwrap_or(DEFAULT_REFERRALS_PAGE);
+    if !(1..=MAX_REFERRALS_PAGE).contains(&limit) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_REFERRALS_PAGE}"),
+        );
+    }
     let req = RunRequest {
         scope: Scope::Referrer(id),
         as_of: instant::from_datetime(chrono::Utc::now()),
         dry_run: true,
     };
+    let page = Page {
+        limit,
+        cursor: params.cursor,
+    };
     match engine::run(&app.store, &app.config, req).await {
-        Ok(report) => Json(explanation_json(&report, id)).into_response(),
+        Ok(report) => Json(explanation(&report, id, Some(page))).into_response(),
         Err(e) => engine_error(e),
     }
 }
@@ -492,31 +698,46 @@ fn run_json(r: &RunRow) -> Value {
     v
 }
 
+/// 200 while the database answers and the last scheduled run did not fail; 503 when the
+/// database cannot be reached or full runs stopped succeeding. A database that is only busy
+/// (SQLite locked by a writer, every pooled connection in use) is `busy`, still 200: busy is
+/// not down.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let unavailable = |error: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "error": error })),
+        )
+            .into_response()
+    };
     let ping = tokio::time::timeout(Duration::from_secs(3), app.store.ping()).await;
-    match ping {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "error": e.to_string() })),
-            )
-                .into_response();
-        }
-        Err(_) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "unavailable", "error": "the database did not answer within 3 s" })),
-            )
-                .into_response();
-        }
-    }
-    let last = app
-        .store
-        .runs(1)
-        .await
-        .ok()
-        .and_then(|r| r.into_iter().next());
+    let status = match ping {
+        Ok(Ok(())) => "ok",
+        Ok(Err(e)) if e.is_busy() => "busy",
+        Ok(Err(e)) => return unavailable(e.to_string()),
+        // SQLite's ping opens the file itself: a slow answer is a busy machine, not a lost
+        // database. PostgreSQL's goes over the network: no answer is unavailable.
+        Err(_) if app.store.backend() == "sqlite" => "busy",
+        Err(_) => return unavailable("the database did not answer within 3 s".into()),
+    };
+    let last_tick = app.last_tick.lock().ok().and_then(|t| t.clone());
+    let failures = app.tick_failures.load(Ordering::Relaxed);
+    let tick = last_tick.as_ref().map(|t| {
+        json!({
+            "at": instant::to_rfc3339(t.at),
+            "succeeded": t.error.is_none(),
+            "error": t.error,
+        })
+    });
+    let last = match status {
+        "ok" => app
+            .store
+            .runs(1)
+            .await
+            .ok()
+            .and_then(|r| r.into_iter().next()),
+        _ => None,
+    };
     let now = instant::from_datetime(chrono::Utc::now());
     let last = last.map(|r| {
         json!({
@@ -526,7 +747,16 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
             "age_seconds": (now - r.finished_at.unwrap_or(r.started_at)) as f64 / 1e6,
         })
     });
-    Json(json!({ "status": "ok", "last_run": last })).into_response()
+    let body = json!({
+        "status": if last_tick.as_ref().is_some_and(|t| t.error.is_some()) { "failing" } else { status },
+        "last_run": last,
+        "last_scheduled_run": tick,
+        "tick_failures_total": failures,
+    });
+    if last_tick.is_some_and(|t| t.error.is_some()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(body).into_response()
 }
 
 /// Prometheus text exposition format, read from the run history at scrape time so that every
@@ -546,7 +776,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
                 .into_response();
         }
     };
-    let body = render_metrics(&counts, last.as_ref());
+    let mut body = render_metrics(&counts, last.as_ref());
+    body.push_str(&render_process_metrics(
+        app.tick_failures.load(Ordering::Relaxed),
+        app.http_open.load(Ordering::Relaxed),
+    ));
     (
         [(
             header::CONTENT_TYPE,
@@ -555,6 +789,19 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Figures of this process (not of the shared run history).
+pub fn render_process_metrics(tick_failures: u64, http_open: u64) -> String {
+    format!(
+        "# HELP referral_rewards_tick_failures_total Scheduled runs of this process that failed, \
+         including those that failed before their run row existed.\n\
+         # TYPE referral_rewards_tick_failures_total counter\n\
+         referral_rewards_tick_failures_total {tick_failures}\n\
+         # HELP referral_rewards_http_connections_open HTTP connections this process has open.\n\
+         # TYPE referral_rewards_http_connections_open gauge\n\
+         referral_rewards_http_connections_open {http_open}\n"
+    )
 }
 
 pub fn render_metrics(counts: &[(String, i64)], last: Option<&RunRow>) -> String {

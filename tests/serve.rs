@@ -39,6 +39,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// More for a server: `http` is appended to the `[http]` table, `nofile` caps the process's
+/// descriptors, `env` adds environment variables.
+#[derive(Default)]
+struct Extra {
+    http: &'static str,
+    nofile: Option<u64>,
+    env: Vec<(&'static str, String)>,
+}
+
 struct Server {
     child: Child,
     pub base: String,
@@ -47,19 +56,49 @@ struct Server {
 
 impl Server {
     fn start(db: &TestDb, dir: &Path, cron: &str, run_on_start: bool, grace_secs: u64) -> Server {
+        Self::start_with(db, dir, cron, run_on_start, grace_secs, Extra::default())
+    }
+
+    fn start_with(
+        db: &TestDb,
+        dir: &Path,
+        cron: &str,
+        run_on_start: bool,
+        grace_secs: u64,
+        extra: Extra,
+    ) -> Server {
+        let Extra { http, nofile, env } = extra;
         let port = free_port();
         let config = dir.join(format!("serve-{port}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[database]\nurl = \"{}\"\n[schedule]\ncron = \"{cron}\"\nrun_on_start = {run_on_start}\n\
-                 shutdown_grace_secs = {grace_secs}\n[http]\nbind = \"127.0.0.1:{port}\"\n",
+                 shutdown_grace_secs = {grace_secs}\n[http]\nbind = \"127.0.0.1:{port}\"\n{http}\n",
                 db.url
             ),
         )
         .unwrap();
         let log = std::fs::File::create(dir.join(format!("serve-{port}.log"))).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
+            .envs(env)
             .args(["--config", config.to_str().unwrap(), "serve"])
             .env("REFERRAL_REWARDS_API_TOKEN", TOKEN)
             .env("RUST_LOG", "info,sqlx=warn")
@@ -563,5 +602,319 @@ async fn two_servers_on_one_postgres_never_apply_together() {
         db.scalar("SELECT COUNT(*) FROM reward_runs WHERE status <> 'succeeded'")
             .await,
         0
+    );
+}
+
+/// Waits until the server's log has a line containing `needle` (a handshake, not a guess).
+async fn wait_for_log(server: &Server, needle: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = server.log();
+        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in the log: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A tick that fails before its run row exists (the lock file cannot be opened) is logged,
+/// counted, and turns `/healthz` to 503; the next good tick turns it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_failing_before_its_run_row_is_logged_counted_and_unhealthy() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let path = PathBuf::from(db.url.strip_prefix("sqlite://").unwrap());
+    let lock = PathBuf::from(format!("{}.lock", path.display()));
+    std::fs::create_dir(&lock).unwrap(); // a directory where the lock file should be
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "* * * * * *", false, 5);
+    let line = wait_for_log(
+        &server,
+        "tick failed before its run started",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(line.contains("lock"), "{line}");
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
+    let http = client();
+    let r = http
+        .get(format!("{}/healthz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "failing", "{body}");
+    assert!(
+        body["last_scheduled_run"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("lock")
+    );
+    let metrics = http
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("referral_rewards_tick_failures_total "))
+        .expect("the counter")
+        .parse::<f64>()
+        .unwrap();
+    assert!(failures >= 1.0, "{metrics}");
+
+    std::fs::remove_dir(&lock).unwrap();
+    wait_for(
+        &db,
+        "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    // The tick that recorded that run has finished once its row says succeeded; ask until the
+    // server has taken note (its in-memory record is written right after the run returns).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http
+            .get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still unhealthy after a good run"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SQLite locked by a writer is busy, not down: `/healthz` says `busy` with 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_says_busy_not_unavailable_while_sqlite_is_locked() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    // A rollback-journal database, where a writer's exclusive lock keeps readers out.
+    db.exec("PRAGMA journal_mode = DELETE").await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+    let http = client();
+    let health = || async {
+        let r = http
+            .get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.json::<serde_json::Value>().await.unwrap(),
+        )
+    };
+    assert_eq!(health().await.1["status"], "ok");
+    let mut writer = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let (code, body) = health().await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("busy")),
+        "{body}"
+    );
+    sqlx::query("COMMIT").execute(&mut writer).await.unwrap();
+    assert_eq!(health().await.1["status"], "ok");
+}
+
+/// `GET /v1/referrers/{id}` pages its referrals; the pages together are every referral once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_over_http_is_paged() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+    let http = client();
+    // The referrer with the most referrals.
+    let id = db
+        .scalar(
+            "SELECT referred_by_user_id FROM users WHERE referred_by_user_id IS NOT NULL \
+             GROUP BY referred_by_user_id ORDER BY COUNT(*) DESC, referred_by_user_id LIMIT 1",
+        )
+        .await;
+    let total = db
+        .scalar(&format!(
+            "SELECT COUNT(*) FROM users WHERE referred_by_user_id = {id}"
+        ))
+        .await;
+    assert!(total >= 3, "{total}");
+    let get = |query: String| {
+        let http = http.clone();
+        let url = format!("{}/v1/referrers/{id}{query}", server.base);
+        async move {
+            let r = http.get(url).bearer_auth(TOKEN).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let mut seen = Vec::new();
+    let mut cursor: Option<i64> = None;
+    loop {
+        let q = match cursor {
+            Some(c) => format!("?limit=2&cursor={c}"),
+            None => "?limit=2".into(),
+        };
+        let (code, page) = get(q).await;
+        assert_eq!(code, 200, "{page}");
+        assert_eq!(page["referrals_total"], total);
+        let rows = page["referrals"].as_array().unwrap();
+        assert!(rows.len() <= 2);
+        seen.extend(rows.iter().map(|r| r["referred_user_id"].as_i64().unwrap()));
+        match page["next_cursor"].as_i64() {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "ascending, each once");
+    assert_eq!(seen.len() as i64, total);
+    let (code, default) = get(String::new()).await;
+    assert_eq!(code, 200);
+    assert!(default["referrals"].as_array().unwrap().len() <= 100);
+    for bad in ["?limit=0", "?limit=1001", "?limit=x", "?cursor=abc"] {
+        assert_eq!(get(bad.into()).await.0, 400, "{bad}");
+    }
+}
+
+/// Idle connections are closed after the header timeout, at most `max_connections` are served
+/// at once, and a server short of descriptors keeps a reserve for its runs: a one-referrer run
+/// still succeeds behind 300 idle connections under a 256-descriptor limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_the_server() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        false,
+        5,
+        Extra {
+            http: "header_timeout_secs = 1\n",
+            nofile: Some(256),
+            ..Extra::default()
+        },
+    );
+    let warned = wait_for_log(
+        &server,
+        "http.max_connections lowered",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(warned.contains("cap=128"), "{warned}");
+    let addr = server.base.strip_prefix("http://").unwrap().to_owned();
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // A real request behind them: served once idle ones are timed out.
+    let id = db
+        .scalar("SELECT MIN(id) FROM users WHERE invite_code IS NOT NULL")
+        .await;
+    let r = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/referrers/{id}/reconcile", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", server.log());
+    // Every idle connection the server took was closed by it (EOF), none left hanging.
+    let mut closed = 0;
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => closed += 1,
+            Ok(_) => closed += 1, // an error response before closing
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Err(e) => panic!("an idle connection was never closed: {e}"),
+        }
+    }
+    assert_eq!(closed, 300);
+    let log = server.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// A run that panics fails that run only: its request gets a 500 and its row says `failed`;
+/// the next runs in the same process succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_run_fails_only_itself() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let ids: Vec<i64> = db
+        .rows(
+            "SELECT CAST(id AS TEXT) FROM users WHERE invite_code IS NOT NULL ORDER BY id LIMIT 2",
+        )
+        .await
+        .into_iter()
+        .map(|r| r[0].as_ref().unwrap().parse().unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        false,
+        5,
+        Extra {
+            env: vec![("REFERRAL_REWARDS_FAULT_PANIC_REFERRER", ids[0].to_string())],
+            ..Extra::default()
+        },
+    );
+    let http = client();
+    let post = |id: i64| {
+        http.post(format!("{}/v1/referrers/{id}/reconcile", server.base))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    for _ in 0..2 {
+        let r = post(ids[0]).await.unwrap();
+        assert_eq!(r.status(), 500);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("internal error"),
+            "{body}"
+        );
+        assert_eq!(
+            post(ids[1]).await.unwrap().status(),
+            200,
+            "{}",
+            server.log()
+        );
+    }
+    assert_eq!(
+        db.rows("SELECT status FROM reward_runs ORDER BY id").await,
+        [
+            [Some("failed".into())],
+            [Some("succeeded".into())],
+            [Some("failed".into())],
+            [Some("succeeded".into())]
+        ]
+    );
+    assert_eq!(
+        server.log().matches("a task panicked").count(),
+        2,
+        "one log line per panic: {}",
+        server.log()
     );
 }

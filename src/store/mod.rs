@@ -356,13 +356,16 @@ impl Store {
         .map_err(StoreError::sql("reading reward_runs"))
     }
 
-    /// Whether the database answers.
+    /// Whether the database answers. [`StoreError::is_busy`] tells a busy database apart.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(s) => sqlx::query("SELECT 1").execute(&s.pool).await.map(|_| ()),
-            Store::Postgres(s) => sqlx::query("SELECT 1").execute(&s.pool).await.map(|_| ()),
+            Store::Sqlite(s) => s.ping().await,
+            Store::Postgres(s) => sqlx::query("SELECT 1")
+                .execute(&s.pool)
+                .await
+                .map(|_| ())
+                .map_err(StoreError::sql("reaching the database")),
         }
-        .map_err(StoreError::sql("reaching the database"))
     }
 
     /// Fills the host tables with `demo-data`, in bulk. Returns (users, subscriptions, events).

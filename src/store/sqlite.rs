@@ -151,6 +151,15 @@ impl SqliteStore {
         Ok(row.is_some())
     }
 
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let Some(path) = self.path.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || super::sqlite_read::ping(&path))
+            .await
+            .map_err(|e| StoreError::Runtime(format!("reaching the database: {e}")))?
+    }
+
     /// One consistent read, through rusqlite on a blocking thread (see `sqlite_read`).
     pub async fn snapshot(
         &self,

@@ -38,6 +38,20 @@ fn text<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
     }
 }
 
+/// Whether the database file opens and its schema reads, on a connection of its own (not the
+/// pool's, which a loaded server may have in use): `database is locked` means busy, not down.
+pub fn ping(path: &Path) -> Result<(), StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_err("reaching the database"))?;
+    conn.busy_timeout(Duration::from_millis(200))
+        .map_err(sql_err("reaching the database"))?;
+    conn.query_row("SELECT COUNT(*) FROM reward_runs WHERE 0", [], |_| Ok(()))
+        .map_err(sql_err("reaching the database"))
+}
+
 /// One consistent read (a deferred transaction: every query sees the same committed state).
 pub fn snapshot(
     path: &Path,
