@@ -277,6 +277,7 @@ pub async fn run_controlled(
             stats: stats.clone(),
             outcome_counts: outcome_counts_json(&computation),
             digest: plan.digest.clone(),
+            error: write_errors_text(&plan),
         };
         if let Some(p) = &ctl.progress {
             let st = plan.stats();
@@ -405,6 +406,17 @@ async fn check_known(
         return Err(EngineError::UnknownReferrer(id));
     }
     Ok(())
+}
+
+/// The referrers a plan cannot write, for the run row and the command line: `None` when all
+/// can be written.
+pub fn write_errors_text(plan: &Plan) -> Option<String> {
+    let errors = plan.write_errors();
+    let (id, first) = errors.first()?;
+    Some(format!(
+        "{} referrer(s) left unwritten, everyone else written; first: referrer {id}: {first}",
+        errors.len()
+    ))
 }
 
 /// `{"qualified": n, …}` for the run row.

@@ -26,6 +26,9 @@ enum Exit {
     RunFailed = 1,
     Usage = 2,
     Refused = 3,
+    /// Every referrer was written but some, whose values cannot be stored (the summary lists
+    /// them); for a dry run, an apply would leave them unwritten.
+    Partial = 4,
 }
 
 /// An error on its way out: one line on stderr and an exit code.
@@ -456,6 +459,16 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 let saved = report::saved_plan(&run.plan, run.request.as_of);
                 report::save_plan(&saved, &path)?;
                 println!("plan saved to {} (digest {})", path.display(), saved.digest);
+            }
+            if let Some(text) = engine::write_errors_text(&run.plan) {
+                return Err(Failure {
+                    exit: Exit::Partial,
+                    message: if run.request.dry_run {
+                        format!("an apply would leave {}", text.replacen("left ", "", 1))
+                    } else {
+                        text
+                    },
+                });
             }
         }
         Command::Explain {

@@ -77,7 +77,31 @@ impl PlanEntry {
     pub fn changes_anything(&self) -> bool {
         self.reward_changes() || self.host_change().is_some()
     }
+
+    /// Why this referrer's writes cannot be made, if they cannot: the host column is INTEGER,
+    /// and a desired bonus outside its range would fail the whole transaction. Such a referrer
+    /// is left unwritten (reward row and host value alike, so the two stay consistent) and
+    /// reported, while every other referrer is written. Only the new value matters: an old
+    /// value out of range is only compared, which works at any size.
+    pub fn write_error(&self) -> Option<String> {
+        let new = match self.host_change()? {
+            HostChange::Update { new, .. } | HostChange::Insert { new } => new,
+        };
+        (!(0..=HOST_MAX).contains(&new)).then(|| {
+            format!(
+                "bonus_slots {new} does not fit {HOST_FIELD} (INTEGER, 0 to {HOST_MAX}); nothing written for this referrer"
+            )
+        })
+    }
+
+    /// Whether a run writes this entry's changes.
+    fn writable(&self) -> bool {
+        self.write_error().is_none()
+    }
 }
+
+/// The largest value of the host column (SQL INTEGER).
+pub const HOST_MAX: i64 = i32::MAX as i64;
 
 /// One row of the append-only `reward_changes` ledger.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,21 +183,31 @@ impl Plan {
     pub fn reward_upserts(&self) -> impl Iterator<Item = &RewardResult> {
         self.entries
             .iter()
-            .filter(|e| e.reward_changes())
+            .filter(|e| e.reward_changes() && e.writable())
             .map(|e| &e.desired)
     }
 
     pub fn host_changes(&self) -> impl Iterator<Item = (i64, HostChange)> {
         self.entries
             .iter()
+            .filter(|e| e.writable())
             .filter_map(|e| e.host_change().map(|c| (e.referrer_user_id(), c)))
+    }
+
+    /// The referrers this plan cannot write, each with the reason (see
+    /// [`PlanEntry::write_error`]).
+    pub fn write_errors(&self) -> Vec<(i64, String)> {
+        self.entries
+            .iter()
+            .filter_map(|e| e.write_error().map(|m| (e.referrer_user_id(), m)))
+            .collect()
     }
 
     /// The ledger rows of this plan, one per changed value; host-column changes only for the
     /// users where the compare-and-set applied (`host_applied`).
     pub fn ledger(&self, host_applied: impl Fn(i64) -> bool) -> Vec<Change> {
         let mut out = Vec::new();
-        for e in &self.entries {
+        for e in self.entries.iter().filter(|e| e.writable()) {
             let id = e.referrer_user_id();
             if e.reward_changes() {
                 let old = e.stored_or_zero().fields();
@@ -219,6 +253,10 @@ impl Plan {
                 s.rewards_down += 1;
             }
             s.bonus_delta += desired - current;
+            if !e.writable() {
+                s.unwritable += 1;
+                continue;
+            }
             if e.reward_changes() {
                 s.reward_rows_to_write += 1;
             }
@@ -241,6 +279,8 @@ pub struct PlanStats {
     pub bonus_delta: i64,
     pub reward_rows_to_write: u64,
     pub host_values_to_write: u64,
+    /// Referrers whose changes cannot be written ([`Plan::write_errors`]).
+    pub unwritable: u64,
 }
 
 /// SPEC section 4's result digest: BLAKE3 of the canonical encoding of the per-referrer
@@ -381,6 +421,60 @@ mod tests {
         );
         assert_ne!(a.digest, b.digest);
         assert_eq!(a.digest, c.digest);
+    }
+
+    #[test]
+    fn a_bonus_beyond_the_host_column_leaves_only_that_referrer_unwritten() {
+        let too_big = HOST_MAX + 1;
+        let plan = Plan::build(
+            vec![
+                result(1, 3, too_big),
+                result(2, 3, 5),
+                result(3, 3, HOST_MAX),
+            ],
+            vec![],
+            &[(1, 0), (2, 0), (3, 0)],
+            Scope::Full,
+        );
+        let errors = plan.write_errors();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].0, 1);
+        assert!(
+            errors[0].1.contains(&too_big.to_string()),
+            "{}",
+            errors[0].1
+        );
+        let hosts: Vec<i64> = plan.host_changes().map(|(u, _)| u).collect();
+        assert_eq!(hosts, [2, 3]);
+        let rows: Vec<i64> = plan.reward_upserts().map(|r| r.referrer_user_id).collect();
+        assert_eq!(rows, [2, 3]);
+        assert!(
+            plan.ledger(|_| true)
+                .iter()
+                .all(|c| c.referrer_user_id != 1)
+        );
+        assert_eq!(plan.stats().unwritable, 1);
+    }
+
+    #[test]
+    fn an_old_host_value_beyond_integer_is_only_compared() {
+        let plan = Plan::build(
+            vec![result(1, 3, 5)],
+            vec![],
+            &[(1, HOST_MAX * 4)],
+            Scope::Full,
+        );
+        assert!(plan.write_errors().is_empty());
+        assert_eq!(
+            plan.host_changes().collect::<Vec<_>>(),
+            [(
+                1,
+                HostChange::Update {
+                    old: HOST_MAX * 4,
+                    new: 5
+                }
+            )]
+        );
     }
 
     #[test]

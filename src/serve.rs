@@ -513,7 +513,21 @@ async fn reconcile_referrer(
         engine::run_controlled(&task.store, &task.config, req, &task.control()).await
     });
     match run.await {
-        Ok(Ok(report)) => Json(referrer_json(&report, id)).into_response(),
+        // The referrer's values cannot be stored: 422, with what would have been written.
+        Ok(Ok(report)) => match report
+            .plan
+            .entries
+            .iter()
+            .find(|e| e.referrer_user_id() == id)
+            .and_then(|e| e.write_error())
+        {
+            Some(why) => {
+                let mut body = referrer_json(&report, id);
+                body["error"] = why.into();
+                (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+            }
+            None => Json(referrer_json(&report, id)).into_response(),
+        },
         Ok(Err(e)) => engine_error(e),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -540,11 +554,12 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
             HostChange::Insert { new } => (None, new),
         };
         let conflict = applied.is_some_and(|a| a.conflicts.contains(&id));
+        let writable = entry.is_some_and(|e| e.write_error().is_none());
         json!({
             "field": crate::plan::HOST_FIELD,
             "old": old,
             "new": new,
-            "applied": applied.is_some() && !conflict,
+            "applied": applied.is_some() && !conflict && writable,
             "conflict": conflict,
         })
     });
@@ -559,7 +574,7 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
     v["as_of"] = instant::to_rfc3339(report.request.as_of).into();
     v["digest"] = report.plan.digest.clone().into();
     v["change"] = json!({
-        "reward_row": entry.is_some_and(|e| e.reward_changes()),
+        "reward_row": entry.is_some_and(|e| e.reward_changes() && e.write_error().is_none()),
         "host": host,
     });
     v

@@ -50,6 +50,12 @@ pub fn run_summary(r: &RunReport) -> String {
     };
     let _ = writeln!(s, "  outcomes             {}", line(true));
     let _ = writeln!(s, "  not candidates       {}", line(false));
+    for (id, why) in r.plan.write_errors().iter().take(10) {
+        let _ = writeln!(s, "  UNWRITABLE           referrer {id}: {why}");
+    }
+    if st.unwritable > 10 {
+        let _ = writeln!(s, "  UNWRITABLE           … {} more", st.unwritable - 10);
+    }
     match &r.applied {
         None => {
             let _ = writeln!(

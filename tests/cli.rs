@@ -323,3 +323,27 @@ fn a_panicking_run_exits_1_with_one_line_and_records_its_failure() {
     assert!(table.contains("failed"), "{table}");
     assert!(!table.contains("running"), "{table}");
 }
+
+#[test]
+fn unwritable_referrers_exit_4_after_writing_everyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[rewards]\nbatch_size = 1\nbonus_per_batch = 1500000000\n",
+    )
+    .unwrap();
+    for dry in [true, false] {
+        let mut args = vec!["--database-url", url.as_str(), "reconcile"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let o = run(dir.path(), &args);
+        assert_one_line_error(&o, 4, "unwritten, everyone else written");
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(out.contains("UNWRITABLE"), "{out}");
+        if !dry {
+            assert!(out.contains("succeeded"), "{out}");
+        }
+    }
+}

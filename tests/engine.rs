@@ -221,6 +221,7 @@ each_backend!(
             stats: plan.stats(),
             outcome_counts: "{}".into(),
             digest: plan.digest.clone(),
+            error: None,
         };
         let out = store
             .apply(

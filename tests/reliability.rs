@@ -388,3 +388,73 @@ each_pg_backend!(
         assert_eq!(run_rows(&db).await[0].0, "failed");
     }
 );
+
+// One referrer's bonus beyond the host column's INTEGER: that referrer is reported and left
+// unwritten, everyone else is written, and the dry run shows it first.
+each_backend!(
+    a_bonus_beyond_integer_leaves_only_that_referrer_unwritten,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let mut cfg = Config::default();
+        // Referrer 1 has 9 qualified referrals: 3 batches of 800M is beyond 2^31 - 1.
+        cfg.rewards.bonus_per_batch = 800_000_000;
+        let dry = db
+            .reconcile_with(&cfg, Scope::Full, now(), true)
+            .await
+            .unwrap();
+        let errors = dry.plan.write_errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, 1);
+        assert!(errors[0].1.contains("2400000000"), "{}", errors[0].1);
+        assert!(referral_rewards::summary::run_summary(&dry).contains("UNWRITABLE"));
+
+        let applied = db
+            .reconcile_with(&cfg, Scope::Full, now(), false)
+            .await
+            .unwrap();
+        assert_eq!(applied.plan.write_errors(), errors);
+        assert_eq!(db.reward_row(1).await, None, "referrer 1 left unwritten");
+        assert_eq!(db.bonus(1).await, None, "no subscription created for it");
+        assert_eq!(db.bonus(30).await, Some(0), "the others were written");
+        assert_eq!(db.bonus(40).await, Some(0));
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM reward_changes WHERE referrer_user_id = 1")
+                .await,
+            0
+        );
+        let runs = run_rows(&db).await;
+        assert_eq!(runs[0].0, "succeeded");
+        assert!(
+            runs[0].1.as_deref().unwrap().contains("referrer 1"),
+            "{runs:?}"
+        );
+        // A one-referrer run for it says the same and writes nothing.
+        let one = db
+            .reconcile_with(&cfg, Scope::Referrer(1), now(), false)
+            .await
+            .unwrap();
+        assert_eq!(one.plan.write_errors().len(), 1);
+        assert_eq!(db.reward_row(1).await, None);
+    }
+);
+
+/// A host value above INTEGER (SQLite stores any integer) is only compared: it no longer
+/// blocks every apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_host_value_beyond_integer_does_not_block_applies() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    db.exec("UPDATE subscriptions SET referral_bonus_domains = 5000000000 WHERE user_id = 40")
+        .await;
+    let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
+    assert!(r.plan.write_errors().is_empty());
+    assert_eq!(db.bonus(40).await, Some(0), "revoked from 5000000000");
+    assert_eq!(
+        db.rows(
+            "SELECT old_value, new_value FROM reward_changes WHERE referrer_user_id = 40 \
+             AND field = 'subscriptions.referral_bonus_domains'"
+        )
+        .await,
+        [[Some("5000000000".to_owned()), Some("0".to_owned())]]
+    );
+}

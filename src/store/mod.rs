@@ -175,6 +175,8 @@ pub struct RunFinish {
     /// JSON object: outcome name → count.
     pub outcome_counts: String,
     pub digest: String,
+    /// The referrers left unwritten and why (the run succeeded for everyone else).
+    pub error: Option<String>,
 }
 
 /// What an apply wrote.

@@ -756,7 +756,7 @@ impl PgStore {
             match change {
                 HostChange::Update { old, new } => {
                     up_ids.push(user);
-                    up_old.push(host_int(user, old)?);
+                    up_old.push(old);
                     up_new.push(host_int(user, new)?);
                 }
                 HostChange::Insert { new } => {
@@ -847,6 +847,7 @@ impl PgStore {
             .bind(&finish.digest)
             .bind(run_id)
             .bind(dt(finish.finished_at))
+            .bind(&finish.error)
             .execute(&mut *tx)
             .await
             .map_err(q("recording the run"))?;

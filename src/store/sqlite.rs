@@ -353,7 +353,7 @@ impl SqliteStore {
         for (user, change) in plan.host_changes() {
             match change {
                 HostChange::Update { old, new } => {
-                    updates.push(json!([user, host_int(user, old)?, host_int(user, new)?]))
+                    updates.push(json!([user, old, host_int(user, new)?]))
                 }
                 HostChange::Insert { new } => inserts.push(json!([user, host_int(user, new)?])),
             }
@@ -415,6 +415,7 @@ impl SqliteStore {
             .bind(out.conflicts.len() as i64)
             .bind(&finish.outcome_counts)
             .bind(&finish.digest)
+            .bind(&finish.error)
             .bind(run_id)
             .execute(&mut *tx)
             .await
