@@ -34,6 +34,11 @@ pub enum EngineError {
     RunFailed { run_id: i64, message: String },
     #[error("aborted: the server is shutting down and the run outlived its grace period")]
     Aborted,
+    /// Aborted while its commit was in flight, and the commit landed: the run's writes are in.
+    #[error(
+        "run {run_id} was aborted by the shutdown after its commit had landed: its writes are in and its row says succeeded"
+    )]
+    CommittedBeforeAbort { run_id: i64 },
     /// `--expect-digest` did not match: nothing was written.
     #[error("refused: the plan's digest is {}, not the expected {expected}; nothing was written", plan.digest)]
     DigestMismatch { expected: String, plan: Box<Plan> },
@@ -329,8 +334,17 @@ pub async fn run_controlled(
             elapsed: started.elapsed(),
         }),
         Err(e) => {
-            let message = e.to_string();
+            // First end what is left of the write (an in-flight commit completes or not).
             store.settle(&mut lock).await;
+            let landed = matches!(e, EngineError::Aborted)
+                && matches!(store.run_status(run_id).await, Ok(Some(s)) if s == "succeeded");
+            if landed {
+                // The abort raced the commit and lost: say so, not "wrote nothing".
+                store.release(lock).await;
+                tracing::warn!(run_id, "aborted after its commit had landed");
+                return Err(EngineError::CommittedBeforeAbort { run_id });
+            }
+            let message = e.to_string();
             // Still under the lock, so no other run can mistake this row for an orphan.
             record_failure(store, run_id, &message, ctl).await;
             Err(EngineError::RunFailed { run_id, message })

@@ -91,6 +91,7 @@ impl From<EngineError> for Failure {
             EngineError::Locked | EngineError::DigestMismatch { .. } => Exit::Refused,
             EngineError::UnknownReferrer(_) => Exit::Usage,
             EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
+            EngineError::CommittedBeforeAbort { .. } => Exit::Success,
             EngineError::RunFailed { .. }
             | EngineError::Aborted
             | EngineError::Store(_)

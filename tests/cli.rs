@@ -347,3 +347,59 @@ fn unwritable_referrers_exit_4_after_writing_everyone_else() {
         }
     }
 }
+
+/// A read-only user (another uid; the file 0444 in a 0555 directory, owned by root) can audit:
+/// dry run, explain and runs work, and nothing beside the database appears.
+#[test]
+fn a_read_only_user_can_run_a_dry_run_explain_and_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("!!! SKIPPED: switching to another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    // A run so that `runs` has a row to show.
+    let o = run(dir.path(), &["--database-url", &url, "reconcile"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let db = dir.path().join("rr.db");
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o444)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let hash = file_hash(&db);
+    for args in [
+        &["reconcile", "--dry-run"][..],
+        &["explain", "--referrer", "11"][..],
+        &["runs"][..],
+    ] {
+        let mut command = Command::new(BIN);
+        command
+            .args(["--database-url", &url])
+            .args(args)
+            .current_dir("/")
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG");
+        // SAFETY: setgid/setuid only, between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let o = command.output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    }
+    let after: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after, "no -wal, -shm or lock file appeared");
+    assert_eq!(file_hash(&db), hash);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+}

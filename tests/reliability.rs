@@ -458,3 +458,142 @@ async fn an_old_host_value_beyond_integer_does_not_block_applies() {
         [[Some("5000000000".to_owned()), Some("0".to_owned())]]
     );
 }
+
+/// A managed PostgreSQL requires TLS: `sslmode=require` works, every connection of the run is
+/// encrypted, and a certificate that cannot be verified is refused with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_over_tls() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    let on: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(match &db.admin {
+            Admin::Pg(p) => p,
+            Admin::Sqlite(_) => unreachable!(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(on, "on", "the test server must have TLS turned on");
+    db.load(&every_outcome()).await;
+    let url = format!("{}?sslmode=require", db.url);
+    let (hook, mut pause) = Pause::at("writing", true);
+    let run = spawn_run(
+        url.clone(),
+        db.opts(),
+        Config::default(),
+        apply_req(now()),
+        Some(hook),
+    );
+    pause.reached().await;
+    let plain = db
+        .scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'referral-rewards' AND a.datname = current_database() \
+             AND NOT s.ssl",
+        )
+        .await;
+    let encrypted = db
+        .scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'referral-rewards' AND a.datname = current_database() \
+             AND s.ssl",
+        )
+        .await;
+    assert_eq!(plain, 0);
+    assert!(encrypted >= 1, "the run's lock connection is encrypted");
+    pause.resume();
+    assert!(
+        run.await
+            .unwrap()
+            .unwrap()
+            .applied
+            .unwrap()
+            .ledger_rows_written
+            > 0
+    );
+
+    // A root certificate that did not sign the server's: refused, naming the problem.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong_root = dir.path().join("root.pem");
+    std::fs::write(&wrong_root, include_str!("data/unrelated-ca.pem")).unwrap();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        db.url,
+        wrong_root.display()
+    );
+    let e = referral_rewards::store::Store::connect(&url, &db.opts())
+        .await
+        .err()
+        .expect("an unverifiable server is refused");
+    let e = e.to_string();
+    assert!(
+        e.contains("certificate") || e.contains("tls") || e.contains("TLS"),
+        "{e}"
+    );
+}
+
+/// A shutdown's abort that lands while the commit is in flight, and the commit completes: the
+/// run says its writes are in (not "wrote nothing"). The commit is held by a deferred trigger
+/// waiting on an advisory lock the test holds, so the abort happens exactly there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_abort_during_a_commit_that_lands_is_reported_as_landed() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    db.load(&every_outcome()).await;
+    db.exec(
+        "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER wait_at_commit AFTER UPDATE ON reward_runs \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.status = 'succeeded') \
+         EXECUTE FUNCTION wait_at_commit();",
+    )
+    .await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let abort = tokio_util::sync::CancellationToken::new();
+    let (url, opts, token) = (db.url.clone(), db.opts(), abort.clone());
+    let run = tokio::spawn(async move {
+        let store = referral_rewards::store::Store::connect(&url, &opts)
+            .await
+            .unwrap();
+        let ctl = referral_rewards::engine::RunControl {
+            abort: token,
+            ..Default::default()
+        };
+        let r = referral_rewards::engine::run_controlled(
+            &store,
+            &Config::default(),
+            apply_req(now()),
+            &ctl,
+        )
+        .await;
+        store.close().await;
+        r
+    });
+    // The commit is waiting on the test's lock.
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = 4242",
+        )
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    abort.cancel();
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let e = run.await.unwrap().unwrap_err();
+    assert!(matches!(e, EngineError::CommittedBeforeAbort { .. }), "{e}");
+    assert_eq!(run_rows(&db).await[0].0, "succeeded");
+    assert!(db.scalar("SELECT COUNT(*) FROM reward_changes").await > 0);
+}

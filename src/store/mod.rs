@@ -341,6 +341,26 @@ impl Store {
         }
     }
 
+    /// The status of one run's row (`None`: no such row).
+    pub async fn run_status(&self, run_id: i64) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT status FROM reward_runs WHERE id = $1";
+        match self {
+            Store::Sqlite(s) => {
+                sqlx::query_scalar(sql)
+                    .bind(run_id)
+                    .fetch_optional(&s.pool)
+                    .await
+            }
+            Store::Postgres(s) => {
+                sqlx::query_scalar(sql)
+                    .bind(run_id)
+                    .fetch_optional(&s.pool)
+                    .await
+            }
+        }
+        .map_err(StoreError::sql("reading reward_runs"))
+    }
+
     pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
         match self {
             Store::Sqlite(s) => s.runs(limit).await,
