@@ -25,12 +25,16 @@ pub enum StoreError {
     Connect { url: String, message: String },
     #[error("{what}: {message}")]
     Sql { what: &'static str, message: String },
-    #[error("{table}.{column} of {table} row {row}: {value:?} is not a time")]
-    BadTime {
+    /// A cell of the snapshot that cannot be read as what the rules need. `row` is the row's
+    /// own id (the table's primary key), `None` when the id itself is the bad cell; `value` is
+    /// shown as the database holds it (text quoted, `NULL`, blobs and non-UTF-8 text in hex).
+    #[error("{}", bad_value_message(table, column, *row, value, expected))]
+    BadValue {
         table: &'static str,
         column: &'static str,
-        row: i64,
+        row: Option<i64>,
         value: String,
+        expected: &'static str,
     },
     /// Bad usage (exit 2).
     #[error("{0}")]
@@ -94,18 +98,34 @@ impl StoreError {
     }
 }
 
-/// A SQLite time column's text as an instant; the error names the table, column, row and value.
+fn bad_value_message(
+    table: &str,
+    column: &str,
+    row: Option<i64>,
+    value: &str,
+    expected: &str,
+) -> String {
+    match row {
+        Some(id) => {
+            format!("{table}.{column} of the {table} row with id {id}: {value} is not {expected}")
+        }
+        None => format!("{table}.{column}: {value} is not {expected}"),
+    }
+}
+
+/// A time column's text as an instant; the error names the table, column, row and value.
 pub(crate) fn sqlite_time(
     table: &'static str,
     column: &'static str,
     row: i64,
     value: &str,
 ) -> Result<Instant, StoreError> {
-    crate::instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
+    crate::instant::parse_sql_text(value).ok_or_else(|| StoreError::BadValue {
         table,
         column,
-        row,
-        value: value.to_owned(),
+        row: Some(row),
+        value: format!("{value:?}"),
+        expected: "a time",
     })
 }
 

@@ -62,61 +62,310 @@ fn ts(t: Instant) -> String {
     format!("'{}'::timestamptz", instant::to_rfc3339(t))
 }
 
-fn copy_err(what: &'static str) -> impl FnOnce(pgcopy::CopyError) -> StoreError {
-    move |e| StoreError::Sql {
-        what,
-        message: e.to_string(),
+/// What referred*.sql reads for a finite time whose epoch microseconds do not fit a bigint.
+const TIME_OUT_OF_RANGE: i64 = i64::MIN;
+
+/// Why a snapshot row could not be decoded, before the error names it in full (some values
+/// are looked up afterwards, in the same transaction).
+enum Bad {
+    Sql(sqlx::Error),
+    Copy(pgcopy::CopyError),
+    /// `value: None`: look it up by the row's id.
+    Cell {
+        table: &'static str,
+        column: &'static str,
+        row: Option<i64>,
+        value: Option<String>,
+        expected: &'static str,
+    },
+    /// An IP hash that is not UTF-8 (a `SQL_ASCII` database): its event is looked up by user
+    /// and bytes, since the IP queries do not read event ids.
+    Ip {
+        user: i64,
+        bytes: Vec<u8>,
+    },
+}
+
+impl From<sqlx::Error> for Bad {
+    fn from(e: sqlx::Error) -> Self {
+        Bad::Sql(e)
     }
+}
+
+impl From<pgcopy::CopyError> for Bad {
+    fn from(e: pgcopy::CopyError) -> Self {
+        Bad::Copy(e)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn null(
+    table: &'static str,
+    column: &'static str,
+    row: Option<i64>,
+    expected: &'static str,
+) -> Bad {
+    Bad::Cell {
+        table,
+        column,
+        row,
+        value: Some("NULL".into()),
+        expected,
+    }
+}
+
+fn pg_time(
+    v: Option<i64>,
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+) -> Result<Option<Instant>, Bad> {
+    match v {
+        Some(TIME_OUT_OF_RANGE) => Err(Bad::Cell {
+            table,
+            column,
+            row: Some(row),
+            value: None,
+            expected: "a time the job can hold (up to 294247-01-10 04:00:54.775807 UTC)",
+        }),
+        v => Ok(v),
+    }
+}
+
+fn pg_text<'a>(
+    v: Option<&'a [u8]>,
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+) -> Result<Option<&'a str>, Bad> {
+    v.map(|b| {
+        std::str::from_utf8(b).map_err(|_| Bad::Cell {
+            table,
+            column,
+            row: Some(row),
+            value: Some(format!("x'{}' (text that is not UTF-8)", hex(b))),
+            expected: "UTF-8 text",
+        })
+    })
+    .transpose()
+}
+
+/// The error for a row that could not be decoded, naming its table, id, column and value.
+async fn bad(tx: &mut sqlx::PgConnection, what: &'static str, b: Bad) -> StoreError {
+    match b {
+        Bad::Sql(e) => q(what)(e),
+        Bad::Copy(e) => StoreError::Sql {
+            what,
+            message: e.to_string(),
+        },
+        Bad::Cell {
+            table,
+            column,
+            row,
+            value,
+            expected,
+        } => {
+            let value = match (value, row) {
+                (Some(v), _) => v,
+                (None, Some(id)) => {
+                    // Both names are the job's own constants.
+                    let sql = format!("SELECT {column}::text FROM {table} WHERE id = $1");
+                    match sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql))
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                    {
+                        Ok(Some(Some(v))) => format!("{v:?}"),
+                        Ok(Some(None)) => "NULL".into(),
+                        _ => "(a value that could not be read)".into(),
+                    }
+                }
+                (None, None) => "(a value that could not be read)".into(),
+            };
+            StoreError::BadValue {
+                table,
+                column,
+                row,
+                value,
+                expected,
+            }
+        }
+        Bad::Ip { user, bytes } => {
+            let row: Option<i64> = sqlx::query_scalar(
+                "SELECT id::bigint FROM telemetry_events WHERE user_id = $1 \
+                 AND textsend(ip_hash) = $2 ORDER BY id LIMIT 1",
+            )
+            .bind(user)
+            .bind(&bytes)
+            .fetch_optional(&mut *tx)
+            .await
+            .ok()
+            .flatten();
+            StoreError::BadValue {
+                table: "telemetry_events",
+                column: "ip_hash",
+                row,
+                value: format!("x'{}' (text that is not UTF-8)", hex(&bytes)),
+                expected: "UTF-8 text",
+            }
+        }
+    }
+}
+
+/// A row of `referred*.sql`, from either reader.
+struct RawReferred<'a> {
+    id: Option<i64>,
+    referrer: Option<i64>,
+    created_at: Option<i64>,
+    is_active: Option<bool>,
+    is_verified: Option<bool>,
+    has_sub: Option<bool>,
+    tier: Option<&'a [u8]>,
+    status: Option<&'a [u8]>,
+    started_at: Option<i64>,
+    expires_at: Option<i64>,
+    sub_id: Option<i64>,
+}
+
+fn referred_user(raw: RawReferred<'_>, interner: &mut Interner) -> Result<ReferredUser, Bad> {
+    let id = raw.id.ok_or_else(|| null("users", "id", None, "an id"))?;
+    let user = |column, expected| null("users", column, Some(id), expected);
+    let created_at = pg_time(raw.created_at, "users", "created_at", id)?
+        .ok_or_else(|| user("created_at", "a time"))?;
+    let subscription = if raw.has_sub == Some(true) {
+        let sid = raw
+            .sub_id
+            .ok_or_else(|| null("subscriptions", "id", None, "an id"))?;
+        let text = |v, column| pg_text(v, "subscriptions", column, sid);
+        Some(Subscription {
+            tier: interner.intern(text(raw.tier, "tier")?.unwrap_or_default()),
+            status: interner.intern(text(raw.status, "status")?.unwrap_or_default()),
+            started_at: pg_time(raw.started_at, "subscriptions", "started_at", sid)?,
+            expires_at: pg_time(raw.expires_at, "subscriptions", "expires_at", sid)?,
+        })
+    } else {
+        None
+    };
+    Ok(ReferredUser {
+        id,
+        referrer_id: raw
+            .referrer
+            .ok_or_else(|| user("referred_by_user_id", "an id"))?,
+        created_at,
+        is_active: raw
+            .is_active
+            .ok_or_else(|| user("is_active", "a boolean"))?,
+        is_verified: raw
+            .is_verified
+            .ok_or_else(|| user("is_verified", "a boolean"))?,
+        subscription,
+    })
 }
 
 /// The referred users from binary COPY of `referred*.sql` (same columns as [`referred_from_row`]).
-fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, pgcopy::CopyError> {
-    let mut t = pgcopy::Tuples::new(bytes, 10)?;
+fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, Bad> {
+    let mut t = pgcopy::Tuples::new(bytes, 11)?;
     let mut interner = Interner::default();
     let mut out = Vec::new();
-    let missing = |c: &str| pgcopy::CopyError(format!("NULL {c}"));
     while t.next_tuple()? {
-        let id = t.i64()?.ok_or_else(|| missing("id"))?;
-        let referrer_id = t.i64()?.ok_or_else(|| missing("referred_by_user_id"))?;
-        let created_at = t.i64()?.ok_or_else(|| missing("created_at"))?;
-        let is_active = t.bool()?.ok_or_else(|| missing("is_active"))?;
-        let is_verified = t.bool()?.ok_or_else(|| missing("is_verified"))?;
-        let has_sub = t.bool()?.unwrap_or(false);
-        let tier = t.text()?;
-        let status = t.text()?;
-        let started_at = t.i64()?;
-        let expires_at = t.i64()?;
-        out.push(ReferredUser {
-            id,
-            referrer_id,
-            created_at,
-            is_active,
-            is_verified,
-            subscription: has_sub.then(|| Subscription {
-                tier: interner.intern(tier.unwrap_or_default()),
-                status: interner.intern(status.unwrap_or_default()),
-                started_at,
-                expires_at,
-            }),
-        });
+        let raw = RawReferred {
+            id: t.i64()?,
+            referrer: t.i64()?,
+            created_at: t.i64()?,
+            is_active: t.bool()?,
+            is_verified: t.bool()?,
+            has_sub: t.bool()?,
+            tier: t.field()?,
+            status: t.field()?,
+            started_at: t.i64()?,
+            expires_at: t.i64()?,
+            sub_id: t.i64()?,
+        };
+        out.push(referred_user(raw, &mut interner)?);
     }
     Ok(out)
 }
 
+/// A text cell's bytes as the server sent them (NULL: `None`).
+fn raw_bytes(r: &PgRow, i: usize) -> Result<Option<&[u8]>, sqlx::Error> {
+    use sqlx::ValueRef;
+    let v = r.try_get_raw(i)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    v.as_bytes().map(Some).map_err(sqlx::Error::Decode)
+}
+
+fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, Bad> {
+    // Times arrive as epoch microseconds (see referred.sql).
+    let raw = RawReferred {
+        id: r.try_get(0)?,
+        referrer: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+        is_active: r.try_get(3)?,
+        is_verified: r.try_get(4)?,
+        has_sub: r.try_get(5)?,
+        tier: raw_bytes(r, 6)?,
+        status: raw_bytes(r, 7)?,
+        started_at: r.try_get(8)?,
+        expires_at: r.try_get(9)?,
+        sub_id: r.try_get(10)?,
+    };
+    referred_user(raw, interner)
+}
+
+fn pair(user: Option<i64>, ip: Option<&[u8]>) -> Result<(i64, String), Bad> {
+    // Both queries join the user and keep non-NULL hashes.
+    let user = user.ok_or_else(|| null("telemetry_events", "user_id", None, "a user id"))?;
+    let ip = ip.ok_or_else(|| null("telemetry_events", "ip_hash", None, "an IP hash"))?;
+    match std::str::from_utf8(ip) {
+        Ok(ip) => Ok((user, ip.to_owned())),
+        Err(_) => Err(Bad::Ip {
+            user,
+            bytes: ip.to_vec(),
+        }),
+    }
+}
+
 /// `(user_id, ip_hash)` pairs from binary COPY.
-fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, pgcopy::CopyError> {
+fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, Bad> {
     let mut t = pgcopy::Tuples::new(bytes, 2)?;
     let mut out = Vec::new();
     while t.next_tuple()? {
-        let user = t
-            .i64()?
-            .ok_or_else(|| pgcopy::CopyError("NULL user_id".into()))?;
-        let ip = t
-            .text()?
-            .ok_or_else(|| pgcopy::CopyError("NULL ip_hash".into()))?;
-        out.push((user, ip.to_owned()));
+        let user = t.i64()?;
+        out.push(pair(user, t.field()?)?);
     }
     Ok(out)
+}
+
+/// `(user_id, ip_hash)` pairs from SELECT rows.
+fn pairs_from_rows(rows: &[PgRow]) -> Result<Vec<(i64, String)>, Bad> {
+    rows.iter()
+        .map(|r| pair(r.try_get(0)?, raw_bytes(r, 1)?))
+        .collect()
+}
+
+/// `(user_id, referral_bonus_domains)` of a `host_bonus*.sql` row (its third column is the
+/// subscription's own id, for errors).
+fn host_bonus_from_row(r: &PgRow) -> Result<(i64, i64), Bad> {
+    let id: Option<i64> = r.try_get(2)?;
+    let id = id.ok_or_else(|| null("subscriptions", "id", None, "an id"))?;
+    let user: Option<i64> = r.try_get(0)?;
+    let bonus: Option<i64> = r.try_get(1)?;
+    Ok((
+        user.ok_or_else(|| null("subscriptions", "user_id", Some(id), "a user id"))?,
+        bonus.ok_or_else(|| {
+            null(
+                "subscriptions",
+                "referral_bonus_domains",
+                Some(id),
+                "an integer",
+            )
+        })?,
+    ))
 }
 
 /// Pins the transaction to UTC, so that `TIMESTAMP` columns (UTC by SPEC) and `TIMESTAMPTZ`
@@ -253,6 +502,7 @@ impl PgStore {
         sw.lap(&mut snap.timings, "referrers", snap.referrers.len());
 
         if !snap.referrers.is_empty() {
+            const REFERRED: &str = "reading referred users";
             let ids = &snap.referrers;
             let copied = match scope {
                 Scope::Full => {
@@ -260,6 +510,7 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referred.sql"),
                         &[],
+                        REFERRED,
                     )
                     .await?
                 }
@@ -268,14 +519,15 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referred_shard.sql"),
                         &[array(ids)],
+                        REFERRED,
                     )
                     .await?
                 }
                 Scope::Referrer(_) => None,
             };
-            if let Some(bytes) = copied {
+            let referred = if let Some(bytes) = copied {
                 snap.via_copy = true;
-                snap.referred = referred_from_copy(&bytes).map_err(copy_err("referred users"))?;
+                referred_from_copy(&bytes)
             } else {
                 let rows: Vec<PgRow> = match scope {
                     Scope::Full => {
@@ -298,20 +550,19 @@ impl PgStore {
                         .await
                     }
                 }
-                .map_err(q("reading referred users"))?;
+                .map_err(q(REFERRED))?;
                 let mut interner = Interner::default();
-                let mut referred = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    referred.push(
-                        referred_from_row(r, &mut interner)
-                            .map_err(q("decoding referred users"))?,
-                    );
-                }
-                drop(rows);
-                snap.referred = referred;
-            }
+                rows.iter()
+                    .map(|r| referred_from_row(r, &mut interner))
+                    .collect()
+            };
+            snap.referred = match referred {
+                Ok(r) => r,
+                Err(b) => return Err(bad(&mut tx, REFERRED, b).await),
+            };
             sw.lap(&mut snap.timings, "referred_users", snap.referred.len());
 
+            const REGISTRATIONS: &str = "reading registration events";
             let ids = &snap.referrers;
             let copied = match scope {
                 Scope::Full => {
@@ -319,6 +570,7 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/registrations.sql"),
                         &[],
+                        REGISTRATIONS,
                     )
                     .await?
                 }
@@ -327,22 +579,23 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/registrations_shard.sql"),
                         &[array(ids)],
+                        REGISTRATIONS,
                     )
                     .await?
                 }
                 Scope::Referrer(_) => None,
             };
-            snap.registrations = if let Some(bytes) = copied {
-                pairs_from_copy(&bytes).map_err(copy_err("registration events"))?
+            let pairs = if let Some(bytes) = copied {
+                pairs_from_copy(&bytes)
             } else {
                 match scope {
                     Scope::Full => {
-                        sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
+                        sqlx::query(include_str!("../../sql/queries/postgres/registrations.sql"))
                             .fetch_all(&mut *tx)
                             .await
                     }
                     Scope::Referrer(id) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/registrations_one.sql"
                         ))
                         .bind(id)
@@ -350,7 +603,7 @@ impl PgStore {
                         .await
                     }
                     Scope::Shard(_) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/registrations_shard.sql"
                         ))
                         .bind(ids)
@@ -358,16 +611,23 @@ impl PgStore {
                         .await
                     }
                 }
-                .map_err(q("reading registration events"))?
+                .map_err(q(REGISTRATIONS))
+                .map(|rows| pairs_from_rows(&rows))?
+            };
+            snap.registrations = match pairs {
+                Ok(p) => p,
+                Err(b) => return Err(bad(&mut tx, REGISTRATIONS, b).await),
             };
             sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
 
+            const EVENTS: &str = "reading referrer events";
             let copied = match scope {
                 Scope::Full => {
                     self.copy_out(
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referrer_events.sql"),
                         &[ts(window.0), ts(window.1)],
+                        EVENTS,
                     )
                     .await?
                 }
@@ -376,17 +636,18 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referrer_events_shard.sql"),
                         &[ts(window.0), ts(window.1), array(ids)],
+                        EVENTS,
                     )
                     .await?
                 }
                 Scope::Referrer(_) => None,
             };
-            snap.referrer_events = if let Some(bytes) = copied {
-                pairs_from_copy(&bytes).map_err(copy_err("referrer events"))?
+            let pairs = if let Some(bytes) = copied {
+                pairs_from_copy(&bytes)
             } else {
                 match scope {
                     Scope::Full => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/referrer_events.sql"
                         ))
                         .bind(from)
@@ -395,7 +656,7 @@ impl PgStore {
                         .await
                     }
                     Scope::Referrer(id) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/referrer_events_one.sql"
                         ))
                         .bind(from)
@@ -405,7 +666,7 @@ impl PgStore {
                         .await
                     }
                     Scope::Shard(_) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/referrer_events_shard.sql"
                         ))
                         .bind(from)
@@ -415,7 +676,12 @@ impl PgStore {
                         .await
                     }
                 }
-                .map_err(q("reading referrer events"))?
+                .map_err(q(EVENTS))
+                .map(|rows| pairs_from_rows(&rows))?
+            };
+            snap.referrer_events = match pairs {
+                Ok(p) => p,
+                Err(b) => return Err(bad(&mut tx, EVENTS, b).await),
             };
             sw.lap(
                 &mut snap.timings,
@@ -457,9 +723,10 @@ impl PgStore {
             snap.stored_rewards.len(),
         );
 
-        let host: Vec<(i64, i64)> = match scope {
+        const SUBSCRIPTIONS: &str = "reading subscriptions";
+        let rows: Vec<PgRow> = match scope {
             Scope::Referrer(id) => {
-                sqlx::query_as(include_str!(
+                sqlx::query(include_str!(
                     "../../sql/queries/postgres/host_bonus_one.sql"
                 ))
                 .bind(id)
@@ -467,12 +734,17 @@ impl PgStore {
                 .await
             }
             _ => {
-                sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
+                sqlx::query(include_str!("../../sql/queries/postgres/host_bonus.sql"))
                     .fetch_all(&mut *tx)
                     .await
             }
         }
-        .map_err(q("reading subscriptions"))?;
+        .map_err(q(SUBSCRIPTIONS))?;
+        let host: Result<Vec<(i64, i64)>, Bad> = rows.iter().map(host_bonus_from_row).collect();
+        let host = match host {
+            Ok(h) => h,
+            Err(b) => return Err(bad(&mut tx, SUBSCRIPTIONS, b).await),
+        };
         snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
         sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
@@ -488,6 +760,7 @@ impl PgStore {
         tx: &mut sqlx::PgConnection,
         sql: &str,
         params: &[String],
+        _what: &'static str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         use futures_util::TryStreamExt;
         use std::sync::atomic::Ordering;
@@ -1045,33 +1318,6 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, sqlx::Error> {
-    let id: i64 = r.try_get(0)?;
-    let has_sub: bool = r.try_get(5)?;
-    // Times arrive as epoch microseconds (see referred.sql).
-    let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> { r.try_get::<Option<i64>, _>(i) };
-    let subscription = if has_sub {
-        let tier: Option<&str> = r.try_get(6)?;
-        let status: Option<&str> = r.try_get(7)?;
-        Some(Subscription {
-            tier: interner.intern(tier.unwrap_or_default()),
-            status: interner.intern(status.unwrap_or_default()),
-            started_at: t(8)?,
-            expires_at: t(9)?,
-        })
-    } else {
-        None
-    };
-    Ok(ReferredUser {
-        id,
-        referrer_id: r.try_get(1)?,
-        created_at: r.try_get(2)?,
-        is_active: r.try_get(3)?,
-        is_verified: r.try_get(4)?,
-        subscription,
-    })
 }
 
 fn reward_from_row(r: &PgRow) -> Result<RewardResult, sqlx::Error> {
