@@ -1,6 +1,7 @@
 //! Host rows the job cannot read as SPEC describes them: every such cell fails the run with an
-//! error naming the table, the row's own id, the column and the value. A failed run leaves the
-//! database as it was, apart from its `failed` run row.
+//! error naming the table, the row's own id, the column and the value; more than one
+//! subscription row for a user is refused, naming the user and the rows. A failed run leaves
+//! the database as it was, apart from its `failed` run row.
 
 mod common;
 
@@ -311,3 +312,59 @@ async fn fails_naming_with(db: &TestDb, copy: bool, parts: &[&str]) {
     assert_eq!(last[0][0].as_deref(), Some("failed"));
     assert_eq!(last[0][1].as_deref(), Some(message.as_str()));
 }
+
+// A host subscriptions table without UNIQUE (user_id): a referred user with two rows used to
+// be counted twice. The run refuses, naming the users and their subscription rows: a referred
+// user (2) and a referrer (30, read for its host bonus).
+each_backend!(
+    duplicate_subscriptions_are_refused,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        if db.is_pg() {
+            db.exec("ALTER TABLE subscriptions DROP CONSTRAINT subscriptions_user_id_key")
+                .await;
+        } else {
+            sqlite_rebuild(
+                &db,
+                "subscriptions",
+                "CREATE TABLE subscriptions_new (id INTEGER PRIMARY KEY, user_id BIGINT NOT NULL \
+                 REFERENCES users(id), tier TEXT NOT NULL, status TEXT NOT NULL, \
+                 max_domains INTEGER NOT NULL DEFAULT 5, referral_bonus_domains INTEGER NOT NULL DEFAULT 0, \
+                 started_at TEXT, expires_at TEXT)",
+            )
+            .await;
+        }
+        let before = db.state().await;
+        // Nothing to refuse yet.
+        db.reconcile(Scope::Full, now(), true).await.unwrap();
+        assert_eq!(db.state().await, before);
+
+        let s2 = db
+            .scalar("SELECT id FROM subscriptions WHERE user_id = 2")
+            .await;
+        let s30 = db
+            .scalar("SELECT id FROM subscriptions WHERE user_id = 30")
+            .await;
+        db.exec(&format!(
+            "INSERT INTO subscriptions (id, user_id, tier, status, referral_bonus_domains, started_at) \
+             VALUES (900, 2, 'trader', 'active', 0, {t}), (901, 30, 'scout', 'active', 7, {t})",
+            t = db.ts(now() - 90 * DAY)
+        ))
+        .await;
+        let message = fails_naming(
+            &db,
+            &[
+                &format!("user 2 has subscriptions with ids {s2}, 900"),
+                &format!("user 30 has subscriptions with ids {s30}, 901"),
+            ],
+        )
+        .await;
+        assert!(message.contains("subscriptions.user_id"), "{message}");
+        // A one-referrer run for referrer 1 reads user 2: refused too.
+        let e = db
+            .reconcile(Scope::Referrer(1), now(), false)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("user 2 has subscriptions"), "{e}");
+    }
+);

@@ -748,6 +748,18 @@ impl PgStore {
         snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
         sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
+        let repeated = super::users_with_duplicate_subscriptions(&snap);
+        if !repeated.is_empty() {
+            let rows: Vec<(i64, i64)> = sqlx::query_as(include_str!(
+                "../../sql/queries/postgres/duplicate_subscriptions.sql"
+            ))
+            .bind(&repeated)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("reading duplicate subscriptions"))?;
+            return Err(super::duplicate_subscriptions(&repeated, &rows));
+        }
+
         tx.commit().await.map_err(q("ending the snapshot"))?;
         Ok(snap)
     }

@@ -381,6 +381,22 @@ fn read(
     drop(st);
     sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
+    let repeated = super::users_with_duplicate_subscriptions(&snap);
+    if !repeated.is_empty() {
+        const DUP: &str = "reading duplicate subscriptions";
+        let ids = serde_json::to_string(&repeated).expect("integers");
+        let mut st = conn
+            .prepare(include_str!(
+                "../../sql/queries/sqlite/duplicate_subscriptions.sql"
+            ))
+            .map_err(sql_err(DUP))?;
+        let rows = st
+            .query_map(named_params! {"$1": ids}, |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql_err(DUP))?
+            .collect::<Result<Vec<(i64, i64)>, _>>()
+            .map_err(sql_err(DUP))?;
+        return Err(super::duplicate_subscriptions(&repeated, &rows));
+    }
     Ok(snap)
 }
 
