@@ -30,7 +30,7 @@ pub struct PgStore {
     pub(super) pool: PgPool,
     options: PgConnectOptions,
     /// Read the large snapshot queries through binary COPY; cleared for good the first time
-    /// the server refuses it.
+    /// the server refuses it (an error with one of [`COPY_REFUSALS`]' SQLSTATEs), and only then.
     copy: std::sync::atomic::AtomicBool,
     /// Idle connections for the run lock, kept so that a one-referrer run does not pay a new
     /// connection each time.
@@ -60,6 +60,72 @@ fn array(ids: &[i64]) -> String {
 /// A SQL literal of an instant, for COPY.
 fn ts(t: Instant) -> String {
     format!("'{}'::timestamptz", instant::to_rfc3339(t))
+}
+
+/// SQLSTATEs with which a server refuses binary COPY itself rather than the data it reads:
+/// `0A000` feature_not_supported (a server without `COPY (query) TO STDOUT` or its binary
+/// format, as PostgreSQL-compatible distributed databases answer), `42501`
+/// insufficient_privilege (COPY denied to the role or by a proxy), `42601` syntax_error (a
+/// parser that does not know this form of COPY), `42883` undefined_function (no binary output
+/// function for a column's type). Only these switch COPY off and fall back to SELECT; any
+/// other error fails the run and leaves COPY on.
+const COPY_REFUSALS: [&str; 4] = ["0A000", "42501", "42601", "42883"];
+
+fn is_copy_refusal(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| COPY_REFUSALS.contains(&c.as_ref()))
+}
+
+fn copy_error(what: &'static str, e: &sqlx::Error, why: &str) -> StoreError {
+    let code = e.as_database_error().and_then(|d| d.code());
+    let code = code.map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default();
+    StoreError::Sql {
+        what,
+        message: format!(
+            "binary COPY failed: {}{code}; {why} (database.pg_binary_copy = false reads with \
+             SELECT instead)",
+            super::one_line(&e.to_string())
+        ),
+    }
+}
+
+/// Runs `COPY (SELECT * FROM (<query>) LIMIT 0) TO STDOUT (FORMAT binary)` through the simple
+/// query protocol and reads its whole answer: `None` if the server accepted it, else its error.
+/// sqlx does not hand out the data of a COPY run this way: it ends the statement with a
+/// protocol error at the CopyOutResponse ("unexpected message"), which here means accepted,
+/// and reads the rest of the answer (and any error in it) at the connection's next use: the
+/// pings below.
+async fn probe_copy(
+    tx: &mut sqlx::PgConnection,
+    query: &str,
+) -> Result<Option<sqlx::Error>, StoreError> {
+    let probe =
+        format!("COPY (SELECT * FROM (\n{query}\n) AS probe LIMIT 0) TO STDOUT (FORMAT binary)");
+    let answer = sqlx::raw_sql(sqlx::AssertSqlSafe(probe))
+        .execute(&mut *tx)
+        .await;
+    let mut failure = match answer {
+        Err(sqlx::Error::Protocol(m)) if m.contains("CopyOutResponse") => None,
+        Err(e) => Some(e),
+        Ok(_) => Some(sqlx::Error::Protocol(
+            "the server answered COPY … TO STDOUT without a COPY stream".into(),
+        )),
+    };
+    // Each ping reads up to its own ReadyForQuery; an error in the probe's remaining answer
+    // stops one early, and the next ping goes on from there.
+    let mut pings = 0;
+    loop {
+        match tx.ping().await {
+            Ok(()) => break,
+            Err(e @ sqlx::Error::Database(_)) if pings < 3 => {
+                failure.get_or_insert(e);
+                pings += 1;
+            }
+            Err(e) => return Err(q("reading with COPY")(e)),
+        }
+    }
+    Ok(failure)
 }
 
 /// What referred*.sql reads for a finite time whose epoch microseconds do not fit a bigint.
@@ -465,13 +531,53 @@ impl PgStore {
         Ok(row.is_some())
     }
 
+    /// One repeatable-read snapshot. A snapshot that fails closes its connection instead of
+    /// returning it to the pool: a COPY statement refused outright leaves it out of step (see
+    /// [`PgStore::copy_out`]).
     pub async fn snapshot(
         &self,
         scope: Scope,
         window: (Instant, Instant),
     ) -> Result<Snapshot, StoreError> {
-        let mut tx = self
+        use std::sync::atomic::Ordering;
+        let copy_before = self.copy.load(Ordering::Relaxed);
+        let mut conn = self
             .pool
+            .acquire()
+            .await
+            .map_err(q("starting the snapshot"))?;
+        match self.read_snapshot(&mut conn, scope, window).await {
+            Ok(snap) => Ok(snap),
+            Err(e) => {
+                conn.close_on_drop();
+                drop(conn);
+                if copy_before && !self.copy.load(Ordering::Relaxed) {
+                    // COPY was refused at its statement after its probe passed (see
+                    // `copy_out`): read again, with SELECTs, on a fresh connection.
+                    tracing::warn!(error = %e, "reading the snapshot again with SELECT");
+                    let mut conn = self
+                        .pool
+                        .acquire()
+                        .await
+                        .map_err(q("starting the snapshot"))?;
+                    let r = self.read_snapshot(&mut conn, scope, window).await;
+                    if r.is_err() {
+                        conn.close_on_drop();
+                    }
+                    return r;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_snapshot(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        scope: Scope,
+        window: (Instant, Instant),
+    ) -> Result<Snapshot, StoreError> {
+        let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q("starting the snapshot"))?;
@@ -767,12 +873,26 @@ impl PgStore {
     /// `COPY (<query>) TO STDOUT (FORMAT binary)` with `params` ($1, $2, … as SQL literals) in
     /// the snapshot's transaction, or `None` when COPY is off or refused: the caller then runs
     /// the same query as a SELECT. A savepoint keeps a refusal from aborting the snapshot.
+    ///
+    /// A refusal is an error with one of [`COPY_REFUSALS`]' SQLSTATEs: it switches COPY off for
+    /// the life of the process (logged once). Any other error fails the snapshot, and so the
+    /// run, and leaves COPY on for later runs: it says nothing about COPY.
+    ///
+    /// The statement is probed first, as `COPY (SELECT * FROM (<query>) LIMIT 0) …` through the
+    /// simple query protocol, whose answer sqlx reads to its end whatever it is: sqlx 0.9's
+    /// `copy_out_raw` does not read the ReadyForQuery that follows an error answering the COPY
+    /// statement itself, so the next statement on the connection (the savepoint's rollback)
+    /// would fail with "expected ParseComplete, got ReadyForQuery". The probe meets the same
+    /// refusals (parsing, permissions, planning), so the COPY that follows it is refused only in
+    /// the middle of its data, where `copy_out_raw` reads the error to its end. Should the COPY
+    /// statement be refused anyway, the snapshot fails, its connection is closed, and
+    /// [`PgStore::snapshot`] reads it again with SELECTs.
     async fn copy_out(
         &self,
         tx: &mut sqlx::PgConnection,
         sql: &str,
         params: &[String],
-        _what: &'static str,
+        what: &'static str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         use futures_util::TryStreamExt;
         use std::sync::atomic::Ordering;
@@ -788,33 +908,75 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(q("reading with COPY"))?;
+
+        if let Some(e) = probe_copy(tx, &query).await? {
+            return self.copy_failed(tx, what, e).await;
+        }
+
         let statement = format!("COPY (\n{query}\n) TO STDOUT (FORMAT binary)");
-        let result: Result<Vec<u8>, sqlx::Error> = async {
-            let mut stream = tx.copy_out_raw(&statement).await?;
-            let mut buf = Vec::new();
+        let mut stream = match tx.copy_out_raw(&statement).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Refused at the statement although the probe passed: this connection has an
+                // unread ReadyForQuery now, and must not run anything more.
+                if is_copy_refusal(&e) {
+                    self.refuse_copy(&e);
+                }
+                return Err(copy_error(
+                    what,
+                    &e,
+                    "COPY was refused at its statement after its probe passed; the connection is closed",
+                ));
+            }
+        };
+        let mut buf = Vec::new();
+        let read: Result<(), sqlx::Error> = async {
             while let Some(chunk) = stream.try_next().await? {
                 buf.extend_from_slice(&chunk);
             }
-            Ok(buf)
+            Ok(())
         }
         .await;
-        match result {
-            Ok(buf) => {
+        drop(stream);
+        match read {
+            Ok(()) => {
                 sqlx::query("RELEASE SAVEPOINT copy_read")
                     .execute(&mut *tx)
                     .await
                     .map_err(q("reading with COPY"))?;
                 Ok(Some(buf))
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "binary COPY refused; reading with SELECT from now on");
-                self.copy.store(false, Ordering::Relaxed);
-                sqlx::query("ROLLBACK TO SAVEPOINT copy_read")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(q("reading with COPY"))?;
-                Ok(None)
-            }
+            Err(e) => self.copy_failed(tx, what, e).await,
+        }
+    }
+
+    /// After a COPY error with the connection in step: a refusal rolls back to the savepoint
+    /// and answers `None` (read with SELECT); anything else fails the snapshot.
+    async fn copy_failed(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        what: &'static str,
+        e: sqlx::Error,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if !is_copy_refusal(&e) {
+            return Err(copy_error(
+                what,
+                &e,
+                "not a refusal of COPY, so COPY stays on for later runs",
+            ));
+        }
+        self.refuse_copy(&e);
+        sqlx::query("ROLLBACK TO SAVEPOINT copy_read")
+            .execute(&mut *tx)
+            .await
+            .map_err(q("reading with COPY"))?;
+        Ok(None)
+    }
+
+    /// Switches COPY off for the life of the process, saying so once.
+    fn refuse_copy(&self, e: &sqlx::Error) {
+        if self.copy.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(error = %e, "binary COPY refused; reading with SELECT from now on");
         }
     }
 
