@@ -144,12 +144,6 @@ enum Bad {
         value: Option<String>,
         expected: &'static str,
     },
-    /// An IP hash that is not UTF-8 (a `SQL_ASCII` database): its event is looked up by user
-    /// and bytes, since the IP queries do not read event ids.
-    Ip {
-        user: i64,
-        bytes: Vec<u8>,
-    },
 }
 
 impl From<sqlx::Error> for Bad {
@@ -257,25 +251,6 @@ async fn bad(tx: &mut sqlx::PgConnection, what: &'static str, b: Bad) -> StoreEr
                 row,
                 value,
                 expected,
-            }
-        }
-        Bad::Ip { user, bytes } => {
-            let row: Option<i64> = sqlx::query_scalar(
-                "SELECT id::bigint FROM telemetry_events WHERE user_id = $1 \
-                 AND textsend(ip_hash) = $2 ORDER BY id LIMIT 1",
-            )
-            .bind(user)
-            .bind(&bytes)
-            .fetch_optional(&mut *tx)
-            .await
-            .ok()
-            .flatten();
-            StoreError::BadValue {
-                table: "telemetry_events",
-                column: "ip_hash",
-                row,
-                value: format!("x'{}' (text that is not UTF-8)", hex(&bytes)),
-                expected: "UTF-8 text",
             }
         }
     }
@@ -387,11 +362,16 @@ fn pair(user: Option<i64>, ip: Option<&[u8]>) -> Result<(i64, String), Bad> {
     // Both queries join the user and keep non-NULL hashes.
     let user = user.ok_or_else(|| null("telemetry_events", "user_id", None, "a user id"))?;
     let ip = ip.ok_or_else(|| null("telemetry_events", "ip_hash", None, "an IP hash"))?;
+    // PostgreSQL checks text against the client encoding (UTF8) before sending it, even from a
+    // SQL_ASCII database, so this does not fail; should it, the IP queries read no event ids.
     match std::str::from_utf8(ip) {
         Ok(ip) => Ok((user, ip.to_owned())),
-        Err(_) => Err(Bad::Ip {
-            user,
-            bytes: ip.to_vec(),
+        Err(_) => Err(Bad::Cell {
+            table: "telemetry_events",
+            column: "ip_hash",
+            row: None,
+            value: Some(format!("x'{}' of user {user}", hex(ip))),
+            expected: "UTF-8 text",
         }),
     }
 }
