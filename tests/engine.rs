@@ -303,7 +303,9 @@ async fn unparseable_or_odd_times() {
     let e = db.reconcile(Scope::Full, now(), false).await.unwrap_err();
     let text = e.to_string();
     assert!(
-        text.contains("users.created_at") && text.contains("row 6") && text.contains("yesterday"),
+        text.contains("users.created_at")
+            && text.contains("row with id 6")
+            && text.contains("yesterday"),
         "{text}"
     );
 }

@@ -597,3 +597,165 @@ async fn an_abort_during_a_commit_that_lands_is_reported_as_landed() {
     assert_eq!(run_rows(&db).await[0].0, "succeeded");
     assert!(db.scalar("SELECT COUNT(*) FROM reward_changes").await > 0);
 }
+/// Makes every binary COPY that reads `users` fail with `code`: `users` becomes a view over the
+/// table that calls a guard raising it when the statement is a COPY. An IMMUTABLE guard is
+/// evaluated while the COPY is planned, so the COPY statement itself is refused (before any
+/// data); a VOLATILE one on the first row, in the middle of the data. `only_after_probe` spares
+/// the job's probe (`… LIMIT 0) TO STDOUT`), so that the COPY statement proper is refused. The
+/// same queries as SELECTs pass.
+async fn guard_copy(db: &TestDb, code: &str, volatility: &str, only_after_probe: bool) {
+    let probe = if only_after_probe {
+        r" AND current_query() !~ 'LIMIT 0\) TO STDOUT'"
+    } else {
+        ""
+    };
+    db.exec(&format!(
+        r#"CREATE OR REPLACE FUNCTION rr_copy_guard() RETURNS boolean LANGUAGE plpgsql {volatility} AS $$
+           BEGIN
+             IF current_query() ~* '^\s*COPY'{probe} THEN
+               RAISE EXCEPTION 'COPY is not allowed to read users' USING ERRCODE = '{code}';
+             END IF;
+             RETURN true;
+           END $$;
+           DO $$ BEGIN
+             IF to_regclass('users_t') IS NULL THEN
+               ALTER TABLE users RENAME TO users_t;
+             ELSE
+               DROP VIEW users;
+             END IF;
+           END $$;
+           CREATE VIEW users AS SELECT * FROM users_t WHERE rr_copy_guard();"#
+    ))
+    .await;
+}
+
+async fn unguard_copy(db: &TestDb) {
+    db.exec(
+        "CREATE OR REPLACE FUNCTION rr_copy_guard() RETURNS boolean LANGUAGE sql IMMUTABLE AS 'SELECT true'",
+    )
+    .await;
+}
+
+async fn pg_store(db: &TestDb, copy: bool) -> referral_rewards::store::Store {
+    let mut opts = db.opts();
+    opts.pg_binary_copy = copy;
+    referral_rewards::store::Store::connect(&db.url, &opts)
+        .await
+        .unwrap()
+}
+
+fn window() -> (i64, i64) {
+    referral_rewards::rules::ip_window(now(), 30)
+}
+
+// A server that refuses binary COPY (here with feature_not_supported, at the COPY statement
+// itself or in the middle of its data): the snapshot falls back to SELECT on the same
+// connection and transaction, with the same results as through COPY, and COPY stays off for the
+// rest of the process. It used to leave the connection out of step ("expected ParseComplete,
+// got ReadyForQuery") when the statement itself was refused.
+each_pg_backend!(
+    a_refused_copy_falls_back_to_select,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        let store = pg_store(&db, true).await;
+        assert!(
+            store
+                .snapshot(Scope::Full, window())
+                .await
+                .unwrap()
+                .via_copy
+        );
+        let expected = referral_rewards::engine::run(
+            &store,
+            &Config::default(),
+            RunRequest {
+                dry_run: true,
+                ..apply_req(now())
+            },
+        )
+        .await
+        .unwrap()
+        .plan
+        .digest;
+        store.close().await;
+
+        for (volatility, only_after_probe) in [
+            ("IMMUTABLE", false),
+            ("IMMUTABLE", true),
+            ("VOLATILE", false),
+        ] {
+            guard_copy(&db, "0A000", volatility, only_after_probe).await;
+            let store = pg_store(&db, true).await;
+            let why = format!("{volatility}, only after the probe: {only_after_probe}");
+            let snap = store.snapshot(Scope::Full, window()).await.unwrap();
+            assert!(!snap.via_copy, "{why}");
+            assert!(!snap.referred.is_empty(), "{why}");
+            // The store keeps reading with SELECT, including a one-referrer run.
+            let dry = referral_rewards::engine::run(
+                &store,
+                &Config::default(),
+                RunRequest {
+                    dry_run: true,
+                    ..apply_req(now())
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!(dry.plan.digest, expected, "{why}");
+            let snap = store.snapshot(Scope::Full, window()).await.unwrap();
+            assert!(!snap.via_copy, "{why}");
+            store.snapshot(Scope::Referrer(1), window()).await.unwrap();
+            store.close().await;
+        }
+
+        // An applying run through the fallback writes what the COPY snapshot planned.
+        let store = pg_store(&db, true).await;
+        let applied = referral_rewards::engine::run(&store, &Config::default(), apply_req(now()))
+            .await
+            .unwrap();
+        store.close().await;
+        assert_eq!(applied.plan.digest, expected);
+        assert_eq!(
+            db.reward_row(1).await.unwrap(),
+            row(
+                ["25", "9", "0", "2", "3", "3", "2", "15"],
+                Some("verified_referrer")
+            )
+        );
+        assert_eq!(run_rows(&db).await, [("succeeded".to_owned(), None)]);
+    }
+);
+
+// A COPY error that is not a refusal (a failing function, at the statement or in the data)
+// fails the snapshot and the run, with a clear message, and does not switch COPY off: once the
+// cause is gone, the same store reads with COPY again.
+each_pg_backend!(
+    a_copy_error_that_is_no_refusal_fails_the_run_and_keeps_copy,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        for volatility in ["IMMUTABLE", "VOLATILE"] {
+            guard_copy(&db, "P0001", volatility, false).await;
+            let before = db.state().await;
+            let store = pg_store(&db, true).await;
+            let e = referral_rewards::engine::run(&store, &Config::default(), apply_req(now()))
+                .await
+                .unwrap_err();
+            let EngineError::RunFailed { message, .. } = &e else {
+                panic!("{e}")
+            };
+            assert!(
+                message.contains("binary COPY failed")
+                    && message.contains("COPY is not allowed to read users")
+                    && message.contains("P0001"),
+                "{volatility}: {message}"
+            );
+            assert_eq!(db.state().await, before, "{volatility}");
+            assert_eq!(run_rows(&db).await.last().unwrap().0, "failed");
+
+            unguard_copy(&db).await;
+            let snap = store.snapshot(Scope::Full, window()).await.unwrap();
+            assert!(snap.via_copy, "{volatility}: COPY is still on");
+            store.close().await;
+        }
+    }
+);

@@ -25,12 +25,23 @@ pub enum StoreError {
     Connect { url: String, message: String },
     #[error("{what}: {message}")]
     Sql { what: &'static str, message: String },
-    #[error("{table}.{column} of {table} row {row}: {value:?} is not a time")]
-    BadTime {
+    /// A cell of the snapshot that cannot be read as what the rules need. `row` is the row's
+    /// own id (the table's primary key), `None` when the id itself is the bad cell; `value` is
+    /// shown as the database holds it (text quoted, `NULL`, blobs and non-UTF-8 text in hex).
+    #[error("{}", bad_value_message(table, column, *row, value, expected))]
+    BadValue {
         table: &'static str,
         column: &'static str,
-        row: i64,
+        row: Option<i64>,
         value: String,
+        expected: &'static str,
+    },
+    /// More than one subscription row for a user the run reads: counting them would count the
+    /// user twice, and picking one would be a guess.
+    #[error("{}", duplicate_subscriptions_message(users))]
+    DuplicateSubscriptions {
+        /// `(user_id, subscription ids)`, by user id.
+        users: Vec<(i64, Vec<i64>)>,
     },
     /// Bad usage (exit 2).
     #[error("{0}")]
@@ -94,19 +105,110 @@ impl StoreError {
     }
 }
 
-/// A SQLite time column's text as an instant; the error names the table, column, row and value.
+fn bad_value_message(
+    table: &str,
+    column: &str,
+    row: Option<i64>,
+    value: &str,
+    expected: &str,
+) -> String {
+    match row {
+        Some(id) => {
+            format!("{table}.{column} of the {table} row with id {id}: {value} is not {expected}")
+        }
+        None => format!("{table}.{column}: {value} is not {expected}"),
+    }
+}
+
+/// How many users a duplicate-subscription error lists before "and N more".
+const DUPLICATES_LISTED: usize = 10;
+
+fn duplicate_subscriptions_message(users: &[(i64, Vec<i64>)]) -> String {
+    let listed: Vec<String> = users
+        .iter()
+        .take(DUPLICATES_LISTED)
+        .map(|(user, subs)| {
+            let ids: Vec<String> = subs.iter().map(i64::to_string).collect();
+            if subs.len() > 1 {
+                format!("user {user} has subscriptions with ids {}", ids.join(", "))
+            } else {
+                format!("user {user} is read more than once (its users row is repeated)")
+            }
+        })
+        .collect();
+    let more = users.len().saturating_sub(DUPLICATES_LISTED);
+    let more = if more > 0 {
+        format!(" (and {more} more users)")
+    } else {
+        String::new()
+    };
+    format!(
+        "more than one subscriptions row for one user: {}{more}; a user has at most one \
+         subscription (SPEC: subscriptions.user_id is UNIQUE), so the run refuses to guess: \
+         remove the extra rows, or map the table through a view with one row per user",
+        listed.join("; ")
+    )
+}
+
+/// A time column's text as an instant; the error names the table, column, row and value.
 pub(crate) fn sqlite_time(
     table: &'static str,
     column: &'static str,
     row: i64,
     value: &str,
 ) -> Result<Instant, StoreError> {
-    crate::instant::parse_sql_text(value).ok_or_else(|| StoreError::BadTime {
+    crate::instant::parse_sql_text(value).ok_or_else(|| StoreError::BadValue {
         table,
         column,
-        row,
-        value: value.to_owned(),
+        row: Some(row),
+        value: format!("{value:?}"),
+        expected: "a time",
     })
+}
+
+/// The user ids that occur more than once in `ids` (sorted, each once). One sort of a copy of
+/// the ids: no per-row allocation, and nothing when there are none.
+pub(crate) fn repeated(mut ids: Vec<i64>) -> Vec<i64> {
+    ids.sort_unstable();
+    let mut out: Vec<i64> = Vec::new();
+    for w in ids.windows(2) {
+        if w[0] == w[1] && out.last() != Some(&w[0]) {
+            out.push(w[0]);
+        }
+    }
+    out
+}
+
+/// Users the snapshot read more than one subscription row for: referred users (one row per
+/// subscription comes out of the join) and the host-bonus rows.
+pub(crate) fn users_with_duplicate_subscriptions(snap: &Snapshot) -> Vec<i64> {
+    let mut ids: Vec<i64> = Vec::with_capacity(snap.referred.len());
+    ids.extend(snap.referred.iter().map(|u| u.id));
+    let mut dup = repeated(ids);
+    ids = Vec::with_capacity(snap.host_bonus.len());
+    ids.extend(snap.host_bonus.iter().map(|(u, _)| *u));
+    dup.extend(repeated(ids));
+    dup.sort_unstable();
+    dup.dedup();
+    dup
+}
+
+/// The error for users with more than one subscription row, from `(user_id, subscription id)`
+/// pairs read for them.
+pub(crate) fn duplicate_subscriptions(users: &[i64], rows: &[(i64, i64)]) -> StoreError {
+    let mut by_user: std::collections::BTreeMap<i64, Vec<i64>> =
+        users.iter().map(|u| (*u, Vec::new())).collect();
+    for (user, id) in rows {
+        if let Some(ids) = by_user.get_mut(user) {
+            ids.push(*id);
+        }
+    }
+    for ids in by_user.values_mut() {
+        ids.sort_unstable();
+    }
+    StoreError::DuplicateSubscriptions {
+        users: by_user.into_iter().collect(),
+    }
 }
 
 pub(crate) fn one_line(s: &str) -> String {

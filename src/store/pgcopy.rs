@@ -81,15 +81,6 @@ impl<'a> Tuples<'a> {
             Some(b) => Err(CopyError(format!("bool of {} bytes", b.len()))),
         }
     }
-
-    pub fn text(&mut self) -> Result<Option<&'a str>, CopyError> {
-        match self.field()? {
-            None => Ok(None),
-            Some(b) => std::str::from_utf8(b)
-                .map(Some)
-                .map_err(|_| CopyError("text that is not UTF-8".into())),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -130,10 +121,10 @@ mod tests {
         assert!(t.next_tuple().unwrap());
         assert_eq!(t.i64().unwrap(), Some(42));
         assert_eq!(t.bool().unwrap(), Some(true));
-        assert_eq!(t.text().unwrap(), Some("a1"));
+        assert_eq!(t.field().unwrap(), Some(&b"a1"[..]));
         assert!(t.next_tuple().unwrap());
         assert_eq!(
-            (t.i64().unwrap(), t.bool().unwrap(), t.text().unwrap()),
+            (t.i64().unwrap(), t.bool().unwrap(), t.field().unwrap()),
             (None, None, None)
         );
         assert!(!t.next_tuple().unwrap());

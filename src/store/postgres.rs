@@ -33,7 +33,7 @@ pub struct PgStore {
     pub(super) pool: PgPool,
     options: PgConnectOptions,
     /// Read the large snapshot queries through binary COPY; cleared for good the first time
-    /// the server refuses it.
+    /// the server refuses it (an error with one of [`COPY_REFUSALS`]' SQLSTATEs), and only then.
     copy: std::sync::atomic::AtomicBool,
     /// Idle connections for the run lock, kept so that a one-referrer run does not pay a new
     /// connection each time.
@@ -65,61 +65,356 @@ fn ts(t: Instant) -> String {
     format!("'{}'::timestamptz", instant::to_rfc3339(t))
 }
 
-fn copy_err(what: &'static str) -> impl FnOnce(pgcopy::CopyError) -> StoreError {
-    move |e| StoreError::Sql {
+/// SQLSTATEs with which a server refuses binary COPY itself rather than the data it reads:
+/// `0A000` feature_not_supported (a server without `COPY (query) TO STDOUT` or its binary
+/// format, as PostgreSQL-compatible distributed databases answer), `42501`
+/// insufficient_privilege (COPY denied to the role or by a proxy), `42601` syntax_error (a
+/// parser that does not know this form of COPY), `42883` undefined_function (no binary output
+/// function for a column's type). Only these switch COPY off and fall back to SELECT; any
+/// other error fails the run and leaves COPY on.
+const COPY_REFUSALS: [&str; 4] = ["0A000", "42501", "42601", "42883"];
+
+fn is_copy_refusal(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| COPY_REFUSALS.contains(&c.as_ref()))
+}
+
+fn copy_error(what: &'static str, e: &sqlx::Error, why: &str) -> StoreError {
+    let code = e.as_database_error().and_then(|d| d.code());
+    let code = code.map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default();
+    StoreError::Sql {
         what,
-        message: e.to_string(),
+        message: format!(
+            "binary COPY failed: {}{code}; {why} (database.pg_binary_copy = false reads with \
+             SELECT instead)",
+            super::one_line(&e.to_string())
+        ),
     }
+}
+
+/// Runs `COPY (SELECT * FROM (<query>) LIMIT 0) TO STDOUT (FORMAT binary)` through the simple
+/// query protocol and reads its whole answer: `None` if the server accepted it, else its error.
+/// sqlx does not hand out the data of a COPY run this way: it ends the statement with a
+/// protocol error at the CopyOutResponse ("unexpected message"), which here means accepted,
+/// and reads the rest of the answer (and any error in it) at the connection's next use: the
+/// pings below.
+async fn probe_copy(
+    tx: &mut sqlx::PgConnection,
+    query: &str,
+) -> Result<Option<sqlx::Error>, StoreError> {
+    let probe =
+        format!("COPY (SELECT * FROM (\n{query}\n) AS probe LIMIT 0) TO STDOUT (FORMAT binary)");
+    let answer = sqlx::raw_sql(sqlx::AssertSqlSafe(probe))
+        .execute(&mut *tx)
+        .await;
+    let mut failure = match answer {
+        Err(sqlx::Error::Protocol(m)) if m.contains("CopyOutResponse") => None,
+        Err(e) => Some(e),
+        Ok(_) => Some(sqlx::Error::Protocol(
+            "the server answered COPY … TO STDOUT without a COPY stream".into(),
+        )),
+    };
+    // Each ping reads up to its own ReadyForQuery; an error in the probe's remaining answer
+    // stops one early, and the next ping goes on from there.
+    let mut pings = 0;
+    loop {
+        match tx.ping().await {
+            Ok(()) => break,
+            Err(e @ sqlx::Error::Database(_)) if pings < 3 => {
+                failure.get_or_insert(e);
+                pings += 1;
+            }
+            Err(e) => return Err(q("reading with COPY")(e)),
+        }
+    }
+    Ok(failure)
+}
+
+/// What referred*.sql reads for a finite time whose epoch microseconds do not fit a bigint.
+const TIME_OUT_OF_RANGE: i64 = i64::MIN;
+
+/// Why a snapshot row could not be decoded, before the error names it in full (some values
+/// are looked up afterwards, in the same transaction).
+enum Bad {
+    Sql(sqlx::Error),
+    Copy(pgcopy::CopyError),
+    /// `value: None`: look it up by the row's id.
+    Cell {
+        table: &'static str,
+        column: &'static str,
+        row: Option<i64>,
+        value: Option<String>,
+        expected: &'static str,
+    },
+}
+
+impl From<sqlx::Error> for Bad {
+    fn from(e: sqlx::Error) -> Self {
+        Bad::Sql(e)
+    }
+}
+
+impl From<pgcopy::CopyError> for Bad {
+    fn from(e: pgcopy::CopyError) -> Self {
+        Bad::Copy(e)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn null(
+    table: &'static str,
+    column: &'static str,
+    row: Option<i64>,
+    expected: &'static str,
+) -> Bad {
+    Bad::Cell {
+        table,
+        column,
+        row,
+        value: Some("NULL".into()),
+        expected,
+    }
+}
+
+fn pg_time(
+    v: Option<i64>,
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+) -> Result<Option<Instant>, Bad> {
+    match v {
+        Some(TIME_OUT_OF_RANGE) => Err(Bad::Cell {
+            table,
+            column,
+            row: Some(row),
+            value: None,
+            expected: "a time the job can hold (up to 294247-01-10 04:00:54.775807 UTC)",
+        }),
+        v => Ok(v),
+    }
+}
+
+fn pg_text<'a>(
+    v: Option<&'a [u8]>,
+    table: &'static str,
+    column: &'static str,
+    row: i64,
+) -> Result<Option<&'a str>, Bad> {
+    v.map(|b| {
+        std::str::from_utf8(b).map_err(|_| Bad::Cell {
+            table,
+            column,
+            row: Some(row),
+            value: Some(format!("x'{}' (text that is not UTF-8)", hex(b))),
+            expected: "UTF-8 text",
+        })
+    })
+    .transpose()
+}
+
+/// The error for a row that could not be decoded, naming its table, id, column and value.
+async fn bad(tx: &mut sqlx::PgConnection, what: &'static str, b: Bad) -> StoreError {
+    match b {
+        Bad::Sql(e) => q(what)(e),
+        Bad::Copy(e) => StoreError::Sql {
+            what,
+            message: e.to_string(),
+        },
+        Bad::Cell {
+            table,
+            column,
+            row,
+            value,
+            expected,
+        } => {
+            let value = match (value, row) {
+                (Some(v), _) => v,
+                (None, Some(id)) => {
+                    // Both names are the job's own constants.
+                    let sql = format!("SELECT {column}::text FROM {table} WHERE id = $1");
+                    match sqlx::query_scalar::<_, Option<String>>(sqlx::AssertSqlSafe(sql))
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                    {
+                        Ok(Some(Some(v))) => format!("{v:?}"),
+                        Ok(Some(None)) => "NULL".into(),
+                        _ => "(a value that could not be read)".into(),
+                    }
+                }
+                (None, None) => "(a value that could not be read)".into(),
+            };
+            StoreError::BadValue {
+                table,
+                column,
+                row,
+                value,
+                expected,
+            }
+        }
+    }
+}
+
+/// A row of `referred*.sql`, from either reader.
+struct RawReferred<'a> {
+    id: Option<i64>,
+    referrer: Option<i64>,
+    created_at: Option<i64>,
+    is_active: Option<bool>,
+    is_verified: Option<bool>,
+    has_sub: Option<bool>,
+    tier: Option<&'a [u8]>,
+    status: Option<&'a [u8]>,
+    started_at: Option<i64>,
+    expires_at: Option<i64>,
+    sub_id: Option<i64>,
+}
+
+fn referred_user(raw: RawReferred<'_>, interner: &mut Interner) -> Result<ReferredUser, Bad> {
+    let id = raw.id.ok_or_else(|| null("users", "id", None, "an id"))?;
+    let user = |column, expected| null("users", column, Some(id), expected);
+    let created_at = pg_time(raw.created_at, "users", "created_at", id)?
+        .ok_or_else(|| user("created_at", "a time"))?;
+    let subscription = if raw.has_sub == Some(true) {
+        let sid = raw
+            .sub_id
+            .ok_or_else(|| null("subscriptions", "id", None, "an id"))?;
+        let text = |v, column| pg_text(v, "subscriptions", column, sid);
+        Some(Subscription {
+            tier: interner.intern(text(raw.tier, "tier")?.unwrap_or_default()),
+            status: interner.intern(text(raw.status, "status")?.unwrap_or_default()),
+            started_at: pg_time(raw.started_at, "subscriptions", "started_at", sid)?,
+            expires_at: pg_time(raw.expires_at, "subscriptions", "expires_at", sid)?,
+        })
+    } else {
+        None
+    };
+    Ok(ReferredUser {
+        id,
+        referrer_id: raw
+            .referrer
+            .ok_or_else(|| user("referred_by_user_id", "an id"))?,
+        created_at,
+        is_active: raw
+            .is_active
+            .ok_or_else(|| user("is_active", "a boolean"))?,
+        is_verified: raw
+            .is_verified
+            .ok_or_else(|| user("is_verified", "a boolean"))?,
+        subscription,
+    })
 }
 
 /// The referred users from binary COPY of `referred*.sql` (same columns as [`referred_from_row`]).
-fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, pgcopy::CopyError> {
-    let mut t = pgcopy::Tuples::new(bytes, 10)?;
+fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, Bad> {
+    let mut t = pgcopy::Tuples::new(bytes, 11)?;
     let mut interner = Interner::default();
     let mut out = Vec::new();
-    let missing = |c: &str| pgcopy::CopyError(format!("NULL {c}"));
     while t.next_tuple()? {
-        let id = t.i64()?.ok_or_else(|| missing("id"))?;
-        let referrer_id = t.i64()?.ok_or_else(|| missing("referred_by_user_id"))?;
-        let created_at = t.i64()?.ok_or_else(|| missing("created_at"))?;
-        let is_active = t.bool()?.ok_or_else(|| missing("is_active"))?;
-        let is_verified = t.bool()?.ok_or_else(|| missing("is_verified"))?;
-        let has_sub = t.bool()?.unwrap_or(false);
-        let tier = t.text()?;
-        let status = t.text()?;
-        let started_at = t.i64()?;
-        let expires_at = t.i64()?;
-        out.push(ReferredUser {
-            id,
-            referrer_id,
-            created_at,
-            is_active,
-            is_verified,
-            subscription: has_sub.then(|| Subscription {
-                tier: interner.intern(tier.unwrap_or_default()),
-                status: interner.intern(status.unwrap_or_default()),
-                started_at,
-                expires_at,
-            }),
-        });
+        let raw = RawReferred {
+            id: t.i64()?,
+            referrer: t.i64()?,
+            created_at: t.i64()?,
+            is_active: t.bool()?,
+            is_verified: t.bool()?,
+            has_sub: t.bool()?,
+            tier: t.field()?,
+            status: t.field()?,
+            started_at: t.i64()?,
+            expires_at: t.i64()?,
+            sub_id: t.i64()?,
+        };
+        out.push(referred_user(raw, &mut interner)?);
     }
     Ok(out)
 }
 
+/// A text cell's bytes as the server sent them (NULL: `None`).
+fn raw_bytes(r: &PgRow, i: usize) -> Result<Option<&[u8]>, sqlx::Error> {
+    use sqlx::ValueRef;
+    let v = r.try_get_raw(i)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    v.as_bytes().map(Some).map_err(sqlx::Error::Decode)
+}
+
+fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, Bad> {
+    // Times arrive as epoch microseconds (see referred.sql).
+    let raw = RawReferred {
+        id: r.try_get(0)?,
+        referrer: r.try_get(1)?,
+        created_at: r.try_get(2)?,
+        is_active: r.try_get(3)?,
+        is_verified: r.try_get(4)?,
+        has_sub: r.try_get(5)?,
+        tier: raw_bytes(r, 6)?,
+        status: raw_bytes(r, 7)?,
+        started_at: r.try_get(8)?,
+        expires_at: r.try_get(9)?,
+        sub_id: r.try_get(10)?,
+    };
+    referred_user(raw, interner)
+}
+
+fn pair(user: Option<i64>, ip: Option<&[u8]>) -> Result<(i64, String), Bad> {
+    // Both queries join the user and keep non-NULL hashes.
+    let user = user.ok_or_else(|| null("telemetry_events", "user_id", None, "a user id"))?;
+    let ip = ip.ok_or_else(|| null("telemetry_events", "ip_hash", None, "an IP hash"))?;
+    // PostgreSQL checks text against the client encoding (UTF8) before sending it, even from a
+    // SQL_ASCII database, so this does not fail; should it, the IP queries read no event ids.
+    match std::str::from_utf8(ip) {
+        Ok(ip) => Ok((user, ip.to_owned())),
+        Err(_) => Err(Bad::Cell {
+            table: "telemetry_events",
+            column: "ip_hash",
+            row: None,
+            value: Some(format!("x'{}' of user {user}", hex(ip))),
+            expected: "UTF-8 text",
+        }),
+    }
+}
+
 /// `(user_id, ip_hash)` pairs from binary COPY.
-fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, pgcopy::CopyError> {
+fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, Bad> {
     let mut t = pgcopy::Tuples::new(bytes, 2)?;
     let mut out = Vec::new();
     while t.next_tuple()? {
-        let user = t
-            .i64()?
-            .ok_or_else(|| pgcopy::CopyError("NULL user_id".into()))?;
-        let ip = t
-            .text()?
-            .ok_or_else(|| pgcopy::CopyError("NULL ip_hash".into()))?;
-        out.push((user, ip.to_owned()));
+        let user = t.i64()?;
+        out.push(pair(user, t.field()?)?);
     }
     Ok(out)
+}
+
+/// `(user_id, ip_hash)` pairs from SELECT rows.
+fn pairs_from_rows(rows: &[PgRow]) -> Result<Vec<(i64, String)>, Bad> {
+    rows.iter()
+        .map(|r| pair(r.try_get(0)?, raw_bytes(r, 1)?))
+        .collect()
+}
+
+/// `(user_id, referral_bonus_domains)` of a `host_bonus*.sql` row (its third column is the
+/// subscription's own id, for errors).
+fn host_bonus_from_row(r: &PgRow) -> Result<(i64, i64), Bad> {
+    let id: Option<i64> = r.try_get(2)?;
+    let id = id.ok_or_else(|| null("subscriptions", "id", None, "an id"))?;
+    let user: Option<i64> = r.try_get(0)?;
+    let bonus: Option<i64> = r.try_get(1)?;
+    Ok((
+        user.ok_or_else(|| null("subscriptions", "user_id", Some(id), "a user id"))?,
+        bonus.ok_or_else(|| {
+            null(
+                "subscriptions",
+                "referral_bonus_domains",
+                Some(id),
+                "an integer",
+            )
+        })?,
+    ))
 }
 
 /// Pins the transaction to UTC, so that `TIMESTAMP` columns (UTC by SPEC) and `TIMESTAMPTZ`
@@ -219,13 +514,53 @@ impl PgStore {
         Ok(row.is_some())
     }
 
+    /// One repeatable-read snapshot. A snapshot that fails closes its connection instead of
+    /// returning it to the pool: a COPY statement refused outright leaves it out of step (see
+    /// [`PgStore::copy_out`]).
     pub async fn snapshot(
         &self,
         scope: Scope,
         window: (Instant, Instant),
     ) -> Result<Snapshot, StoreError> {
-        let mut tx = self
+        use std::sync::atomic::Ordering;
+        let copy_before = self.copy.load(Ordering::Relaxed);
+        let mut conn = self
             .pool
+            .acquire()
+            .await
+            .map_err(q("starting the snapshot"))?;
+        match self.read_snapshot(&mut conn, scope, window).await {
+            Ok(snap) => Ok(snap),
+            Err(e) => {
+                conn.close_on_drop();
+                drop(conn);
+                if copy_before && !self.copy.load(Ordering::Relaxed) {
+                    // COPY was refused at its statement after its probe passed (see
+                    // `copy_out`): read again, with SELECTs, on a fresh connection.
+                    tracing::warn!(error = %e, "reading the snapshot again with SELECT");
+                    let mut conn = self
+                        .pool
+                        .acquire()
+                        .await
+                        .map_err(q("starting the snapshot"))?;
+                    let r = self.read_snapshot(&mut conn, scope, window).await;
+                    if r.is_err() {
+                        conn.close_on_drop();
+                    }
+                    return r;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_snapshot(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        scope: Scope,
+        window: (Instant, Instant),
+    ) -> Result<Snapshot, StoreError> {
+        let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q("starting the snapshot"))?;
@@ -256,6 +591,7 @@ impl PgStore {
         sw.lap(&mut snap.timings, "referrers", snap.referrers.len());
 
         if !snap.referrers.is_empty() {
+            const REFERRED: &str = "reading referred users";
             let ids = &snap.referrers;
             let copied = match scope {
                 Scope::Full => {
@@ -263,6 +599,7 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referred.sql"),
                         &[],
+                        REFERRED,
                     )
                     .await?
                 }
@@ -271,14 +608,15 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referred_shard.sql"),
                         &[array(ids)],
+                        REFERRED,
                     )
                     .await?
                 }
                 Scope::Referrer(_) => None,
             };
-            if let Some(bytes) = copied {
+            let referred = if let Some(bytes) = copied {
                 snap.via_copy = true;
-                snap.referred = referred_from_copy(&bytes).map_err(copy_err("referred users"))?;
+                referred_from_copy(&bytes)
             } else {
                 let rows: Vec<PgRow> = match scope {
                     Scope::Full => {
@@ -301,20 +639,19 @@ impl PgStore {
                         .await
                     }
                 }
-                .map_err(q("reading referred users"))?;
+                .map_err(q(REFERRED))?;
                 let mut interner = Interner::default();
-                let mut referred = Vec::with_capacity(rows.len());
-                for r in &rows {
-                    referred.push(
-                        referred_from_row(r, &mut interner)
-                            .map_err(q("decoding referred users"))?,
-                    );
-                }
-                drop(rows);
-                snap.referred = referred;
-            }
+                rows.iter()
+                    .map(|r| referred_from_row(r, &mut interner))
+                    .collect()
+            };
+            snap.referred = match referred {
+                Ok(r) => r,
+                Err(b) => return Err(bad(&mut tx, REFERRED, b).await),
+            };
             sw.lap(&mut snap.timings, "referred_users", snap.referred.len());
 
+            const REGISTRATIONS: &str = "reading registration events";
             let ids = &snap.referrers;
             let copied = match scope {
                 Scope::Full => {
@@ -322,6 +659,7 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/registrations.sql"),
                         &[],
+                        REGISTRATIONS,
                     )
                     .await?
                 }
@@ -330,22 +668,23 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/registrations_shard.sql"),
                         &[array(ids)],
+                        REGISTRATIONS,
                     )
                     .await?
                 }
                 Scope::Referrer(_) => None,
             };
-            snap.registrations = if let Some(bytes) = copied {
-                pairs_from_copy(&bytes).map_err(copy_err("registration events"))?
+            let pairs = if let Some(bytes) = copied {
+                pairs_from_copy(&bytes)
             } else {
                 match scope {
                     Scope::Full => {
-                        sqlx::query_as(include_str!("../../sql/queries/postgres/registrations.sql"))
+                        sqlx::query(include_str!("../../sql/queries/postgres/registrations.sql"))
                             .fetch_all(&mut *tx)
                             .await
                     }
                     Scope::Referrer(id) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/registrations_one.sql"
                         ))
                         .bind(id)
@@ -353,7 +692,7 @@ impl PgStore {
                         .await
                     }
                     Scope::Shard(_) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/registrations_shard.sql"
                         ))
                         .bind(ids)
@@ -361,16 +700,23 @@ impl PgStore {
                         .await
                     }
                 }
-                .map_err(q("reading registration events"))?
+                .map_err(q(REGISTRATIONS))
+                .map(|rows| pairs_from_rows(&rows))?
+            };
+            snap.registrations = match pairs {
+                Ok(p) => p,
+                Err(b) => return Err(bad(&mut tx, REGISTRATIONS, b).await),
             };
             sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
 
+            const EVENTS: &str = "reading referrer events";
             let copied = match scope {
                 Scope::Full => {
                     self.copy_out(
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referrer_events.sql"),
                         &[ts(window.0), ts(window.1)],
+                        EVENTS,
                     )
                     .await?
                 }
@@ -379,17 +725,18 @@ impl PgStore {
                         &mut tx,
                         include_str!("../../sql/queries/postgres/referrer_events_shard.sql"),
                         &[ts(window.0), ts(window.1), array(ids)],
+                        EVENTS,
                     )
                     .await?
                 }
                 Scope::Referrer(_) => None,
             };
-            snap.referrer_events = if let Some(bytes) = copied {
-                pairs_from_copy(&bytes).map_err(copy_err("referrer events"))?
+            let pairs = if let Some(bytes) = copied {
+                pairs_from_copy(&bytes)
             } else {
                 match scope {
                     Scope::Full => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/referrer_events.sql"
                         ))
                         .bind(from)
@@ -398,7 +745,7 @@ impl PgStore {
                         .await
                     }
                     Scope::Referrer(id) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/referrer_events_one.sql"
                         ))
                         .bind(from)
@@ -408,7 +755,7 @@ impl PgStore {
                         .await
                     }
                     Scope::Shard(_) => {
-                        sqlx::query_as(include_str!(
+                        sqlx::query(include_str!(
                             "../../sql/queries/postgres/referrer_events_shard.sql"
                         ))
                         .bind(from)
@@ -418,7 +765,12 @@ impl PgStore {
                         .await
                     }
                 }
-                .map_err(q("reading referrer events"))?
+                .map_err(q(EVENTS))
+                .map(|rows| pairs_from_rows(&rows))?
+            };
+            snap.referrer_events = match pairs {
+                Ok(p) => p,
+                Err(b) => return Err(bad(&mut tx, EVENTS, b).await),
             };
             sw.lap(
                 &mut snap.timings,
@@ -460,9 +812,10 @@ impl PgStore {
             snap.stored_rewards.len(),
         );
 
-        let host: Vec<(i64, i64)> = match scope {
+        const SUBSCRIPTIONS: &str = "reading subscriptions";
+        let rows: Vec<PgRow> = match scope {
             Scope::Referrer(id) => {
-                sqlx::query_as(include_str!(
+                sqlx::query(include_str!(
                     "../../sql/queries/postgres/host_bonus_one.sql"
                 ))
                 .bind(id)
@@ -470,14 +823,31 @@ impl PgStore {
                 .await
             }
             _ => {
-                sqlx::query_as(include_str!("../../sql/queries/postgres/host_bonus.sql"))
+                sqlx::query(include_str!("../../sql/queries/postgres/host_bonus.sql"))
                     .fetch_all(&mut *tx)
                     .await
             }
         }
-        .map_err(q("reading subscriptions"))?;
+        .map_err(q(SUBSCRIPTIONS))?;
+        let host: Result<Vec<(i64, i64)>, Bad> = rows.iter().map(host_bonus_from_row).collect();
+        let host = match host {
+            Ok(h) => h,
+            Err(b) => return Err(bad(&mut tx, SUBSCRIPTIONS, b).await),
+        };
         snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
         sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
+
+        let repeated = super::users_with_duplicate_subscriptions(&snap);
+        if !repeated.is_empty() {
+            let rows: Vec<(i64, i64)> = sqlx::query_as(include_str!(
+                "../../sql/queries/postgres/duplicate_subscriptions.sql"
+            ))
+            .bind(&repeated)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("reading duplicate subscriptions"))?;
+            return Err(super::duplicate_subscriptions(&repeated, &rows));
+        }
 
         tx.commit().await.map_err(q("ending the snapshot"))?;
         Ok(snap)
@@ -486,11 +856,26 @@ impl PgStore {
     /// `COPY (<query>) TO STDOUT (FORMAT binary)` with `params` ($1, $2, … as SQL literals) in
     /// the snapshot's transaction, or `None` when COPY is off or refused: the caller then runs
     /// the same query as a SELECT. A savepoint keeps a refusal from aborting the snapshot.
+    ///
+    /// A refusal is an error with one of [`COPY_REFUSALS`]' SQLSTATEs: it switches COPY off for
+    /// the life of the process (logged once). Any other error fails the snapshot, and so the
+    /// run, and leaves COPY on for later runs: it says nothing about COPY.
+    ///
+    /// The statement is probed first, as `COPY (SELECT * FROM (<query>) LIMIT 0) …` through the
+    /// simple query protocol, whose answer sqlx reads to its end whatever it is: sqlx 0.9's
+    /// `copy_out_raw` does not read the ReadyForQuery that follows an error answering the COPY
+    /// statement itself, so the next statement on the connection (the savepoint's rollback)
+    /// would fail with "expected ParseComplete, got ReadyForQuery". The probe meets the same
+    /// refusals (parsing, permissions, planning), so the COPY that follows it is refused only in
+    /// the middle of its data, where `copy_out_raw` reads the error to its end. Should the COPY
+    /// statement be refused anyway, the snapshot fails, its connection is closed, and
+    /// [`PgStore::snapshot`] reads it again with SELECTs.
     async fn copy_out(
         &self,
         tx: &mut sqlx::PgConnection,
         sql: &str,
         params: &[String],
+        what: &'static str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         use futures_util::TryStreamExt;
         use std::sync::atomic::Ordering;
@@ -506,33 +891,75 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(q("reading with COPY"))?;
+
+        if let Some(e) = probe_copy(tx, &query).await? {
+            return self.copy_failed(tx, what, e).await;
+        }
+
         let statement = format!("COPY (\n{query}\n) TO STDOUT (FORMAT binary)");
-        let result: Result<Vec<u8>, sqlx::Error> = async {
-            let mut stream = tx.copy_out_raw(&statement).await?;
-            let mut buf = Vec::new();
+        let mut stream = match tx.copy_out_raw(&statement).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Refused at the statement although the probe passed: this connection has an
+                // unread ReadyForQuery now, and must not run anything more.
+                if is_copy_refusal(&e) {
+                    self.refuse_copy(&e);
+                }
+                return Err(copy_error(
+                    what,
+                    &e,
+                    "COPY was refused at its statement after its probe passed; the connection is closed",
+                ));
+            }
+        };
+        let mut buf = Vec::new();
+        let read: Result<(), sqlx::Error> = async {
             while let Some(chunk) = stream.try_next().await? {
                 buf.extend_from_slice(&chunk);
             }
-            Ok(buf)
+            Ok(())
         }
         .await;
-        match result {
-            Ok(buf) => {
+        drop(stream);
+        match read {
+            Ok(()) => {
                 sqlx::query("RELEASE SAVEPOINT copy_read")
                     .execute(&mut *tx)
                     .await
                     .map_err(q("reading with COPY"))?;
                 Ok(Some(buf))
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "binary COPY refused; reading with SELECT from now on");
-                self.copy.store(false, Ordering::Relaxed);
-                sqlx::query("ROLLBACK TO SAVEPOINT copy_read")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(q("reading with COPY"))?;
-                Ok(None)
-            }
+            Err(e) => self.copy_failed(tx, what, e).await,
+        }
+    }
+
+    /// After a COPY error with the connection in step: a refusal rolls back to the savepoint
+    /// and answers `None` (read with SELECT); anything else fails the snapshot.
+    async fn copy_failed(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        what: &'static str,
+        e: sqlx::Error,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if !is_copy_refusal(&e) {
+            return Err(copy_error(
+                what,
+                &e,
+                "not a refusal of COPY, so COPY stays on for later runs",
+            ));
+        }
+        self.refuse_copy(&e);
+        sqlx::query("ROLLBACK TO SAVEPOINT copy_read")
+            .execute(&mut *tx)
+            .await
+            .map_err(q("reading with COPY"))?;
+        Ok(None)
+    }
+
+    /// Switches COPY off for the life of the process, saying so once.
+    fn refuse_copy(&self, e: &sqlx::Error) {
+        if self.copy.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(error = %e, "binary COPY refused; reading with SELECT from now on");
         }
     }
 
@@ -1053,33 +1480,6 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, sqlx::Error> {
-    let id: i64 = r.try_get(0)?;
-    let has_sub: bool = r.try_get(5)?;
-    // Times arrive as epoch microseconds (see referred.sql).
-    let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> { r.try_get::<Option<i64>, _>(i) };
-    let subscription = if has_sub {
-        let tier: Option<&str> = r.try_get(6)?;
-        let status: Option<&str> = r.try_get(7)?;
-        Some(Subscription {
-            tier: interner.intern(tier.unwrap_or_default()),
-            status: interner.intern(status.unwrap_or_default()),
-            started_at: t(8)?,
-            expires_at: t(9)?,
-        })
-    } else {
-        None
-    };
-    Ok(ReferredUser {
-        id,
-        referrer_id: r.try_get(1)?,
-        created_at: r.try_get(2)?,
-        is_active: r.try_get(3)?,
-        is_verified: r.try_get(4)?,
-        subscription,
-    })
 }
 
 fn reward_from_row(r: &PgRow) -> Result<RewardResult, sqlx::Error> {

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, Row, named_params};
 
 use super::StoreError;
@@ -23,18 +24,139 @@ fn sql_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 
 use super::sqlite_time as time;
 
-fn text<'r>(row: &'r Row<'_>, i: usize) -> rusqlite::Result<Option<&'r str>> {
-    use rusqlite::types::ValueRef;
-    match row.get_ref(i)? {
-        ValueRef::Null => Ok(None),
-        ValueRef::Text(t) => std::str::from_utf8(t)
-            .map(Some)
-            .map_err(|e| rusqlite::Error::Utf8Error(i, e)),
-        other => Err(rusqlite::Error::InvalidColumnType(
-            i,
-            format!("{other:?}"),
-            rusqlite::types::Type::Text,
-        )),
+/// A cell as the database holds it, for error messages: text quoted, numbers with their type,
+/// blobs and text that is not UTF-8 in hex.
+fn show(v: ValueRef<'_>) -> String {
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+    match v {
+        ValueRef::Null => "NULL".into(),
+        ValueRef::Integer(i) => format!("{i} (integer)"),
+        ValueRef::Real(f) => format!("{f} (real)"),
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(t) => format!("{t:?}"),
+            Err(_) => format!("x'{}' (text that is not UTF-8)", hex(t)),
+        },
+        ValueRef::Blob(b) => format!("x'{}' (BLOB)", hex(b)),
+    }
+}
+
+/// Where a cell is: its table and column, and its row's own id (`None` when the id itself is
+/// the cell being read).
+#[derive(Clone, Copy)]
+struct At {
+    table: &'static str,
+    row: Option<i64>,
+}
+
+impl At {
+    fn of(table: &'static str, row: i64) -> At {
+        At {
+            table,
+            row: Some(row),
+        }
+    }
+
+    fn id(table: &'static str) -> At {
+        At { table, row: None }
+    }
+
+    fn bad(self, column: &'static str, v: ValueRef<'_>, expected: &'static str) -> StoreError {
+        StoreError::BadValue {
+            table: self.table,
+            column,
+            row: self.row,
+            value: show(v),
+            expected,
+        }
+    }
+
+    fn cell<'r>(
+        self,
+        r: &'r Row<'_>,
+        i: usize,
+        what: &'static str,
+    ) -> Result<ValueRef<'r>, StoreError> {
+        r.get_ref(i).map_err(sql_err(what))
+    }
+
+    /// An integer cell; NULL and anything else is an error.
+    fn int(
+        self,
+        r: &Row<'_>,
+        i: usize,
+        column: &'static str,
+        what: &'static str,
+    ) -> Result<i64, StoreError> {
+        match self.cell(r, i, what)? {
+            ValueRef::Integer(v) => Ok(v),
+            v => Err(self.bad(column, v, "an integer")),
+        }
+    }
+
+    /// A boolean cell: SQLite stores booleans as integers (0 false, anything else true); text
+    /// such as 'true', NULL, reals and blobs are errors rather than guesses.
+    fn bool(
+        self,
+        r: &Row<'_>,
+        i: usize,
+        column: &'static str,
+        what: &'static str,
+    ) -> Result<bool, StoreError> {
+        match self.cell(r, i, what)? {
+            ValueRef::Integer(v) => Ok(v != 0),
+            v => Err(self.bad(column, v, "a boolean (an integer, 0 or 1)")),
+        }
+    }
+
+    /// A text cell, borrowed; NULL is `None`; blobs, numbers and non-UTF-8 text are errors.
+    fn text<'r>(
+        self,
+        r: &'r Row<'_>,
+        i: usize,
+        column: &'static str,
+        what: &'static str,
+    ) -> Result<Option<&'r str>, StoreError> {
+        match self.cell(r, i, what)? {
+            ValueRef::Null => Ok(None),
+            v @ ValueRef::Text(t) => std::str::from_utf8(t)
+                .map(Some)
+                .map_err(|_| self.bad(column, v, "UTF-8 text")),
+            v => Err(self.bad(column, v, "text")),
+        }
+    }
+
+    /// A time cell (text, parsed); NULL is `None`.
+    fn time(
+        self,
+        r: &Row<'_>,
+        i: usize,
+        column: &'static str,
+        what: &'static str,
+    ) -> Result<Option<Instant>, StoreError> {
+        match self.cell(r, i, what)? {
+            ValueRef::Null => Ok(None),
+            v @ ValueRef::Text(t) => match std::str::from_utf8(t) {
+                Ok(t) => time(self.table, column, self.row.unwrap_or_default(), t).map(Some),
+                Err(_) => Err(self.bad(column, v, "a time")),
+            },
+            v => Err(self.bad(column, v, "a time (text)")),
+        }
+    }
+
+    /// A time cell that must not be NULL.
+    fn time_not_null(
+        self,
+        r: &Row<'_>,
+        i: usize,
+        column: &'static str,
+        what: &'static str,
+    ) -> Result<Instant, StoreError> {
+        match self.time(r, i, column, what)? {
+            Some(t) => Ok(t),
+            None => Err(self.bad(column, ValueRef::Null, "a time")),
+        }
     }
 }
 
@@ -162,13 +284,12 @@ fn read(
             st.query(named_params! {"$1": key})
         }
         .map_err(sql_err("reading registration events"))?;
-        while let Some(r) = rows
-            .next()
-            .map_err(sql_err("reading registration events"))?
-        {
-            let user: i64 = r.get(0).map_err(sql_err("reading registration events"))?;
-            let ip = text(r, 1).map_err(sql_err("reading registration events"))?;
-            if let Some(ip) = ip {
+        const REG: &str = "reading registration events";
+        while let Some(r) = rows.next().map_err(sql_err(REG))? {
+            let id = At::id("telemetry_events").int(r, 2, "id", REG)?;
+            let at = At::of("telemetry_events", id);
+            let user = at.int(r, 0, "user_id", REG)?;
+            if let Some(ip) = at.text(r, 1, "ip_hash", REG)? {
                 snap.registrations.push((user, ip.to_owned()));
             }
         }
@@ -195,15 +316,13 @@ fn read(
         }
         .map_err(sql_err("reading referrer events"))?;
         let mut seen: HashSet<(i64, String)> = HashSet::new();
-        while let Some(r) = rows.next().map_err(sql_err("reading referrer events"))? {
-            let user: i64 = r.get(0).map_err(sql_err("reading referrer events"))?;
-            let ip = text(r, 1)
-                .map_err(sql_err("reading referrer events"))?
-                .unwrap_or_default();
-            let at = text(r, 2)
-                .map_err(sql_err("reading referrer events"))?
-                .unwrap_or_default();
-            let at = time("telemetry_events", "created_at", user, at)?;
+        const EV: &str = "reading referrer events";
+        while let Some(r) = rows.next().map_err(sql_err(EV))? {
+            let id = At::id("telemetry_events").int(r, 3, "id", EV)?;
+            let row = At::of("telemetry_events", id);
+            let user = row.int(r, 0, "user_id", EV)?;
+            let ip = row.text(r, 1, "ip_hash", EV)?.unwrap_or_default();
+            let at = row.time_not_null(r, 2, "created_at", EV)?;
             if rules::in_ip_window(at, window) && seen.insert((user, ip.to_owned())) {
                 snap.referrer_events.push((user, ip.to_owned()));
             }
@@ -262,9 +381,12 @@ fn read(
         None => st.query([]),
     }
     .map_err(sql_err("reading subscriptions"))?;
-    while let Some(r) = rows.next().map_err(sql_err("reading subscriptions"))? {
-        let user: i64 = r.get(0).map_err(sql_err("reading subscriptions"))?;
-        let bonus: i64 = r.get(1).map_err(sql_err("reading subscriptions"))?;
+    const SUBS: &str = "reading subscriptions";
+    while let Some(r) = rows.next().map_err(sql_err(SUBS))? {
+        let id = At::id("subscriptions").int(r, 2, "id", SUBS)?;
+        let row = At::of("subscriptions", id);
+        let user = row.int(r, 0, "user_id", SUBS)?;
+        let bonus = row.int(r, 1, "referral_bonus_domains", SUBS)?;
         if scope.covers(user) {
             snap.host_bonus.push((user, bonus));
         }
@@ -272,33 +394,46 @@ fn read(
     drop(rows);
     drop(st);
     sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
+
+    let repeated = super::users_with_duplicate_subscriptions(&snap);
+    if !repeated.is_empty() {
+        const DUP: &str = "reading duplicate subscriptions";
+        let ids = serde_json::to_string(&repeated).expect("integers");
+        let mut st = conn
+            .prepare(include_str!(
+                "../../sql/queries/sqlite/duplicate_subscriptions.sql"
+            ))
+            .map_err(sql_err(DUP))?;
+        let rows = st
+            .query_map(named_params! {"$1": ids}, |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql_err(DUP))?
+            .collect::<Result<Vec<(i64, i64)>, _>>()
+            .map_err(sql_err(DUP))?;
+        return Err(super::duplicate_subscriptions(&repeated, &rows));
+    }
     Ok(snap)
 }
 
-/// A row of `referred*.sql`.
+/// A row of `referred*.sql`: every cell checked, each error naming its table's own row id.
 fn referred_user(r: &Row<'_>, interner: &mut Interner) -> Result<ReferredUser, StoreError> {
-    let e = sql_err("reading referred users");
-    let id: i64 = r.get(0).map_err(sql_err("reading referred users"))?;
-    let referrer_id: i64 = r.get(1).map_err(sql_err("reading referred users"))?;
-    let created_at = text(r, 2)
-        .map_err(sql_err("reading referred users"))?
-        .unwrap_or_default();
-    let is_active: bool = r.get(3).map_err(sql_err("reading referred users"))?;
-    let is_verified: bool = r.get(4).map_err(sql_err("reading referred users"))?;
-    let has_sub: bool = r.get(5).map_err(e)?;
+    const W: &str = "reading referred users";
+    let id = At::id("users").int(r, 0, "id", W)?;
+    let user = At::of("users", id);
+    let referrer_id = user.int(r, 1, "referred_by_user_id", W)?;
+    let created_at = user.time_not_null(r, 2, "created_at", W)?;
+    let is_active = user.bool(r, 3, "is_active", W)?;
+    let is_verified = user.bool(r, 4, "is_verified", W)?;
+    let has_sub: bool = r.get(5).map_err(sql_err(W))?;
     let subscription = if has_sub {
-        let t = |i| text(r, i).map_err(sql_err("reading referred users"));
-        let started_at = t(8)?
-            .map(|v| time("subscriptions", "started_at", id, v))
-            .transpose()?;
-        let expires_at = t(9)?
-            .map(|v| time("subscriptions", "expires_at", id, v))
-            .transpose()?;
+        let sub = At::of(
+            "subscriptions",
+            At::id("subscriptions").int(r, 10, "id", W)?,
+        );
         Some(Subscription {
-            tier: interner.intern(t(6)?.unwrap_or_default()),
-            status: interner.intern(t(7)?.unwrap_or_default()),
-            started_at,
-            expires_at,
+            tier: interner.intern(sub.text(r, 6, "tier", W)?.unwrap_or_default()),
+            status: interner.intern(sub.text(r, 7, "status", W)?.unwrap_or_default()),
+            started_at: sub.time(r, 8, "started_at", W)?,
+            expires_at: sub.time(r, 9, "expires_at", W)?,
         })
     } else {
         None
@@ -306,7 +441,7 @@ fn referred_user(r: &Row<'_>, interner: &mut Interner) -> Result<ReferredUser, S
     Ok(ReferredUser {
         id,
         referrer_id,
-        created_at: time("users", "created_at", id, created_at)?,
+        created_at,
         is_active,
         is_verified,
         subscription,

@@ -1,1 +1,1 @@
-SELECT user_id, referral_bonus_domains::bigint FROM subscriptions WHERE user_id = $1
+SELECT user_id, referral_bonus_domains::bigint, id FROM subscriptions WHERE user_id = $1

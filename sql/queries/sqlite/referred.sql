@@ -1,6 +1,6 @@
 -- Every user referred by a referrer, with its subscription. Times are text, parsed in Rust.
 SELECT u.id, u.referred_by_user_id, u.created_at, u.is_active, u.is_verified,
-       s.user_id IS NOT NULL, s.tier, s.status, s.started_at, s.expires_at
+       s.user_id IS NOT NULL, s.tier, s.status, s.started_at, s.expires_at, s.id
 FROM users u
 JOIN users r ON r.id = u.referred_by_user_id AND r.invite_code IS NOT NULL
 LEFT JOIN subscriptions s ON s.user_id = u.id

@@ -1,10 +1,11 @@
 -- The shard variant: $1 (or $3) is a JSON array of the shard's referrer ids.
 -- The referrers' IP hashes around the window. Times are text in more than one format, so the
 -- filter here is by whole dates ($1 <= created_at < $2 as text: any time on a date sorts after
--- the bare date; the dates are a day wider on each side for UTC offsets), and text that does
--- not start with a digit goes to Rust too. The exact, inclusive window is applied in Rust.
-SELECT e.user_id, e.ip_hash, e.created_at
+-- the bare date; the dates are a day wider on each side for UTC offsets), and anything that
+-- does not start with a date (text, or a number or blob as text) goes to Rust too, where it is
+-- a time or an error naming the event. The exact, inclusive window is applied in Rust.
+SELECT e.user_id, e.ip_hash, e.created_at, e.id
 FROM telemetry_events e
 JOIN json_each($3) AS r ON r.value = e.user_id
 WHERE e.ip_hash IS NOT NULL
-  AND ((e.created_at >= $1 AND e.created_at < $2) OR e.created_at NOT GLOB '[0-9]*')
+  AND ((e.created_at >= $1 AND e.created_at < $2) OR e.created_at NOT GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*')
