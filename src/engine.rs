@@ -60,6 +60,23 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
+/// Tests hold an applying run inside its write transaction, to act exactly there (a signal, a
+/// kill, another tick): with `REFERRAL_REWARDS_TEST_HOLD_FILE=PATH`, the write waits, after its
+/// first statement, for as long as PATH exists (logging `test hold` once). The wait is an await,
+/// so an abort ends it like any other.
+pub(crate) async fn test_hold() {
+    let Some(path) = std::env::var_os("REFERRAL_REWARDS_TEST_HOLD_FILE") else {
+        return;
+    };
+    let path = std::path::PathBuf::from(path);
+    if path.exists() {
+        tracing::info!(path = %path.display(), "test hold: waiting inside the write transaction");
+    }
+    while path.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Tests make a run panic on purpose (`REFERRAL_REWARDS_FAULT_PANIC_REFERRER=ID`: a
 /// one-referrer run for ID panics while computing), to show that a panic fails that run only.
 fn fault_injection(scope: Scope) {
@@ -316,9 +333,11 @@ pub async fn run_controlled(
         r.unwrap_or_else(|p| Err(EngineError::Panicked(panic_message(&*p))))
     });
     // Dropping `work` drops its open transaction, which rolls back.
+    // Biased: once the abort is signalled, the work makes no further step.
     let result = tokio::select! {
-        r = work => r,
+        biased;
         _ = ctl.abort.cancelled() => Err(EngineError::Aborted),
+        r = work => r,
     };
     let outcome = match result {
         Ok((plan, computation, stats, applied, stages)) => Ok(RunReport {

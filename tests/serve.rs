@@ -192,33 +192,16 @@ async fn assert_no_overlap(db: &TestDb) {
     assert_eq!(overlaps, 0, "two runs overlapped");
 }
 
-/// Makes the next applying run slow (about two seconds, once) at `table`'s insert.
-async fn slow_down(db: &TestDb, table: &str) {
-    if db.is_pg() {
-        db.exec(&format!(
-            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$;
-             CREATE TRIGGER slow BEFORE INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION slow();"
-        ))
-        .await;
-    } else {
-        // SQLite cannot sleep: burn CPU in a trigger, once per transaction's first row.
-        db.exec(&format!(
-            "CREATE TABLE slow_once (n INTEGER NOT NULL); INSERT INTO slow_once VALUES (0);
-             CREATE TRIGGER slow BEFORE INSERT ON {table} WHEN (SELECT n FROM slow_once) = 0 BEGIN
-               SELECT max(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000) SELECT x FROM c);
-               UPDATE slow_once SET n = 1;
-             END;"
-        ))
-        .await;
-    }
-}
-
-async fn drop_slow(db: &TestDb) {
-    if db.is_pg() {
-        db.exec("DROP FUNCTION slow() CASCADE").await;
-    } else {
-        db.exec("DROP TRIGGER slow").await;
-    }
+/// A file whose existence holds every applying run of a server inside its write transaction
+/// (the engine's test hold), and the environment that tells the server about it.
+fn hold_file(dir: &Path) -> (PathBuf, Vec<(&'static str, String)>) {
+    let path = dir.join("hold");
+    std::fs::write(&path, b"").unwrap();
+    let env = vec![(
+        "REFERRAL_REWARDS_TEST_HOLD_FILE",
+        path.display().to_string(),
+    )];
+    (path, env)
 }
 
 each_backend!(
@@ -426,10 +409,33 @@ each_backend!(
         let Some(db) = demo_db(db.backend).await else {
             return;
         };
-        slow_down(&db, "reward_runs").await;
         let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(&db, dir.path(), "* * * * * *", true, 30);
-        // The first run is slow (about 2 s): the ticks meanwhile are skipped, not queued.
+        let (hold, env) = hold_file(dir.path());
+        let server = Server::start_with(
+            &db,
+            dir.path(),
+            "* * * * * *",
+            true,
+            30,
+            Extra {
+                env,
+                ..Extra::default()
+            },
+        );
+        // The first run is held inside its write; the ticks meanwhile are skipped, not queued.
+        wait_for_log(&server, "test hold", Duration::from_secs(30)).await;
+        wait_for_log(
+            &server,
+            "tick skipped: the previous run is still going",
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM reward_runs").await,
+            1,
+            "the skipped ticks left no row"
+        );
+        std::fs::remove_file(&hold).unwrap();
         wait_for(
             &db,
             "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",
@@ -445,21 +451,6 @@ each_backend!(
                 .await,
             0
         );
-        let log = std::fs::read_to_string(
-            dir.path()
-                .read_dir()
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .find(|e| e.path().extension().is_some_and(|x| x == "log"))
-                .unwrap()
-                .path(),
-        )
-        .unwrap();
-        assert!(
-            log.contains("tick skipped: the previous run is still going"),
-            "{log}"
-        );
-        assert!(log.contains("run finished"), "{log}");
     }
 );
 
@@ -469,21 +460,28 @@ each_backend!(
         let Some(db) = demo_db(db.backend).await else {
             return;
         };
-        slow_down(&db, "referral_rewards").await;
         let before = db.state().await;
         let dir = tempfile::tempdir().unwrap();
-        // No grace: the run in flight is aborted at once.
-        let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", true, 0);
-        wait_for(
+        let (hold, env) = hold_file(dir.path());
+        // No grace: the run in flight is aborted at once, inside its write transaction.
+        let server = Server::start_with(
             &db,
-            "SELECT COUNT(*) FROM reward_runs",
-            1,
-            Duration::from_secs(20),
-        )
-        .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+            dir.path(),
+            "0 0 0 1 1 *",
+            true,
+            0,
+            Extra {
+                env,
+                ..Extra::default()
+            },
+        );
+        wait_for_log(&server, "test hold", Duration::from_secs(30)).await;
         server.signal("-TERM");
+        let log_path = server.dir.clone();
         assert_eq!(server.wait(Duration::from_secs(60)), Some(0));
+        let log = std::fs::read_to_string(log_path).unwrap();
+        assert!(log.contains("a run outlived the grace period"), "{log}");
+        std::fs::remove_file(&hold).unwrap();
         let runs = db.rows("SELECT status, error FROM reward_runs").await;
         assert_eq!(runs.len(), 1);
         assert_eq!(runs[0][0].as_deref(), Some("failed"), "{runs:?}");
@@ -491,7 +489,6 @@ each_backend!(
             runs[0][1].as_deref().unwrap().contains("shutting down"),
             "{runs:?}"
         );
-        drop_slow(&db).await;
         assert_eq!(
             db.state().await,
             before,
@@ -506,19 +503,30 @@ each_backend!(
         let Some(db) = demo_db(db.backend).await else {
             return;
         };
-        slow_down(&db, "referral_rewards").await;
+        let before = db.state().await;
         let dir = tempfile::tempdir().unwrap();
-        let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", true, 5);
-        wait_for(
+        let (hold, env) = hold_file(dir.path());
+        let server = Server::start_with(
             &db,
-            "SELECT COUNT(*) FROM reward_runs WHERE status = 'running'",
-            1,
-            Duration::from_secs(20),
-        )
-        .await;
+            dir.path(),
+            "0 0 0 1 1 *",
+            true,
+            5,
+            Extra {
+                env,
+                ..Extra::default()
+            },
+        );
+        // Killed inside its write transaction.
+        wait_for_log(&server, "test hold", Duration::from_secs(30)).await;
         server.signal("-KILL");
         server.wait(Duration::from_secs(10));
-        drop_slow(&db).await;
+        std::fs::remove_file(&hold).unwrap();
+        assert_eq!(
+            db.state().await,
+            before,
+            "nothing of the killed run is left"
+        );
 
         let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", true, 5);
         wait_for(
@@ -577,15 +585,36 @@ async fn healthz_is_503_when_the_database_is_unreachable() {
     assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
 }
 
-/// Two servers on one PostgreSQL database never apply at the same time.
+/// Two servers on one PostgreSQL database never apply at the same time: while one holds a run
+/// inside its write, the other's ticks find the lock taken and skip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_postgres_never_apply_together() {
     let Some(db) = demo_db(Backend::PgTimestamp).await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let a = Server::start(&db, dir.path(), "* * * * * *", true, 10);
+    let (hold, env) = hold_file(dir.path());
+    let a = Server::start_with(
+        &db,
+        dir.path(),
+        "* * * * * *",
+        true,
+        10,
+        Extra {
+            env,
+            ..Extra::default()
+        },
+    );
+    wait_for_log(&a, "test hold", Duration::from_secs(30)).await;
     let b = Server::start(&db, dir.path(), "* * * * * *", true, 10);
+    wait_for_log(
+        &b,
+        "tick skipped: another process holds the run lock",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 1);
+    std::fs::remove_file(&hold).unwrap();
     wait_for(
         &db,
         "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",

@@ -1176,6 +1176,7 @@ impl PgStore {
             .map_err(q("writing referral_rewards"))?;
             out.reward_rows_written = r.rows_affected();
         }
+        crate::engine::test_hold().await;
 
         let (mut up_ids, mut up_old, mut up_new) = (vec![], vec![], vec![]);
         let (mut in_ids, mut in_new) = (vec![], vec![]);

@@ -347,6 +347,7 @@ impl SqliteStore {
                 .map_err(q("writing referral_rewards"))?;
             out.reward_rows_written = r.rows_affected();
         }
+        crate::engine::test_hold().await;
 
         let mut updates = Vec::new();
         let mut inserts = Vec::new();
