@@ -216,8 +216,10 @@ each_backend!(
 
         let mut lock = store.try_lock(Scope::Full).await.unwrap().expect("lock");
         let run_id = store.start_run(Scope::Full, now(), now()).await.unwrap();
+        // The job's clock stamps both ends of the run row (not the database's).
+        let finished_at = now() + 1234567;
         let finish = RunFinish {
-            finished_at: now(),
+            finished_at,
             stats: plan.stats(),
             outcome_counts: "{}".into(),
             digest: plan.digest.clone(),
@@ -244,6 +246,11 @@ each_backend!(
         "no ledger row for a value not written"
     );
         assert_eq!(db.scalar("SELECT conflicts FROM reward_runs").await, 1);
+        let run = store.runs(1).await.unwrap().remove(0);
+        assert_eq!(
+            (run.started_at, run.finished_at),
+            (now(), Some(finished_at))
+        );
         store.close().await;
 
         // The next run picks it up.

@@ -98,11 +98,11 @@ impl Server {
             }
         }
         let child = command
-            .envs(env)
             .args(["--config", config.to_str().unwrap(), "serve"])
             .env("REFERRAL_REWARDS_API_TOKEN", TOKEN)
             .env("RUST_LOG", "info,sqlx=warn")
             .env_remove("DATABASE_URL")
+            .envs(env)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -946,4 +946,30 @@ async fn a_panicking_run_fails_only_itself() {
         "one log line per panic: {}",
         server.log()
     );
+}
+
+/// A token read from a file with its trailing newline is the token without it, on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_a_trailing_newline_is_trimmed() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        false,
+        5,
+        Extra {
+            env: vec![("REFERRAL_REWARDS_API_TOKEN", format!("{TOKEN}\n"))],
+            ..Extra::default()
+        },
+    );
+    let http = client();
+    let get = |token: &'static str| {
+        http.get(format!("{}/v1/runs", server.base))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(get(TOKEN).await.unwrap().status(), 200);
+    assert_eq!(get("wrong").await.unwrap().status(), 401);
 }
