@@ -60,11 +60,19 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".into())
 }
 
-/// Tests hold an applying run inside its write transaction, to act exactly there (a signal, a
-/// kill, another tick): with `REFERRAL_REWARDS_TEST_HOLD_FILE=PATH`, the write waits, after its
-/// first statement, for as long as PATH exists (logging `test hold` once). The wait is an await,
-/// so an abort ends it like any other.
-pub(crate) async fn test_hold() {
+/// Called by the stores inside the write transaction, after its first statement (the reward
+/// rows, when there are any): where tests act on a run that is writing. It tells the progress
+/// hook (`inside the write transaction`: in-process tests hold the run there); it honours
+/// `REFERRAL_REWARDS_TEST_HOLD_FILE=PATH`, waiting while PATH exists and logging `test hold` once
+/// (tests of the real binary: a signal, a kill, another tick); and the injected fault
+/// `panic-in-write`. The wait is an await, so an abort ends it like any other.
+pub(crate) async fn inside_write(progress: Option<&Progress>) {
+    if let Some(p) = progress {
+        p("inside the write transaction");
+    }
+    if fault("panic-in-write").is_some() {
+        panic!("fault injected inside the write transaction");
+    }
     let Some(path) = std::env::var_os("REFERRAL_REWARDS_TEST_HOLD_FILE") else {
         return;
     };
@@ -77,13 +85,21 @@ pub(crate) async fn test_hold() {
     }
 }
 
-/// Tests make a run panic on purpose (`REFERRAL_REWARDS_FAULT_PANIC_REFERRER=ID`: a
-/// one-referrer run for ID panics while computing), to show that a panic fails that run only.
+/// Faults tests inject into the real binary, named in `REFERRAL_REWARDS_FAULT` (comma-separated,
+/// `name` or `name=value`): `panic-compute-referrer=ID` (a one-referrer run for ID panics while
+/// computing), `panic-in-write` (inside the write transaction), `panic-before-run` (an applying
+/// run panics before it takes the lock). They show that a panic fails one run, never the process.
+fn fault(name: &str) -> Option<String> {
+    let all = std::env::var("REFERRAL_REWARDS_FAULT").ok()?;
+    all.split(',').find_map(|f| {
+        let (n, v) = f.trim().split_once('=').unwrap_or((f.trim(), ""));
+        (n == name).then(|| v.to_owned())
+    })
+}
+
 fn fault_injection(scope: Scope) {
-    if let (Scope::Referrer(id), Ok(v)) = (
-        scope,
-        std::env::var("REFERRAL_REWARDS_FAULT_PANIC_REFERRER"),
-    ) && v.trim() == id.to_string()
+    if let Scope::Referrer(id) = scope
+        && fault("panic-compute-referrer").is_some_and(|v| v.trim() == id.to_string())
     {
         panic!("fault injected for referrer {id}");
     }
@@ -263,6 +279,9 @@ pub async fn run_controlled(
         return Ok(report);
     }
 
+    if fault("panic-before-run").is_some() {
+        panic!("fault injected before the run");
+    }
     let mut lock = store
         .try_lock(req.scope)
         .await?
@@ -295,17 +314,15 @@ pub async fn run_controlled(
         };
         let stats = plan.stats();
         let finish = RunFinish {
-            finished_at: now(),
             stats: stats.clone(),
             outcome_counts: outcome_counts_json(&computation),
             digest: plan.digest.clone(),
             error: write_errors_text(&plan),
         };
         if let Some(p) = &ctl.progress {
-            let st = plan.stats();
             p(&format!(
                 "writing {} reward rows and {} host values",
-                st.reward_rows_to_write, st.host_values_to_write
+                stats.reward_rows_to_write, stats.host_values_to_write
             ));
         }
         let t = Clock::now();
@@ -317,6 +334,7 @@ pub async fn run_controlled(
                 req.as_of,
                 &cfg.new_subscription,
                 &finish,
+                ctl.progress.as_ref(),
             )
             .await?;
         stages.write = t.elapsed();
@@ -355,18 +373,19 @@ pub async fn run_controlled(
         Err(e) => {
             // First end what is left of the write (an in-flight commit completes or not).
             store.settle(&mut lock).await;
-            let landed = matches!(e, EngineError::Aborted)
-                && matches!(store.run_status(run_id).await, Ok(Some(s)) if s == "succeeded");
-            if landed {
-                // The abort raced the commit and lost: say so, not "wrote nothing".
-                store.release(lock).await;
-                tracing::warn!(run_id, "aborted after its commit had landed");
-                return Err(EngineError::CommittedBeforeAbort { run_id });
-            }
             let message = e.to_string();
             // Still under the lock, so no other run can mistake this row for an orphan.
-            record_failure(store, run_id, &message, ctl).await;
-            Err(EngineError::RunFailed { run_id, message })
+            match record_failure(store, run_id, &message, ctl).await {
+                // The failure (an abort, a lost connection) raced the commit and lost: the
+                // writes are in; say so, not "wrote nothing".
+                Recorded::AlreadySucceeded => {
+                    tracing::warn!(run_id, error = %message, "the run's commit had landed");
+                    Err(EngineError::CommittedBeforeAbort { run_id })
+                }
+                Recorded::Failed | Recorded::Lost => {
+                    Err(EngineError::RunFailed { run_id, message })
+                }
+            }
         }
     };
     store.release(lock).await;
@@ -381,13 +400,29 @@ pub async fn run_controlled(
 /// busy timeout) before giving up and leaving the row to the next run's orphan check.
 const RECORD_FAILURE_ATTEMPTS: u32 = 5;
 
+/// What became of a failed run's row.
+enum Recorded {
+    Failed,
+    /// Its commit landed after all (the row says `succeeded`).
+    AlreadySucceeded,
+    /// The database would not take the failure; the next run marks the row `abandoned`.
+    Lost,
+}
+
 /// Marks the run `failed` with its error. A run that failed because SQLite was busy finds it
 /// busy again here: keep trying for a while rather than leave a `running` row that a later run
-/// would have to guess about.
-async fn record_failure(store: &Store, run_id: i64, message: &str, ctl: &RunControl) {
+/// would have to guess about. A row that no longer says `running` (nor `abandoned`) was
+/// committed: that is reported, not overwritten.
+async fn record_failure(store: &Store, run_id: i64, message: &str, ctl: &RunControl) -> Recorded {
     for attempt in 1..=RECORD_FAILURE_ATTEMPTS {
         match store.fail_run(run_id, message, now()).await {
-            Ok(()) => return,
+            Ok(true) => return Recorded::Failed,
+            Ok(false) => {
+                return match store.run_status(run_id).await {
+                    Ok(Some(s)) if s == "succeeded" => Recorded::AlreadySucceeded,
+                    _ => Recorded::Failed,
+                };
+            }
             Err(e) if e.is_busy() && attempt < RECORD_FAILURE_ATTEMPTS => {
                 tracing::warn!(run_id, attempt, error = %e, "recording the failure: the database is busy; trying again");
                 if let Some(p) = &ctl.progress {
@@ -397,10 +432,11 @@ async fn record_failure(store: &Store, run_id: i64, message: &str, ctl: &RunCont
             }
             Err(e) => {
                 tracing::error!(run_id, error = %e, "could not mark the run failed; the next run will mark it abandoned");
-                return;
+                return Recorded::Lost;
             }
         }
     }
+    Recorded::Lost
 }
 
 /// One log line per run, for operators and log search.

@@ -91,8 +91,9 @@ impl From<EngineError> for Failure {
             EngineError::Locked | EngineError::DigestMismatch { .. } => Exit::Refused,
             EngineError::UnknownReferrer(_) => Exit::Usage,
             EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
-            EngineError::CommittedBeforeAbort { .. } => Exit::Success,
+            // Only a shutdown or a lost connection cuts a run short; the CLI never aborts.
             EngineError::RunFailed { .. }
+            | EngineError::CommittedBeforeAbort { .. }
             | EngineError::Aborted
             | EngineError::Store(_)
             | EngineError::Compute(_)
@@ -507,9 +508,9 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
             );
         }
         Command::Serve => {
-            serve::settings(&config)?;
+            let settings = serve::settings(&config)?;
             let store = connect(&config, Access::Write).await?;
-            serve::serve(config, store).await?;
+            serve::serve(config, store, settings).await?;
         }
         Command::Runs { limit } => {
             let store = connect(&config, Access::ReadOnly).await?;

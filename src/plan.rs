@@ -246,6 +246,11 @@ impl Plan {
             ..PlanStats::default()
         };
         for e in &self.entries {
+            // An unwritable referrer moves nothing.
+            if !e.writable() {
+                s.unwritable += 1;
+                continue;
+            }
             let (current, desired) = (e.current_bonus_slots(), e.desired.bonus_slots);
             if desired > current {
                 s.rewards_up += 1;
@@ -253,10 +258,6 @@ impl Plan {
                 s.rewards_down += 1;
             }
             s.bonus_delta += desired - current;
-            if !e.writable() {
-                s.unwritable += 1;
-                continue;
-            }
             if e.reward_changes() {
                 s.reward_rows_to_write += 1;
             }

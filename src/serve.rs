@@ -128,8 +128,8 @@ pub fn settings(config: &Config) -> Result<Settings, ServeError> {
 
 /// Runs the server until SIGINT or SIGTERM; then stops taking ticks and requests, lets an
 /// in-flight run finish within `schedule.shutdown_grace_secs`, else aborts it.
-pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
-    let Settings { cron, bind, token } = settings(&config)?;
+pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(), ServeError> {
+    let Settings { cron, bind, token } = settings;
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .map_err(|e| ServeError::Runtime(format!("cannot listen on {bind}: {e}")))?;
@@ -207,7 +207,8 @@ pub async fn serve(config: Config, store: Store) -> Result<(), ServeError> {
         // Rolling back and marking the run failed takes a moment; do not wait forever.
         let _ = tokio::time::timeout(Duration::from_secs(30), app.runs.wait()).await;
     }
-    // Recomputes started over HTTP were tracked with the runs above.
+    // An HTTP recompute that started after the wait above returned (the server was still
+    // answering) must not outlive the process's end: cut it short too.
     app.abort.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!("stopped");
@@ -259,9 +260,11 @@ async fn tick(app: &App) {
         .await
         .unwrap_or_else(|p| Err(EngineError::Panicked(engine::panic_message(&*p))));
     let error = match outcome {
-        Ok(_) => None,
+        // A run cut short by the shutdown after its commit landed did its work.
+        Ok(_) | Err(EngineError::CommittedBeforeAbort { .. }) => None,
         Err(EngineError::Locked) => {
-            tracing::info!("tick skipped: another process holds the run lock");
+            // Another process, or this one's HTTP recompute or shard run.
+            tracing::info!("tick skipped: another run holds the run lock");
             return;
         }
         // The engine logged it and recorded it in the run row.
@@ -280,6 +283,22 @@ async fn tick(app: &App) {
             at: instant::from_datetime(chrono::Utc::now()),
             error,
         });
+    }
+}
+
+/// Counts an open connection for as long as it lives, however its task ends.
+struct OpenConnection<'a>(&'a AtomicU64);
+
+impl<'a> OpenConnection<'a> {
+    fn count(open: &'a AtomicU64) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(open)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -361,9 +380,9 @@ async fn accept_loop(
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let (app, stop, header_timeout) = (app.clone(), stop.clone(), limits.header_timeout);
-        app.http_open.fetch_add(1, Ordering::Relaxed);
         conns.spawn(async move {
             let _permit = permit;
+            let _open = OpenConnection::count(&app.http_open);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -378,7 +397,6 @@ async fn accept_loop(
                     let _ = conn.await;
                 }
             }
-            app.http_open.fetch_sub(1, Ordering::Relaxed);
         });
     }
     conns.close();
@@ -715,8 +733,8 @@ fn run_json(r: &RunRow) -> Value {
 
 /// 200 while the database answers and the last scheduled run did not fail; 503 when the
 /// database cannot be reached or full runs stopped succeeding. A database that is only busy
-/// (SQLite locked by a writer, every pooled connection in use) is `busy`, still 200: busy is
-/// not down.
+/// (SQLite locked by a writer, every pooled PostgreSQL connection in use) is `busy`, still 200:
+/// busy is not down.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let unavailable = |error: String| {
         (
@@ -731,8 +749,9 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         Ok(Err(e)) if e.is_busy() => "busy",
         Ok(Err(e)) => return unavailable(e.to_string()),
         // SQLite's ping opens the file itself: a slow answer is a busy machine, not a lost
-        // database. PostgreSQL's goes over the network: no answer is unavailable.
-        Err(_) if app.store.backend() == "sqlite" => "busy",
+        // database. PostgreSQL's waits for a pooled connection: with every one in use, the
+        // server is busy; with some idle and still no answer, it is unavailable.
+        Err(_) if app.store.backend() == "sqlite" || app.store.pool_saturated() => "busy",
         Err(_) => return unavailable("the database did not answer within 3 s".into()),
     };
     let last_tick = app.last_tick.lock().ok().and_then(|t| t.clone());

@@ -313,7 +313,7 @@ fn a_panicking_run_exits_1_with_one_line_and_records_its_failure() {
         .args(["--database-url", &url, "reconcile", "--referrer", "11"])
         .current_dir(dir.path())
         .env_remove("RUST_LOG")
-        .env("REFERRAL_REWARDS_FAULT_PANIC_REFERRER", "11")
+        .env("REFERRAL_REWARDS_FAULT", "panic-compute-referrer=11")
         .output()
         .unwrap();
     assert_one_line_error(&o, 1, "internal error");
@@ -402,4 +402,37 @@ fn a_read_only_user_can_run_a_dry_run_explain_and_runs() {
     assert_eq!(before, after, "no -wal, -shm or lock file appeared");
     assert_eq!(file_hash(&db), hash);
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn a_panic_inside_the_write_transaction_rolls_back_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    let would_write = |url: &str| {
+        let o = run(
+            dir.path(),
+            &["--database-url", url, "reconcile", "--dry-run"],
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains("would write"))
+            .unwrap()
+            .to_owned()
+    };
+    let before = would_write(&url);
+    let o = Command::new(BIN)
+        .args(["--database-url", &url, "reconcile"])
+        .current_dir(dir.path())
+        .env_remove("RUST_LOG")
+        .env("REFERRAL_REWARDS_FAULT", "panic-in-write")
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, 1, "fault injected inside the write transaction");
+    assert_eq!(would_write(&url), before, "nothing of the run was written");
+    let runs = run(dir.path(), &["--database-url", &url, "runs"]);
+    let table = String::from_utf8_lossy(&runs.stdout);
+    assert!(
+        table.contains("failed") && !table.contains("running"),
+        "{table}"
+    );
 }

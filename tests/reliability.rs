@@ -187,7 +187,8 @@ each_backend!(
     a_second_run_while_one_is_writing_is_refused,
     |db: TestDb| async move {
         db.load(&every_outcome()).await;
-        let (hook, mut pause) = Pause::at("writing", true);
+        // Held inside its write transaction, after its first statement.
+        let (hook, mut pause) = Pause::at("inside the write transaction", true);
         let first = spawn_run(
             db.url.clone(),
             db.opts(),
@@ -225,7 +226,7 @@ async fn a_run_failing_on_a_busy_sqlite_database_records_its_failure() {
     db.load(&every_outcome()).await;
     let before = db.state().await;
     let (hook, mut writing) = Pause::at("writing", true);
-    let (retry_hook, mut retrying) = Pause::at("recording the failure", false);
+    let (retry_hook, mut retrying) = Pause::at("recording the failure", true);
     let both: referral_rewards::engine::Progress = std::sync::Arc::new(move |m: &str| {
         hook(m);
         retry_hook(m);
@@ -251,6 +252,7 @@ async fn a_run_failing_on_a_busy_sqlite_database_records_its_failure() {
     let said = retrying.reached().await;
     assert!(said.contains("busy"), "{said}");
     sqlx::query("COMMIT").execute(&mut host).await.unwrap();
+    retrying.resume();
 
     let e = run.await.unwrap().unwrap_err();
     assert!(e.to_string().contains("database is locked"), "{e}");

@@ -609,7 +609,7 @@ async fn two_servers_on_one_postgres_never_apply_together() {
     let b = Server::start(&db, dir.path(), "* * * * * *", true, 10);
     wait_for_log(
         &b,
-        "tick skipped: another process holds the run lock",
+        "tick skipped: another run holds the run lock",
         Duration::from_secs(30),
     )
     .await;
@@ -906,7 +906,10 @@ async fn a_panicking_run_fails_only_itself() {
         false,
         5,
         Extra {
-            env: vec![("REFERRAL_REWARDS_FAULT_PANIC_REFERRER", ids[0].to_string())],
+            env: vec![(
+                "REFERRAL_REWARDS_FAULT",
+                format!("panic-compute-referrer={}", ids[0]),
+            )],
             ..Extra::default()
         },
     );
@@ -972,4 +975,50 @@ async fn a_token_with_a_trailing_newline_is_trimmed() {
     };
     assert_eq!(get(TOKEN).await.unwrap().status(), 200);
     assert_eq!(get("wrong").await.unwrap().status(), 401);
+}
+
+/// A scheduled run that panics before its run row exists is a failed tick all the same: counted
+/// and unhealthy, and the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_that_panics_before_its_run_is_counted_and_unhealthy() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        true,
+        5,
+        Extra {
+            env: vec![("REFERRAL_REWARDS_FAULT", "panic-before-run".into())],
+            ..Extra::default()
+        },
+    );
+    wait_for_log(&server, "a task panicked", Duration::from_secs(30)).await;
+    let http = client();
+    // The tick records its failure right after the panic is caught.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let r = http
+            .get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.unwrap();
+        if code == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still healthy: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body["status"], "failing");
+    assert_eq!(body["tick_failures_total"], 1);
+    assert!(
+        body["last_scheduled_run"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("fault injected")
+    );
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
 }

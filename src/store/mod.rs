@@ -268,11 +268,10 @@ pub struct RunRow {
     pub error: Option<String>,
 }
 
-/// What a run records in its row when it succeeds.
+/// What a run records in its row when it succeeds. Its `finished_at` is stamped by the job's
+/// clock (like `started_at`) just before the row is updated in the apply transaction.
 #[derive(Debug, Clone)]
 pub struct RunFinish {
-    /// From the application's clock, like the row's `started_at`.
-    pub finished_at: Instant,
     pub stats: PlanStats,
     /// JSON object: outcome name → count.
     pub outcome_counts: String,
@@ -304,11 +303,10 @@ pub(crate) enum Held {
     /// PostgreSQL: session advisory locks on a dedicated connection, released when the
     /// connection closes, so a killed process never leaves them behind. The apply transaction
     /// runs on this same connection: if the server closed it (and so released the lock), the
-    /// write cannot commit, whoever holds the lock now. `broken` is set after a failed write,
-    /// so that the connection is closed rather than kept for the next run.
+    /// write cannot commit, whoever holds the lock now.
     Postgres {
-        conn: Box<sqlx::PgConnection>,
-        broken: bool,
+        /// `None` once a failed write left it unusable: dropped at once, ending its session.
+        conn: Option<Box<sqlx::PgConnection>>,
     },
 }
 
@@ -408,6 +406,7 @@ impl Store {
     /// Writes the plan in one transaction and marks the run succeeded in the same commit,
     /// fenced by the run lock: the commit happens only while `lock` is still held and the
     /// run's row still says `running`.
+    #[allow(clippy::too_many_arguments)] // one per part of the write; grouped by program later
     pub async fn apply(
         &self,
         lock: &mut RunLock,
@@ -416,18 +415,31 @@ impl Store {
         as_of: Instant,
         new_subscription: &NewSubscriptionConfig,
         finish: &RunFinish,
+        progress: Option<&crate::engine::Progress>,
     ) -> Result<ApplyOutcome, StoreError> {
         match self {
-            Store::Sqlite(s) => s.apply(plan, run_id, as_of, new_subscription, finish).await,
-            Store::Postgres(s) => {
-                s.apply(lock, plan, run_id, as_of, new_subscription, finish)
+            Store::Sqlite(s) => {
+                s.apply(plan, run_id, as_of, new_subscription, finish, progress)
                     .await
+            }
+            Store::Postgres(s) => {
+                s.apply(
+                    lock,
+                    plan,
+                    run_id,
+                    as_of,
+                    new_subscription,
+                    finish,
+                    progress,
+                )
+                .await
             }
         }
     }
 
-    /// After a failed or aborted write: ends what is left of its transaction before the run's
-    /// row is marked failed (an unsent rollback would otherwise keep the row locked).
+    /// After a failed or aborted run: ends what is left of its write transaction (an in-flight
+    /// commit completes or not; an unsent rollback goes out) before the run's row is marked
+    /// failed, so that the row is not left locked by it.
     pub async fn settle(&self, lock: &mut RunLock) {
         if let Store::Postgres(s) = self {
             s.settle(lock).await
@@ -436,7 +448,13 @@ impl Store {
 
     /// Marks the run `failed` with its error, also over an `abandoned` mark that another run
     /// made meanwhile (this process knows better why it ended), never over `succeeded`.
-    pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
+    /// Returns whether the row changed: `false` when its commit had landed after all.
+    pub async fn fail_run(
+        &self,
+        run_id: i64,
+        error: &str,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
         match self {
             Store::Sqlite(s) => s.fail_run(run_id, error, now).await,
             Store::Postgres(s) => s.fail_run(run_id, error, now).await,
@@ -445,16 +463,15 @@ impl Store {
 
     /// The status of one run's row (`None`: no such row).
     pub async fn run_status(&self, run_id: i64) -> Result<Option<String>, StoreError> {
-        let sql = "SELECT status FROM reward_runs WHERE id = $1";
         match self {
             Store::Sqlite(s) => {
-                sqlx::query_scalar(sql)
+                sqlx::query_scalar(RUN_STATUS)
                     .bind(run_id)
                     .fetch_optional(&s.pool)
                     .await
             }
             Store::Postgres(s) => {
-                sqlx::query_scalar(sql)
+                sqlx::query_scalar(RUN_STATUS)
                     .bind(run_id)
                     .fetch_optional(&s.pool)
                     .await
@@ -478,6 +495,16 @@ impl Store {
             Store::Postgres(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,
         }
         .map_err(StoreError::sql("reading reward_runs"))
+    }
+
+    /// PostgreSQL: every pooled connection is in use (a ping waits for one: busy, not down).
+    pub fn pool_saturated(&self) -> bool {
+        match self {
+            Store::Sqlite(_) => false,
+            Store::Postgres(s) => {
+                s.pool.num_idle() == 0 && s.pool.size() >= s.pool.options().get_max_connections()
+            }
+        }
     }
 
     /// Whether the database answers. [`StoreError::is_busy`] tells a busy database apart.
@@ -558,11 +585,16 @@ impl ChunkFeed {
     }
 }
 
-/// Host column values are INTEGER: refuse a bonus that does not fit rather than wrap it.
-pub(crate) fn host_int(user_id: i64, v: i64) -> Result<i32, StoreError> {
-    i32::try_from(v).map_err(|_| {
-        StoreError::Invalid(format!(
-            "bonus {v} of user {user_id} does not fit subscriptions.referral_bonus_domains (INTEGER)"
-        ))
-    })
+/// A host column value to write: [`Plan::host_changes`] leaves out every referrer whose value
+/// does not fit the INTEGER column ([`crate::plan::PlanEntry::write_error`]).
+pub(crate) fn host_int(v: i64) -> i32 {
+    i32::try_from(v).expect("Plan::host_changes yields only values that fit INTEGER")
+}
+
+/// One run row's status.
+pub(crate) const RUN_STATUS: &str = "SELECT status FROM reward_runs WHERE id = $1";
+
+/// Lowercase hex of bytes that are not text, for error messages.
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -11,8 +11,8 @@ use sqlx::{Connection, Row};
 
 use super::pgcopy;
 use super::{
-    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RunFinish, RunLock, RunRow,
-    StoreError, host_int,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RUN_STATUS, RunFinish, RunLock,
+    RunRow, StoreError, hex, host_int,
 };
 use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
@@ -159,10 +159,6 @@ impl From<pgcopy::CopyError> for Bad {
     fn from(e: pgcopy::CopyError) -> Self {
         Bad::Copy(e)
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn null(
@@ -1012,13 +1008,28 @@ impl PgStore {
                 // time (`K/2` beside `K/3` would cover users twice): shared on the count's key,
                 // then no other count's key may be held. Each process takes its own key before
                 // looking, so two counts never both go ahead.
-                sqlx::query_scalar(include_str!("../../sql/queries/postgres/shard_lock.sql"))
-                    .bind(LOCK_KEY)
-                    .bind(LOCK_KEY.wrapping_add(((s.count as i64) << 20) | s.index as i64))
+                async {
+                    let (run, own, count): (bool, bool, bool) =
+                        sqlx::query_as(include_str!("../../sql/queries/postgres/shard_lock.sql"))
+                            .bind(LOCK_KEY)
+                            .bind(LOCK_KEY.wrapping_add(((s.count as i64) << 20) | s.index as i64))
+                            .bind(COUNT_KEY_BASE)
+                            .bind(s.count as i64)
+                            .fetch_one(&mut conn)
+                            .await?;
+                    if !(run && own && count) {
+                        return Ok(false);
+                    }
+                    let other: bool = sqlx::query_scalar(include_str!(
+                        "../../sql/queries/postgres/other_shard_count.sql"
+                    ))
                     .bind(COUNT_KEY_BASE)
                     .bind(s.count as i64)
                     .fetch_one(&mut conn)
-                    .await
+                    .await?;
+                    Ok(!other)
+                }
+                .await
             }
         }
         .map_err(q("taking the run lock"))?;
@@ -1030,32 +1041,33 @@ impl PgStore {
         Ok(Some(RunLock {
             shard,
             _held: Held::Postgres {
-                conn: Box::new(conn),
-                broken: false,
+                conn: Some(Box::new(conn)),
             },
         }))
     }
 
-    /// Releases the run lock and keeps its connection for the next run, unless a write failed
-    /// on it (then closing it is the sure way to end its session and its locks).
+    /// Releases the run lock and keeps its connection for the next run (unless a failed write
+    /// left it unusable and it is gone already).
     pub async fn release(&self, lock: RunLock) {
-        if let Held::Postgres { conn, broken } = lock._held {
-            if broken {
-                let _ = conn.close().await;
-            } else {
-                self.keep(*conn).await;
-            }
+        if let Held::Postgres { conn: Some(conn) } = lock._held {
+            self.keep(*conn).await;
         }
     }
 
-    /// Flushes the rollback of a dropped apply transaction on the lock's connection, so that
-    /// the run row it had updated is unlocked before the failure is recorded.
+    /// Waits for the lock's connection to end what a dropped apply left on it (a queued
+    /// rollback goes out; an in-flight commit completes or not). If it does not answer, it is
+    /// closed at once: its session ends and whatever it held (the run row's lock among them) is
+    /// released, so that recording the failure cannot wait on it.
     pub async fn settle(&self, lock: &mut RunLock) {
-        if let Held::Postgres { conn, broken } = &mut lock._held {
-            *broken = true;
-            let ping = tokio::time::timeout(std::time::Duration::from_secs(10), conn.ping());
+        if let Held::Postgres { conn } = &mut lock._held
+            && let Some(c) = conn
+        {
+            let ping = tokio::time::timeout(std::time::Duration::from_secs(10), c.ping());
             if !matches!(ping.await, Ok(Ok(()))) {
-                tracing::warn!("the run lock's connection did not answer after a failed write");
+                tracing::warn!(
+                    "the run lock's connection did not answer after a failed run; closing it"
+                );
+                *conn = None;
             }
         }
     }
@@ -1092,38 +1104,47 @@ impl PgStore {
         as_of: Instant,
         now: Instant,
     ) -> Result<i64, StoreError> {
-        sqlx::query_scalar(
-            "INSERT INTO reward_runs (mode, referrer_user_id, shard, as_of, started_at, status) \
-             VALUES ($1, $2, $5, $3, $4, 'running') RETURNING id",
-        )
-        .bind(scope.mode())
-        .bind(scope.referrer())
-        .bind(dt(as_of))
-        .bind(dt(now))
-        .bind(scope.shard().map(|s| s.to_string()))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(q("recording the run"))
+        sqlx::query_scalar(include_str!("../../sql/queries/start_run.sql"))
+            .bind(scope.mode())
+            .bind(scope.referrer())
+            .bind(scope.shard().map(|s| s.to_string()))
+            .bind(dt(as_of))
+            .bind(dt(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("recording the run"))
     }
 
-    pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 \
-             WHERE id = $3 AND status IN ('running', 'abandoned')",
-        )
-        .bind(dt(now))
-        .bind(error)
-        .bind(run_id)
-        .execute(&self.pool)
-        .await
-        .map_err(q("recording the failed run"))?;
-        Ok(())
+    /// In a transaction bounded by the run's timeouts: the row may be locked by the failed
+    /// run's own transaction, still ending on a connection that is gone.
+    pub async fn fail_run(
+        &self,
+        run_id: i64,
+        error: &str,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("recording the failed run"))?;
+        utc(&mut tx, &self.timeouts).await?;
+        let r = sqlx::query(include_str!("../../sql/queries/fail_run.sql"))
+            .bind(dt(now))
+            .bind(error)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording the failed run"))?;
+        tx.commit().await.map_err(q("recording the failed run"))?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// The write runs on the run lock's own connection: the lock is a session lock of that
     /// connection, so the transaction can only commit while the lock is held. Had the server
     /// closed the connection (an idle reaper, a network drop, `pg_terminate_backend`), the lock
     /// would be free for another run, and this write fails instead of racing it.
+    #[allow(clippy::too_many_arguments)] // one per part of the write; grouped by program later
     pub async fn apply(
         &self,
         lock: &mut RunLock,
@@ -1132,10 +1153,11 @@ impl PgStore {
         as_of: Instant,
         new_sub: &NewSubscriptionConfig,
         finish: &RunFinish,
+        progress: Option<&crate::engine::Progress>,
     ) -> Result<ApplyOutcome, StoreError> {
-        let Held::Postgres { conn, .. } = &mut lock._held else {
+        let Held::Postgres { conn: Some(conn) } = &mut lock._held else {
             return Err(StoreError::Runtime(
-                "a PostgreSQL apply needs a PostgreSQL run lock".into(),
+                "the run lock's connection is gone; nothing was written".into(),
             ));
         };
         let mut out = ApplyOutcome::default();
@@ -1176,7 +1198,7 @@ impl PgStore {
             .map_err(q("writing referral_rewards"))?;
             out.reward_rows_written = r.rows_affected();
         }
-        crate::engine::test_hold().await;
+        crate::engine::inside_write(progress).await;
 
         let (mut up_ids, mut up_old, mut up_new) = (vec![], vec![], vec![]);
         let (mut in_ids, mut in_new) = (vec![], vec![]);
@@ -1185,11 +1207,11 @@ impl PgStore {
                 HostChange::Update { old, new } => {
                     up_ids.push(user);
                     up_old.push(old);
-                    up_new.push(host_int(user, new)?);
+                    up_new.push(host_int(new));
                 }
                 HostChange::Insert { new } => {
                     in_ids.push(user);
-                    in_new.push(host_int(user, new)?);
+                    in_new.push(host_int(new));
                 }
             }
         }
@@ -1274,18 +1296,17 @@ impl PgStore {
             .bind(&finish.outcome_counts)
             .bind(&finish.digest)
             .bind(run_id)
-            .bind(dt(finish.finished_at))
+            .bind(dt(instant::from_datetime(Utc::now())))
             .bind(&finish.error)
             .execute(&mut *tx)
             .await
             .map_err(q("recording the run"))?;
         if finished.rows_affected() != 1 {
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM reward_runs WHERE id = $1")
-                    .bind(run_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(q("reading the run"))?;
+            let status: Option<String> = sqlx::query_scalar(RUN_STATUS)
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(q("reading the run"))?;
             return Err(StoreError::NotRunning {
                 run_id,
                 status: status.unwrap_or_else(|| "missing".into()),

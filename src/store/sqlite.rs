@@ -276,32 +276,31 @@ impl SqliteStore {
         as_of: Instant,
         now: Instant,
     ) -> Result<i64, StoreError> {
-        sqlx::query_scalar(
-            "INSERT INTO reward_runs (mode, referrer_user_id, shard, as_of, started_at, status) \
-             VALUES ($1, $2, $5, $3, $4, 'running') RETURNING id",
-        )
-        .bind(scope.mode())
-        .bind(scope.referrer())
-        .bind(instant::to_sql_text(as_of))
-        .bind(instant::to_sql_text(now))
-        .bind(scope.shard().map(|s| s.to_string()))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(q("recording the run"))
+        sqlx::query_scalar(include_str!("../../sql/queries/start_run.sql"))
+            .bind(scope.mode())
+            .bind(scope.referrer())
+            .bind(scope.shard().map(|s| s.to_string()))
+            .bind(instant::to_sql_text(as_of))
+            .bind(instant::to_sql_text(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("recording the run"))
     }
 
-    pub async fn fail_run(&self, run_id: i64, error: &str, now: Instant) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE reward_runs SET status = 'failed', finished_at = $1, error = $2 \
-             WHERE id = $3 AND status IN ('running', 'abandoned')",
-        )
-        .bind(instant::to_sql_text(now))
-        .bind(error)
-        .bind(run_id)
-        .execute(&self.pool)
-        .await
-        .map_err(q("recording the failed run"))?;
-        Ok(())
+    pub async fn fail_run(
+        &self,
+        run_id: i64,
+        error: &str,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(include_str!("../../sql/queries/fail_run.sql"))
+            .bind(instant::to_sql_text(now))
+            .bind(error)
+            .bind(run_id)
+            .execute(&self.pool)
+            .await
+            .map_err(q("recording the failed run"))?;
+        Ok(r.rows_affected() == 1)
     }
 
     pub async fn apply(
@@ -311,6 +310,7 @@ impl SqliteStore {
         as_of: Instant,
         new_sub: &NewSubscriptionConfig,
         finish: &RunFinish,
+        progress: Option<&crate::engine::Progress>,
     ) -> Result<ApplyOutcome, StoreError> {
         let mut out = ApplyOutcome::default();
         let mut tx = self
@@ -318,7 +318,7 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(q("starting the write transaction"))?;
-        let now = instant::to_sql_text(finish.finished_at);
+        let now = instant::to_sql_text(instant::from_datetime(chrono::Utc::now()));
 
         let upserts: Vec<_> = plan
             .reward_upserts()
@@ -347,16 +347,14 @@ impl SqliteStore {
                 .map_err(q("writing referral_rewards"))?;
             out.reward_rows_written = r.rows_affected();
         }
-        crate::engine::test_hold().await;
+        crate::engine::inside_write(progress).await;
 
         let mut updates = Vec::new();
         let mut inserts = Vec::new();
         for (user, change) in plan.host_changes() {
             match change {
-                HostChange::Update { old, new } => {
-                    updates.push(json!([user, old, host_int(user, new)?]))
-                }
-                HostChange::Insert { new } => inserts.push(json!([user, host_int(user, new)?])),
+                HostChange::Update { old, new } => updates.push(json!([user, old, host_int(new)])),
+                HostChange::Insert { new } => inserts.push(json!([user, host_int(new)])),
             }
         }
         let mut applied: HashSet<i64> = HashSet::new();
@@ -406,7 +404,9 @@ impl SqliteStore {
 
         let s = &finish.stats;
         let finished = sqlx::query(include_str!("../../sql/queries/sqlite/finish_run.sql"))
-            .bind(instant::to_sql_text(finish.finished_at))
+            .bind(instant::to_sql_text(instant::from_datetime(
+                chrono::Utc::now(),
+            )))
             .bind(s.referrers as i64)
             .bind(s.rewards_up as i64)
             .bind(s.rewards_down as i64)
@@ -422,12 +422,11 @@ impl SqliteStore {
             .await
             .map_err(q("recording the run"))?;
         if finished.rows_affected() != 1 {
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM reward_runs WHERE id = $1")
-                    .bind(run_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(q("reading the run"))?;
+            let status: Option<String> = sqlx::query_scalar(super::RUN_STATUS)
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(q("reading the run"))?;
             return Err(StoreError::NotRunning {
                 run_id,
                 status: status.unwrap_or_else(|| "missing".into()),

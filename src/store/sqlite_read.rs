@@ -13,6 +13,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, Row, named_params};
 
 use super::StoreError;
+use super::hex;
 use crate::instant::{self, Instant};
 use crate::rewards::RewardResult;
 use crate::rules;
@@ -27,9 +28,6 @@ use super::sqlite_time as time;
 /// A cell as the database holds it, for error messages: text quoted, numbers with their type,
 /// blobs and text that is not UTF-8 in hex.
 fn show(v: ValueRef<'_>) -> String {
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
     match v {
         ValueRef::Null => "NULL".into(),
         ValueRef::Integer(i) => format!("{i} (integer)"),

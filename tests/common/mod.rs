@@ -571,7 +571,11 @@ impl Pause {
             if what.starts_with(stage) {
                 let _ = reached_tx.send(what.to_owned());
                 if hold {
-                    let _ = resume_rx.lock().unwrap().recv();
+                    // Off the runtime's worker: a task it would run next (the test's, woken by
+                    // the send above) must not wait behind this block.
+                    tokio::task::block_in_place(|| {
+                        let _ = resume_rx.lock().unwrap().recv();
+                    });
                 }
             }
         });
