@@ -1,0 +1,162 @@
+//! PostgreSQL: production. The session runs in UTC so that `TIMESTAMP` and `TIMESTAMPTZ` host
+//! columns read and compare as the same instants; the snapshot is one repeatable-read
+//! transaction; writes are set-based (`UNNEST` arrays), one statement per kind of write.
+
+mod demo;
+mod read;
+mod runs;
+mod write;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+
+use super::pgcopy;
+use super::{
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RUN_STATUS, RunFinish, RunLock,
+    RunRow, StoreError, hex, host_int,
+};
+use crate::config::NewSubscriptionConfig;
+use crate::demo::{DemoChunk, DemoSpec};
+use crate::instant::{self, Instant};
+use crate::plan::{HostChange, Plan};
+use crate::rewards::RewardResult;
+use crate::snapshot::{Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/postgres");
+
+/// The advisory lock key of applying runs ("referral-rewards" as 8 bytes, big-endian).
+pub const LOCK_KEY: i64 = 0x7265_6665_7272_616c;
+/// Shard count N's advisory key is `COUNT_KEY_BASE + N` (clear of the shards' own keys, which
+/// stay below `LOCK_KEY + 2^37`).
+const COUNT_KEY_BASE: i64 = LOCK_KEY + (1 << 40);
+
+pub struct PgStore {
+    pub(super) pool: PgPool,
+    options: PgConnectOptions,
+    /// Read the large snapshot queries through binary COPY; cleared for good the first time
+    /// the server refuses it (an error with one of [`COPY_REFUSALS`]' SQLSTATEs), and only then.
+    copy: std::sync::atomic::AtomicBool,
+    /// Idle connections for the run lock, kept so that a one-referrer run does not pay a new
+    /// connection each time.
+    lock_conns: tokio::sync::Mutex<Vec<sqlx::PgConnection>>,
+    /// `SET LOCAL` statements bounding lock waits and statements in the run's transactions.
+    timeouts: String,
+}
+
+fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    StoreError::sql(what)
+}
+
+/// Pins the transaction to UTC, so that `TIMESTAMP` columns (UTC by SPEC) and `TIMESTAMPTZ`
+/// columns compare and convert as the same instants. sqlx asks for UTC at connect, but a URL's
+/// `options` or a connection pooler can change it; `SET LOCAL` holds for this transaction.
+/// Also bounds lock waits and statements (`database.lock_timeout_secs`,
+/// `database.statement_timeout_secs`): a host transaction holding a row the run needs fails
+/// the run with a clear message instead of blocking it, and every later tick, forever.
+async fn utc(tx: &mut sqlx::PgConnection, timeouts: &str) -> Result<(), StoreError> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL TIME ZONE 'UTC'; {timeouts}"
+    )))
+    .execute(tx)
+    .await
+    .map(|_| ())
+    .map_err(q("setting the time zone and timeouts"))
+}
+
+/// `SET LOCAL` of both timeouts, in milliseconds (0: no limit, PostgreSQL's own default).
+fn timeouts_sql(opts: &ConnectOptions) -> String {
+    format!(
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {};",
+        opts.lock_timeout.as_millis(),
+        opts.statement_timeout.as_millis()
+    )
+}
+
+fn dt(t: Instant) -> DateTime<Utc> {
+    instant::to_datetime(t)
+}
+
+impl PgStore {
+    pub async fn connect(url: &str, opts: &ConnectOptions) -> Result<Self, StoreError> {
+        let connect_err = |e: sqlx::Error| StoreError::Connect {
+            url: redact(url),
+            message: crate::store::one_line(&e.to_string()),
+        };
+        let options = PgConnectOptions::from_str(url)
+            .map_err(connect_err)?
+            .application_name("referral-rewards");
+        // `opts.read_only` needs no session option here: dry runs only ever SELECT (the snapshot
+        // is a READ ONLY transaction), so a role with nothing but SELECT rights works.
+        // One direct attempt first: the pool would retry a refused connection until its
+        // acquire timeout, and an unreachable server should fail at once.
+        sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(connect_err)?
+            .close()
+            .await
+            .map_err(connect_err)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(std::time::Duration::from_secs(30))
+            .connect_lazy_with(options.clone());
+        Ok(Self {
+            pool,
+            options,
+            copy: std::sync::atomic::AtomicBool::new(opts.pg_binary_copy),
+            lock_conns: tokio::sync::Mutex::new(Vec::new()),
+            timeouts: timeouts_sql(opts),
+        })
+    }
+
+    pub async fn migrate(&self, with_reference_schema: bool) -> Result<(), StoreError> {
+        if with_reference_schema {
+            self.reference_schema(true).await?;
+        }
+        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
+            what: "running migrations",
+            message: crate::store::one_line(&e.to_string()),
+        })
+    }
+
+    /// The host tables of SPEC section 2, and their indexes when asked (a bulk load creates
+    /// them afterwards).
+    async fn reference_schema(&self, indexes: bool) -> Result<(), StoreError> {
+        sqlx::raw_sql(include_str!("../../../sql/reference/postgres.sql"))
+            .execute(&self.pool)
+            .await
+            .map_err(q("creating the reference schema"))?;
+        if indexes {
+            sqlx::raw_sql(include_str!("../../../sql/reference/postgres_indexes.sql"))
+                .execute(&self.pool)
+                .await
+                .map_err(q("creating the reference indexes"))?;
+        }
+        Ok(())
+    }
+
+    pub async fn user_exists(&self, id: i64) -> Result<bool, StoreError> {
+        let row: Option<bool> = sqlx::query_scalar(include_str!(
+            "../../../sql/queries/postgres/referrer_one.sql"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading users"))?;
+        Ok(row.is_some())
+    }
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

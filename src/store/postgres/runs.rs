@@ -1,0 +1,227 @@
+//! The run lock (advisory locks on a dedicated connection) and the run history rows.
+
+use super::*;
+
+impl PgStore {
+    /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full
+    /// or one-referrer run; shared on it plus exclusive on the shard's own key for a shard.
+    pub async fn try_lock(&self, shard: Option<Shard>) -> Result<Option<RunLock>, StoreError> {
+        // A kept connection if there is one (a stale one fails the query: then a fresh one).
+        let kept = self.lock_conns.lock().await.pop();
+        match kept {
+            Some(conn) => match self.lock_on(conn, shard).await {
+                Ok(r) => Ok(r),
+                Err(_) => self.lock_on(self.lock_connection().await?, shard).await,
+            },
+            None => self.lock_on(self.lock_connection().await?, shard).await,
+        }
+    }
+
+    /// The lock's connection sits idle while the run reads and computes: a server-side
+    /// `idle_session_timeout` (PostgreSQL 14+) would close it and free the lock mid-run. It is
+    /// switched off for this one session; if the connection is lost anyway, the fence in
+    /// [`PgStore::apply`] keeps the run from writing.
+    async fn lock_connection(&self) -> Result<sqlx::PgConnection, StoreError> {
+        let mut conn = sqlx::PgConnection::connect_with(&self.options)
+            .await
+            .map_err(q("connecting for the run lock"))?;
+        sqlx::query(
+            "SELECT set_config('idle_session_timeout', '0', false) \
+             WHERE current_setting('server_version_num')::int >= 140000",
+        )
+        .execute(&mut conn)
+        .await
+        .map_err(q("connecting for the run lock"))?;
+        Ok(conn)
+    }
+
+    async fn lock_on(
+        &self,
+        mut conn: sqlx::PgConnection,
+        shard: Option<Shard>,
+    ) -> Result<Option<RunLock>, StoreError> {
+        let got: bool = match shard {
+            None => {
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await
+            }
+            Some(s) => {
+                // Shared on the run key, exclusive on the shard's; and one shard count at a
+                // time (`K/2` beside `K/3` would cover users twice): shared on the count's key,
+                // then no other count's key may be held. Each process takes its own key before
+                // looking, so two counts never both go ahead.
+                async {
+                    let (run, own, count): (bool, bool, bool) = sqlx::query_as(include_str!(
+                        "../../../sql/queries/postgres/shard_lock.sql"
+                    ))
+                    .bind(LOCK_KEY)
+                    .bind(LOCK_KEY.wrapping_add(((s.count as i64) << 20) | s.index as i64))
+                    .bind(COUNT_KEY_BASE)
+                    .bind(s.count as i64)
+                    .fetch_one(&mut conn)
+                    .await?;
+                    if !(run && own && count) {
+                        return Ok(false);
+                    }
+                    let other: bool = sqlx::query_scalar(include_str!(
+                        "../../../sql/queries/postgres/other_shard_count.sql"
+                    ))
+                    .bind(COUNT_KEY_BASE)
+                    .bind(s.count as i64)
+                    .fetch_one(&mut conn)
+                    .await?;
+                    Ok(!other)
+                }
+                .await
+            }
+        }
+        .map_err(q("taking the run lock"))?;
+        if !got {
+            // Let go of whatever half was taken, and keep the connection.
+            self.keep(conn).await;
+            return Ok(None);
+        }
+        Ok(Some(RunLock {
+            shard,
+            _held: Held::Postgres {
+                conn: Some(Box::new(conn)),
+            },
+        }))
+    }
+
+    /// Releases the run lock and keeps its connection for the next run (unless a failed write
+    /// left it unusable and it is gone already).
+    pub async fn release(&self, lock: RunLock) {
+        if let Held::Postgres { conn: Some(conn) } = lock._held {
+            self.keep(*conn).await;
+        }
+    }
+
+    /// Waits for the lock's connection to end what a dropped apply left on it (a queued
+    /// rollback goes out; an in-flight commit completes or not). If it does not answer, it is
+    /// closed at once: its session ends and whatever it held (the run row's lock among them) is
+    /// released, so that recording the failure cannot wait on it.
+    pub async fn settle(&self, lock: &mut RunLock) {
+        if let Held::Postgres { conn } = &mut lock._held
+            && let Some(c) = conn
+        {
+            let ping = tokio::time::timeout(std::time::Duration::from_secs(10), c.ping());
+            if !matches!(ping.await, Ok(Ok(()))) {
+                tracing::warn!(
+                    "the run lock's connection did not answer after a failed run; closing it"
+                );
+                *conn = None;
+            }
+        }
+    }
+
+    async fn keep(&self, mut conn: sqlx::PgConnection) {
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut conn)
+            .await
+            .is_ok();
+        let mut kept = self.lock_conns.lock().await;
+        if unlocked && kept.len() < 2 {
+            kept.push(conn);
+        }
+        // Otherwise dropped: closing the connection releases its locks.
+    }
+
+    pub async fn abandon_orphans(
+        &self,
+        shard: Option<Shard>,
+        now: Instant,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query(include_str!("../../../sql/queries/abandon_orphans.sql"))
+            .bind(dt(now))
+            .bind(shard.map(|s| s.to_string()))
+            .execute(&self.pool)
+            .await
+            .map_err(q("marking abandoned runs"))?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn start_run(
+        &self,
+        scope: Scope,
+        as_of: Instant,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
+        sqlx::query_scalar(include_str!("../../../sql/queries/start_run.sql"))
+            .bind(scope.mode())
+            .bind(scope.referrer())
+            .bind(scope.shard().map(|s| s.to_string()))
+            .bind(dt(as_of))
+            .bind(dt(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(q("recording the run"))
+    }
+
+    /// In a transaction bounded by the run's timeouts: the row may be locked by the failed
+    /// run's own transaction, still ending on a connection that is gone.
+    pub async fn fail_run(
+        &self,
+        run_id: i64,
+        error: &str,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("recording the failed run"))?;
+        utc(&mut tx, &self.timeouts).await?;
+        let r = sqlx::query(include_str!("../../../sql/queries/fail_run.sql"))
+            .bind(dt(now))
+            .bind(error)
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("recording the failed run"))?;
+        tx.commit().await.map_err(q("recording the failed run"))?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
+             referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
+             host_values_written, conflicts, outcome_counts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(q("reading reward_runs"))?;
+        rows.iter()
+            .map(|r| -> Result<RunRow, sqlx::Error> {
+                let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
+                    Ok(r.try_get::<Option<DateTime<Utc>>, _>(i)?
+                        .map(instant::from_datetime))
+                };
+                Ok(RunRow {
+                    id: r.try_get(0)?,
+                    mode: r.try_get(1)?,
+                    referrer_user_id: r.try_get(2)?,
+                    as_of: t(3)?.unwrap_or_default(),
+                    started_at: t(4)?.unwrap_or_default(),
+                    finished_at: t(5)?,
+                    status: r.try_get(6)?,
+                    referrers_processed: r.try_get(7)?,
+                    rewards_up: r.try_get(8)?,
+                    rewards_down: r.try_get(9)?,
+                    bonus_delta: r.try_get(10)?,
+                    reward_rows_written: r.try_get(11)?,
+                    host_values_written: r.try_get(12)?,
+                    conflicts: r.try_get(13)?,
+                    outcome_counts: r.try_get(14)?,
+                    digest: r.try_get(15)?,
+                    error: r.try_get(16)?,
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(q("decoding reward_runs"))
+    }
+}
