@@ -1,6 +1,7 @@
 //! Property tests over generated populations under generated rules configs (proptest):
 //! - the engine equals an independent, naive model of SPEC section 3 ([`model`]): in memory,
 //!   and through SQLite and PostgreSQL, down to what an apply writes;
+//! - SQLite time text in every accepted form reads as the canonical text does;
 //! - shuffled insertion order gives identical results (in memory, and through the databases);
 //! - a second apply at the same as-of writes no reward, ledger or host-column row;
 //! - `reconcile --referrer R` equals the full run's row for R, for every R;
@@ -14,7 +15,7 @@ use proptest::prelude::*;
 use referral_rewards::compute::compute;
 use referral_rewards::config::{Badge, Config};
 use referral_rewards::engine::{self, RunReport, RunRequest};
-use referral_rewards::instant::Instant;
+use referral_rewards::instant::{self, Instant};
 use referral_rewards::plan::Plan;
 use referral_rewards::rewards::RewardResult;
 use referral_rewards::snapshot::{ReferredUser, Scope, Snapshot, Subscription};
@@ -385,6 +386,72 @@ fn case() -> impl Strategy<Value = Case> {
         .prop_map(|(cfg, now, f)| Case { cfg, now, f })
 }
 
+/// A fixed LCG: the choices it makes are part of the generated case.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) as usize % n
+    }
+}
+
+/// One of the texts SQLite may hold for instant `t`, as `parse_sql_text` accepts them:
+/// `YYYY-MM-DD HH:MM:SS`, with a fraction of 1 to 9 digits (beyond 6 truncated), a `T`
+/// separator, `Z` or a numeric offset (`+02:00`, up to ±23:59) for the same instant, a bare
+/// date at midnight UTC, `HH:MM` without seconds, whitespace around.
+fn time_text(t: Instant, rng: &mut Lcg) -> String {
+    if t.rem_euclid(DAY) == 0 && rng.below(3) == 0 {
+        return instant::date_text(t);
+    }
+    const OFFSETS: [i64; 9] = [0, 120, -300, 330, -570, 840, -720, 1439, -1439];
+    let suffix = rng.below(3);
+    let offset = if suffix == 2 {
+        OFFSETS[rng.below(OFFSETS.len())]
+    } else {
+        0
+    };
+    let local = instant::to_sql_text(t + offset * 60_000_000); // YYYY-MM-DD HH:MM:SS.ffffff
+    let sep = if rng.below(2) == 0 { " " } else { "T" };
+    let micros = t.rem_euclid(1_000_000);
+    // How many fraction digits can say `micros`: 0 only without micros, 1 to 5 only if the
+    // digits left out are zeros, 6 to 9 always (the extra ones are truncated).
+    let digits: Vec<u32> = (0..=9)
+        .filter(|&d| d >= 6 || micros % 10i64.pow(6 - d) == 0)
+        .collect();
+    let d = digits[rng.below(digits.len())] as usize;
+    let mut fraction = String::new();
+    if d > 0 {
+        fraction.push('.');
+        fraction.push_str(&local[20..20 + d.min(6)]);
+        for _ in 6..d {
+            fraction.push(char::from(b'0' + rng.below(10) as u8));
+        }
+    }
+    let mut text = if d == 0 && suffix == 0 && local[17..19] == *"00" && rng.below(3) == 0 {
+        format!("{}{sep}{}", &local[..10], &local[11..16])
+    } else {
+        format!("{}{sep}{}{fraction}", &local[..10], &local[11..19])
+    };
+    match suffix {
+        0 => {}
+        1 => text.push('Z'),
+        _ => {
+            let sign = if offset < 0 { '-' } else { '+' };
+            let m = offset.abs();
+            text.push_str(&format!("{sign}{:02}:{:02}", m / 60, m % 60));
+        }
+    }
+    match rng.below(8) {
+        0 => format!(" {text}"),
+        1 => format!("{text}\t"),
+        _ => text,
+    }
+}
+
 // In memory.
 
 /// The snapshot a store would read for a fixture (the same filters as the SQL).
@@ -463,6 +530,19 @@ proptest! {
     fn compute_equals_the_model(c in case()) {
         let got = compute(&snapshot_of(&c.f, &c.cfg, c.now), &c.cfg, c.now).unwrap();
         prop_assert_eq!(got.results, model(&c.f, &c.cfg, c.now));
+    }
+
+    /// Every text [`time_text`] writes is read as its instant (so a database property that
+    /// fails with these texts fails in the store, not in the generator).
+    #[test]
+    fn every_time_text_form_reads_as_its_instant(c in case(), seed in any::<u64>()) {
+        let mut rng = Lcg(seed);
+        for t in boundary_times(&c.cfg, c.now) {
+            for _ in 0..8 {
+                let text = time_text(t, &mut rng);
+                prop_assert_eq!(instant::parse_sql_text(&text), Some(t), "{:?}", text);
+            }
+        }
     }
 }
 
@@ -682,12 +762,75 @@ async fn database_properties(backend: Backend, c: Case, seed: u64) -> Result<(),
     Ok(())
 }
 
+/// SQLite with every time in a randomly chosen accepted text form: the same snapshot as the
+/// canonical text, and the same results as the model and as the canonical text (the full run,
+/// each one-referrer run, every referral).
+async fn sqlite_time_forms(c: Case, seed: u64) -> Result<(), TestCaseError> {
+    let (Some(canonical), Some(forms)) = (
+        TestDb::new(Backend::Sqlite).await,
+        TestDb::new(Backend::Sqlite).await,
+    ) else {
+        return Err(TestCaseError::fail("SQLite is always available"));
+    };
+    let (f, cfg, now) = (&c.f, &c.cfg, c.now);
+    canonical.load(f).await;
+    let mut rng = Lcg(seed);
+    forms
+        .load_with(f, &mut |t| format!("'{}'", time_text(t, &mut rng)))
+        .await;
+    let (canonical_store, forms_store) = (canonical.store().await, forms.store().await);
+
+    // What the store reads is the same, row for row.
+    let window = (now - cfg.rules.ip_window_days * DAY, now);
+    let (mut want, mut got) = (
+        canonical_store.snapshot(Scope::Full, window).await.unwrap(),
+        forms_store.snapshot(Scope::Full, window).await.unwrap(),
+    );
+    for s in [&mut want, &mut got] {
+        s.referred.sort_by_key(|u| u.id);
+        s.registrations.sort();
+        s.referrer_events.sort();
+    }
+    prop_assert_eq!(&got.referrers, &want.referrers);
+    prop_assert_eq!(&got.referred, &want.referred);
+    prop_assert_eq!(&got.registrations, &want.registrations);
+    prop_assert_eq!(&got.referrer_events, &want.referrer_events);
+
+    let want = run(&canonical_store, cfg, Scope::Full, now, true).await;
+    let got = run(&forms_store, cfg, Scope::Full, now, true).await;
+    prop_assert_eq!(referrer_results(&got.plan, f)?, model(f, cfg, now));
+    prop_assert_eq!(&got.plan.digest, &want.plan.digest);
+    prop_assert_eq!(&got.computation.referrals, &want.computation.referrals);
+    for u in &f.users {
+        let one = run(&forms_store, cfg, Scope::Referrer(u.id), now, true).await;
+        let full = want
+            .plan
+            .entries
+            .iter()
+            .find(|e| e.referrer_user_id() == u.id);
+        prop_assert_eq!(
+            &one.plan.entries[0].desired,
+            &full.map_or_else(|| RewardResult::zero(u.id), |e| e.desired.clone()),
+            "user {}",
+            u.id
+        );
+    }
+    canonical_store.close().await;
+    forms_store.close().await;
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
 
     #[test]
     fn sqlite_model_order_rerun_and_one_referrer(c in case(), seed in any::<u64>()) {
         rt().block_on(database_properties(Backend::Sqlite, c, seed))?;
+    }
+
+    #[test]
+    fn sqlite_time_text_in_every_accepted_form(c in case(), seed in any::<u64>()) {
+        rt().block_on(sqlite_time_forms(c, seed))?;
     }
 }
 

@@ -508,6 +508,12 @@ fn lit(s: &Option<String>) -> String {
 impl TestDb {
     /// Inserts a fixture's rows in the order given (tests shuffle it).
     pub async fn load(&self, f: &Fixture) {
+        self.load_with(f, &mut |t| self.ts(t)).await;
+    }
+
+    /// [`TestDb::load`] with each time written as the SQL literal `time` makes of it (SQLite
+    /// tests write every accepted text form).
+    pub async fn load_with(&self, f: &Fixture, time: &mut dyn FnMut(Instant) -> String) {
         let mut sql = String::new();
         if self.is_pg() {
             sql.push_str("BEGIN; SET CONSTRAINTS ALL DEFERRED;\n");
@@ -520,7 +526,7 @@ impl TestDb {
                  VALUES ({}, 'u{}@example.com', {}, {}, {}, {}, {});\n",
                 u.id,
                 u.id,
-                self.ts(u.created_at),
+                time(u.created_at),
                 self.bool(u.is_active),
                 self.bool(u.is_verified),
                 lit(&u.invite_code),
@@ -535,8 +541,8 @@ impl TestDb {
                 lit(&Some(s.tier.clone())),
                 lit(&Some(s.status.clone())),
                 s.bonus,
-                self.opt_ts(s.started_at),
-                self.opt_ts(s.expires_at)
+                s.started_at.map_or_else(|| "NULL".into(), &mut *time),
+                s.expires_at.map_or_else(|| "NULL".into(), &mut *time)
             ));
         }
         for e in &f.events {
@@ -546,7 +552,7 @@ impl TestDb {
                 e.user_id.map_or("NULL".into(), |u| u.to_string()),
                 lit(&Some(e.name.clone())),
                 lit(&e.ip_hash),
-                self.ts(e.created_at)
+                time(e.created_at)
             ));
         }
         sql.push_str("COMMIT;\n");
