@@ -500,7 +500,8 @@ pub struct E {
     pub created_at: Instant,
 }
 
-fn lit(s: &Option<String>) -> String {
+/// A SQL text literal, or NULL.
+pub fn lit(s: &Option<String>) -> String {
     s.as_ref()
         .map_or_else(|| "NULL".into(), |v| format!("'{}'", v.replace('\'', "''")))
 }
