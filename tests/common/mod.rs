@@ -27,7 +27,10 @@ pub enum Backend {
     Sqlite,
     /// The reference schema: `TIMESTAMP` columns; the database's TimeZone is far from UTC.
     PgTimestamp,
-    /// `TIMESTAMPTZ` columns, another far TimeZone, and a case-insensitive ICU collation.
+    /// `TIMESTAMPTZ` columns, another far TimeZone, an ICU database locale (`en-US`, whose
+    /// order is not byte order), and the host's text columns (`users.invite_code`,
+    /// `subscriptions.tier` and `.status`, `telemetry_events.event_name` and `.ip_hash`) under a
+    /// nondeterministic, case-insensitive ICU collation (`ci`), under which `'B' = 'b'`.
     PgTimestamptz,
 }
 
@@ -94,19 +97,54 @@ impl TestDb {
         let db = Self::empty(backend).await?;
         db.store().await.migrate(true).await.expect("migrate");
         if backend == Backend::PgTimestamptz {
-            for (table, cols) in [
-                ("users", &["created_at"][..]),
-                ("subscriptions", &["started_at", "expires_at"][..]),
-                ("telemetry_events", &["created_at"][..]),
+            // Times as TIMESTAMPTZ (the values are UTC instants whatever the session says), and
+            // the host's text columns under a nondeterministic, case-insensitive collation:
+            // SPEC compares names and hashes exactly, so the job must not compare them under
+            // the column's collation. One ALTER TABLE per table: each rewrites it.
+            let mut sql = String::from(
+                "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);\n",
+            );
+            for (table, times, texts) in [
+                ("users", &["created_at"][..], &["invite_code"][..]),
+                (
+                    "subscriptions",
+                    &["started_at", "expires_at"][..],
+                    &["tier", "status"][..],
+                ),
+                (
+                    "telemetry_events",
+                    &["created_at"][..],
+                    &["event_name", "ip_hash"][..],
+                ),
             ] {
-                for c in cols {
-                    // The values are UTC instants whatever the session says.
-                    db.exec(&format!(
-                        "ALTER TABLE {table} ALTER COLUMN {c} TYPE TIMESTAMPTZ USING {c} AT TIME ZONE 'UTC'"
-                    ))
-                    .await;
-                }
+                let changes: Vec<String> = times
+                    .iter()
+                    .map(|c| {
+                        format!("ALTER COLUMN {c} TYPE TIMESTAMPTZ USING {c} AT TIME ZONE 'UTC'")
+                    })
+                    .chain(
+                        texts
+                            .iter()
+                            .map(|c| format!("ALTER COLUMN {c} TYPE text COLLATE ci")),
+                    )
+                    .collect();
+                sql.push_str(&format!("ALTER TABLE {table} {};\n", changes.join(", ")));
             }
+            db.exec(&sql).await;
+            assert_eq!(
+                db.scalar(
+                    "SELECT count(*) FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND collation_name = 'ci'"
+                )
+                .await,
+                5
+            );
+            assert_eq!(
+                db.scalar("SELECT count(*) FROM (SELECT WHERE 'B' = 'b' COLLATE ci) t")
+                    .await,
+                1,
+                "ci is case-insensitive"
+            );
         }
         Some(db)
     }
@@ -462,7 +500,8 @@ pub struct E {
     pub created_at: Instant,
 }
 
-fn lit(s: &Option<String>) -> String {
+/// A SQL text literal, or NULL.
+pub fn lit(s: &Option<String>) -> String {
     s.as_ref()
         .map_or_else(|| "NULL".into(), |v| format!("'{}'", v.replace('\'', "''")))
 }
@@ -470,6 +509,12 @@ fn lit(s: &Option<String>) -> String {
 impl TestDb {
     /// Inserts a fixture's rows in the order given (tests shuffle it).
     pub async fn load(&self, f: &Fixture) {
+        self.load_with(f, &mut |t| self.ts(t)).await;
+    }
+
+    /// [`TestDb::load`] with each time written as the SQL literal `time` makes of it (SQLite
+    /// tests write every accepted text form).
+    pub async fn load_with(&self, f: &Fixture, time: &mut dyn FnMut(Instant) -> String) {
         let mut sql = String::new();
         if self.is_pg() {
             sql.push_str("BEGIN; SET CONSTRAINTS ALL DEFERRED;\n");
@@ -482,7 +527,7 @@ impl TestDb {
                  VALUES ({}, 'u{}@example.com', {}, {}, {}, {}, {});\n",
                 u.id,
                 u.id,
-                self.ts(u.created_at),
+                time(u.created_at),
                 self.bool(u.is_active),
                 self.bool(u.is_verified),
                 lit(&u.invite_code),
@@ -497,8 +542,8 @@ impl TestDb {
                 lit(&Some(s.tier.clone())),
                 lit(&Some(s.status.clone())),
                 s.bonus,
-                self.opt_ts(s.started_at),
-                self.opt_ts(s.expires_at)
+                s.started_at.map_or_else(|| "NULL".into(), &mut *time),
+                s.expires_at.map_or_else(|| "NULL".into(), &mut *time)
             ));
         }
         for e in &f.events {
@@ -508,7 +553,7 @@ impl TestDb {
                 e.user_id.map_or("NULL".into(), |u| u.to_string()),
                 lit(&Some(e.name.clone())),
                 lit(&e.ip_hash),
-                self.ts(e.created_at)
+                time(e.created_at)
             ));
         }
         sql.push_str("COMMIT;\n");
