@@ -12,6 +12,7 @@ pub mod demo;
 pub mod engine;
 pub mod instant;
 pub mod plan;
+pub mod program;
 pub mod report;
 pub mod rewards;
 pub mod rules;

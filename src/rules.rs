@@ -9,6 +9,7 @@ use std::collections::HashSet;
 
 use crate::config::RulesConfig;
 use crate::instant::{Instant, MICROS_PER_DAY};
+use crate::program::fraud::{Claims, Verdict};
 use crate::snapshot::{ReferredUser, Subscription};
 
 /// The outcome of one referred user. The first six are SPEC's outcomes for candidates; the
@@ -96,37 +97,11 @@ impl RuleParams {
     }
 }
 
-/// "An empty or blank `ip_hash` counts as missing. Blank means made only of Unicode
-/// White_Space characters (what Rust's `str::trim` removes)."
-pub fn is_blank(ip_hash: &str) -> bool {
-    ip_hash.trim().is_empty()
-}
-
-/// "Signup IP of U: the greatest non-blank `ip_hash` among U's events with
-/// `event_name = 'user_registered'`, or none. Greatest by plain byte order of the UTF-8 text."
-/// Rust's `str` ordering is byte order, whatever the database collation.
-pub fn signup_ip<'a>(registration_ip_hashes: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    registration_ip_hashes
-        .into_iter()
-        .filter(|h| !is_blank(h))
-        .max()
-}
-
-/// "Referrer IPs of R: … events with `now - ip_window_days <= created_at <= now` (both ends
-/// included, days of 24 hours)". Returns the inclusive bounds.
-pub fn ip_window(now: Instant, ip_window_days: i64) -> (Instant, Instant) {
-    (now - ip_window_days * MICROS_PER_DAY, now)
-}
-
-/// Whether an event time lies in the window returned by [`ip_window`].
-pub fn in_ip_window(t: Instant, window: (Instant, Instant)) -> bool {
-    window.0 <= t && t <= window.1
-}
-
-/// "Referrer IPs of R: the distinct non-blank `ip_hash` of R's events" in the window.
-pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> HashSet<&'a str> {
-    ip_hashes.into_iter().filter(|h| !is_blank(h)).collect()
-}
+// The IP facts and fraud rules 1, 3, 4 and 5 are shared with grant programs.
+pub use crate::program::fraud::{
+    in_ip_window, ip_window, is_blank, is_missing_ip, is_self_referral, is_shared_ip, referrer_ips,
+    signup_ip,
+};
 
 /// Candidacy: "U.is_active, U.is_verified, and U has a subscription S with S.tier in
 /// qualifying_tiers, S.status in qualifying_statuses, and S.expires_at IS NULL OR
@@ -155,11 +130,6 @@ pub fn non_candidate_reason(u: &ReferredUser, p: &RuleParams) -> Option<Outcome>
     None
 }
 
-/// Rule 1, `self_referral`: "U.id = R".
-pub fn is_self_referral(user_id: i64, referrer_id: i64) -> bool {
-    user_id == referrer_id
-}
-
 /// Rule 2, `cooldown`: "cooldown_days > 0 and (U.created_at > now - cooldown_days or
 /// S.started_at > now - cooldown_days); a NULL time does not trigger it." Exactly at the
 /// cutoff is not cooldown.
@@ -169,16 +139,6 @@ pub fn in_cooldown(created_at: Instant, started_at: Option<Instant>, p: &RulePar
     }
     let cutoff = p.now - p.cooldown_days * MICROS_PER_DAY;
     created_at > cutoff || started_at.is_some_and(|s| s > cutoff)
-}
-
-/// Rule 3, `missing_ip`: "require_ip_hash and U has no signup IP".
-pub fn is_missing_ip(signup_ip: Option<&str>, p: &RuleParams) -> bool {
-    p.require_ip_hash && signup_ip.is_none()
-}
-
-/// Rule 4, `shared_ip`: "U's signup IP is one of R's referrer IPs".
-pub fn is_shared_ip(signup_ip: &str, referrer_ips: &HashSet<&str>) -> bool {
-    referrer_ips.contains(signup_ip)
 }
 
 /// Rule 5's order: "Candidates are taken in order of S.started_at ascending (NULL last), then
@@ -223,26 +183,20 @@ pub fn classify_referrer(
         let u = referred[i].user;
         claim_order_key(started_at(&u.subscription), u.id)
     });
-    let mut claimed: HashSet<&str> = HashSet::new();
+    // Rules 1, 3, 4, 5 are the shared fraud rules; rule 2 (cooldown) is this program's own,
+    // between rules 1 and 3.
+    let mut claims = Claims::new(referrer_id, referrer_ips, p.require_ip_hash);
     for (position, &i) in candidates.iter().enumerate() {
         let f = &referred[i];
         let u = f.user;
-        let outcome = if is_self_referral(u.id, referrer_id) {
-            Outcome::SelfReferral
-        } else if in_cooldown(u.created_at, started_at(&u.subscription), p) {
-            Outcome::Cooldown
-        } else if is_missing_ip(f.signup_ip, p) {
-            Outcome::MissingIp
-        } else if let Some(ip) = f.signup_ip {
-            if is_shared_ip(ip, referrer_ips) {
-                Outcome::SharedIp
-            } else if !claimed.insert(ip) {
-                Outcome::DuplicateIp
-            } else {
-                Outcome::Qualified
-            }
-        } else {
-            Outcome::Qualified
+        let cooldown = in_cooldown(u.created_at, started_at(&u.subscription), p);
+        let outcome = match claims.judge(u.id, f.signup_ip, cooldown) {
+            Verdict::SelfReferral => Outcome::SelfReferral,
+            Verdict::Held => Outcome::Cooldown,
+            Verdict::MissingIp => Outcome::MissingIp,
+            Verdict::SharedIp => Outcome::SharedIp,
+            Verdict::DuplicateIp => Outcome::DuplicateIp,
+            Verdict::Pass => Outcome::Qualified,
         };
         out[i] = (outcome, Some(position as u32 + 1));
     }

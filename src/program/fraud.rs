@@ -1,0 +1,157 @@
+//! SPEC section 3's fraud rules 1, 3, 4 and 5 and the IP facts they read, in one place for
+//! every program that checks fraud. Each program takes its referrals in its own claim order
+//! (the slots program: subscription start, then user id; a grant program: conversion order)
+//! and may put a rule of its own between rules 1 and 3 (the slots program's cooldown, rule 2).
+//! Pure: plain data in, verdicts out.
+
+use std::collections::HashSet;
+
+use crate::instant::{Instant, MICROS_PER_DAY};
+
+/// "An empty or blank `ip_hash` counts as missing. Blank means made only of Unicode
+/// White_Space characters (what Rust's `str::trim` removes)."
+pub fn is_blank(ip_hash: &str) -> bool {
+    ip_hash.trim().is_empty()
+}
+
+/// "Signup IP of U: the greatest non-blank `ip_hash` among U's events with
+/// `event_name = 'user_registered'`, or none. Greatest by plain byte order of the UTF-8 text."
+/// Rust's `str` ordering is byte order, whatever the database collation.
+pub fn signup_ip<'a>(registration_ip_hashes: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    registration_ip_hashes
+        .into_iter()
+        .filter(|h| !is_blank(h))
+        .max()
+}
+
+/// "Referrer IPs of R: … events with `now - ip_window_days <= created_at <= now` (both ends
+/// included, days of 24 hours)". Returns the inclusive bounds.
+pub fn ip_window(now: Instant, ip_window_days: i64) -> (Instant, Instant) {
+    (now - ip_window_days * MICROS_PER_DAY, now)
+}
+
+/// Whether an event time lies in the window returned by [`ip_window`].
+pub fn in_ip_window(t: Instant, window: (Instant, Instant)) -> bool {
+    window.0 <= t && t <= window.1
+}
+
+/// "Referrer IPs of R: the distinct non-blank `ip_hash` of R's events" in the window.
+pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> HashSet<&'a str> {
+    ip_hashes.into_iter().filter(|h| !is_blank(h)).collect()
+}
+
+/// Rule 1, `self_referral`: "U.id = R".
+pub fn is_self_referral(user_id: i64, referrer_id: i64) -> bool {
+    user_id == referrer_id
+}
+
+/// Rule 3, `missing_ip`: "require_ip_hash and U has no signup IP".
+pub fn is_missing_ip(signup_ip: Option<&str>, require_ip_hash: bool) -> bool {
+    require_ip_hash && signup_ip.is_none()
+}
+
+/// Rule 4, `shared_ip`: "U's signup IP is one of R's referrer IPs".
+pub fn is_shared_ip(signup_ip: &str, referrer_ips: &HashSet<&str>) -> bool {
+    referrer_ips.contains(signup_ip)
+}
+
+/// The fraud verdict of one referral: the first rule that applies, or `Pass`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    SelfReferral,
+    /// The program's own rule between rules 1 and 3 applied (the slots program's cooldown).
+    Held,
+    MissingIp,
+    SharedIp,
+    DuplicateIp,
+    Pass,
+}
+
+/// One referrer's IP claims, judged referral by referral in the program's claim order.
+/// Rule 5, `duplicate_ip`: an earlier referral of R with the same signup IP already passed. Only
+/// a referral that passes claims its signup IP; one without a signup IP (when `require_ip_hash`
+/// is off) skips rules 4 and 5 and claims nothing.
+pub struct Claims<'r, 'a> {
+    referrer_id: i64,
+    referrer_ips: &'r HashSet<&'a str>,
+    require_ip_hash: bool,
+    claimed: HashSet<&'a str>,
+}
+
+impl<'r, 'a> Claims<'r, 'a> {
+    pub fn new(
+        referrer_id: i64,
+        referrer_ips: &'r HashSet<&'a str>,
+        require_ip_hash: bool,
+    ) -> Self {
+        Claims {
+            referrer_id,
+            referrer_ips,
+            require_ip_hash,
+            claimed: HashSet::new(),
+        }
+    }
+
+    /// The verdict of the next referral in claim order; `held` says whether the program's own
+    /// rule between rules 1 and 3 applies to it.
+    pub fn judge(&mut self, user_id: i64, signup_ip: Option<&'a str>, held: bool) -> Verdict {
+        if is_self_referral(user_id, self.referrer_id) {
+            return Verdict::SelfReferral;
+        }
+        if held {
+            return Verdict::Held;
+        }
+        if is_missing_ip(signup_ip, self.require_ip_hash) {
+            return Verdict::MissingIp;
+        }
+        let Some(ip) = signup_ip else {
+            return Verdict::Pass;
+        };
+        if is_shared_ip(ip, self.referrer_ips) {
+            Verdict::SharedIp
+        } else if !self.claimed.insert(ip) {
+            Verdict::DuplicateIp
+        } else {
+            Verdict::Pass
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_apply_in_spec_order_and_only_a_pass_claims() {
+        let ips: HashSet<&str> = ["r"].into_iter().collect();
+        let mut c = Claims::new(1, &ips, true);
+        // Self-referral comes before everything, even a shared IP.
+        assert_eq!(c.judge(1, Some("r"), true), Verdict::SelfReferral);
+        // The program's own rule comes before the IP rules, and claims nothing.
+        assert_eq!(c.judge(2, Some("a"), true), Verdict::Held);
+        assert_eq!(c.judge(3, None, false), Verdict::MissingIp);
+        assert_eq!(c.judge(4, Some("r"), false), Verdict::SharedIp);
+        assert_eq!(
+            c.judge(5, Some("a"), false),
+            Verdict::Pass,
+            "a was not claimed by 2"
+        );
+        assert_eq!(c.judge(6, Some("a"), false), Verdict::DuplicateIp);
+        assert_eq!(c.judge(7, Some("b"), false), Verdict::Pass);
+    }
+
+    #[test]
+    fn without_required_ips_a_missing_ip_passes_and_claims_nothing() {
+        let ips = HashSet::new();
+        let mut c = Claims::new(1, &ips, false);
+        assert_eq!(c.judge(2, None, false), Verdict::Pass);
+        assert_eq!(c.judge(3, None, false), Verdict::Pass);
+    }
+
+    #[test]
+    fn blank_hashes_are_missing_and_the_greatest_is_by_byte_order() {
+        assert!(is_blank(" \u{3000}\t"));
+        assert_eq!(signup_ip(["B2", "a1", " "]), Some("a1"));
+        assert_eq!(signup_ip([" ", ""]), None);
+    }
+}
