@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use referral_rewards::config::Config;
 use referral_rewards::engine::{self, RunReport, RunRequest};
 use referral_rewards::instant;
+use referral_rewards::program::slots::rules;
 use referral_rewards::report::{self, ReportFormat};
-use referral_rewards::rules;
 use referral_rewards::snapshot::Scope;
 use referral_rewards::store::{ConnectOptions, Store};
 

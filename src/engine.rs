@@ -7,11 +7,11 @@ use std::time::{Duration, Instant as Clock};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::compute::{self, Computation};
 use crate::config::Config;
 use crate::instant::{self, Instant};
-use crate::plan::{Plan, PlanStats};
-use crate::rules;
+use crate::program::slots::compute::{self, Computation};
+use crate::program::slots::plan::{Plan, PlanStats};
+use crate::program::slots::rules;
 use crate::snapshot::{QueryTiming, Scope};
 use crate::store::{ApplyOutcome, RunFinish, Store, StoreError};
 

@@ -2,20 +2,17 @@
 //! authoritative database state and writes the desired values back idempotently.
 //!
 //! The data path, one module per arrow:
-//! `config` → `store` (snapshot) → `rules` (an outcome per referred user) → `compute` and
-//! `rewards` (per referrer) → `plan` (desired vs current, digest) → `store` (apply) → `summary`.
+//! `config` → `store` (snapshot) → `program::slots::rules` (an outcome per referred user, with the
+//! shared `program::fraud` rules) → `program::slots::compute` and `rewards` (per referrer) →
+//! `program::slots::plan` (desired vs current, digest) → `store` (apply) → `summary`.
 //! `engine` runs that line once; the binary and the scheduler are thin callers.
 
-pub mod compute;
 pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod instant;
-pub mod plan;
 pub mod program;
 pub mod report;
-pub mod rewards;
-pub mod rules;
 pub mod serve;
 pub mod snapshot;
 pub mod store;

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::compute::ReferralOutcome;
 use crate::instant::{self, Instant};
-use crate::plan::{Plan, PlanEntry};
-use crate::rewards::RewardResult;
+use crate::program::slots::compute::ReferralOutcome;
+use crate::program::slots::plan::{Plan, PlanEntry};
+use crate::program::slots::rewards::RewardResult;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {

@@ -27,8 +27,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::engine::{self, EngineError, RunControl, RunReport, RunRequest};
 use crate::instant;
-use crate::plan::HostChange;
-use crate::rules::Outcome;
+use crate::program::slots::plan::HostChange;
+use crate::program::slots::rules::Outcome;
 use crate::snapshot::Scope;
 use crate::store::{RunRow, Store};
 
@@ -574,7 +574,7 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
         let conflict = applied.is_some_and(|a| a.conflicts.contains(&id));
         let writable = entry.is_some_and(|e| e.write_error().is_none());
         json!({
-            "field": crate::plan::HOST_FIELD,
+            "field": crate::program::slots::plan::HOST_FIELD,
             "old": old,
             "new": new,
             "applied": applied.is_some() && !conflict && writable,
@@ -617,7 +617,7 @@ fn explanation(report: &RunReport, id: i64, page: Option<Page>) -> Value {
             obj.remove(k);
         }
     }
-    let referral = |r: &crate::compute::ReferralOutcome| {
+    let referral = |r: &crate::program::slots::compute::ReferralOutcome| {
         json!({
             "referred_user_id": r.referred_user_id,
             "outcome": r.outcome.as_str(),

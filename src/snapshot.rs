@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::instant::Instant;
-use crate::rewards::RewardResult;
+use crate::program::slots::rewards::RewardResult;
 
 /// Which referrers a run covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

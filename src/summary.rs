@@ -2,11 +2,11 @@
 
 use std::fmt::Write;
 
-use crate::compute::ReferralOutcome;
 use crate::engine::RunReport;
 use crate::instant;
-use crate::plan::PlanEntry;
-use crate::rules::Outcome;
+use crate::program::slots::compute::ReferralOutcome;
+use crate::program::slots::plan::PlanEntry;
+use crate::program::slots::rules::Outcome;
 use crate::snapshot::Scope;
 use crate::store::RunRow;
 

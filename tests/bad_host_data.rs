@@ -282,7 +282,7 @@ async fn fails_naming_with(db: &TestDb, copy: bool, parts: &[&str]) {
     let store = referral_rewards::store::Store::connect(&db.url, &opts)
         .await
         .unwrap();
-    let window = referral_rewards::rules::ip_window(now(), 30);
+    let window = referral_rewards::program::slots::rules::ip_window(now(), 30);
     let e = store.snapshot(Scope::Full, window).await.unwrap_err();
     for p in parts {
         assert!(e.to_string().contains(p), "copy {copy}: {e}");

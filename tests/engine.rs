@@ -4,11 +4,11 @@
 mod common;
 
 use common::*;
-use referral_rewards::compute;
 use referral_rewards::config::Config;
 use referral_rewards::engine::EngineError;
-use referral_rewards::plan::Plan;
-use referral_rewards::rules;
+use referral_rewards::program::slots::compute;
+use referral_rewards::program::slots::plan::Plan;
+use referral_rewards::program::slots::rules;
 use referral_rewards::snapshot::Scope;
 use referral_rewards::store::RunFinish;
 
@@ -347,7 +347,16 @@ each_pg_backend!(postgres_infinite_times_are_data, |db: TestDb| async move {
             .unwrap()
             .outcome
     };
-    assert_eq!(outcome(15), referral_rewards::rules::Outcome::Qualified);
-    assert_eq!(outcome(3), referral_rewards::rules::Outcome::DuplicateIp);
-    assert_eq!(outcome(16), referral_rewards::rules::Outcome::Qualified);
+    assert_eq!(
+        outcome(15),
+        referral_rewards::program::slots::rules::Outcome::Qualified
+    );
+    assert_eq!(
+        outcome(3),
+        referral_rewards::program::slots::rules::Outcome::DuplicateIp
+    );
+    assert_eq!(
+        outcome(16),
+        referral_rewards::program::slots::rules::Outcome::Qualified
+    );
 });

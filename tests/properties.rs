@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use proptest::prelude::*;
-use referral_rewards::compute::compute;
 use referral_rewards::config::{Badge, Config};
 use referral_rewards::engine::{self, RunReport, RunRequest};
 use referral_rewards::instant::{self, Instant};
-use referral_rewards::plan::Plan;
-use referral_rewards::rewards::RewardResult;
+use referral_rewards::program::slots::compute::compute;
+use referral_rewards::program::slots::plan::Plan;
+use referral_rewards::program::slots::rewards::RewardResult;
 use referral_rewards::snapshot::{ReferredUser, Scope, Snapshot, Subscription};
 use referral_rewards::store::Store;
 

@@ -647,7 +647,7 @@ async fn pg_store(db: &TestDb, copy: bool) -> referral_rewards::store::Store {
 }
 
 fn window() -> (i64, i64) {
-    referral_rewards::rules::ip_window(now(), 30)
+    referral_rewards::program::slots::rules::ip_window(now(), 30)
 }
 
 // A server that refuses binary COPY (here with feature_not_supported, at the COPY statement

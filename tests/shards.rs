@@ -139,7 +139,7 @@ async fn copy_and_select_snapshots_are_identical() {
             return;
         };
         db.load(&every_outcome_shifted()).await;
-        let window = referral_rewards::rules::ip_window(now(), 30);
+        let window = referral_rewards::program::slots::rules::ip_window(now(), 30);
         for scope in [Scope::Full, Scope::Shard(Shard { index: 2, count: 3 })] {
             let mut snaps = Vec::new();
             for copy in [true, false] {

@@ -1,4 +1,5 @@
-//! Reward programs. The fraud rules every program shares live in [`fraud`]; the slots program's
-//! own rules are in `crate::rules` (SPEC section 3), to move beside it as `program::slots`.
+//! Reward programs, one module each: the slots program ([`slots`]) and the fraud rules every
+//! program shares ([`fraud`]).
 
 pub mod fraud;
+pub mod slots;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::config::NewSubscriptionConfig;
 use crate::demo::DemoSpec;
 use crate::instant::Instant;
-use crate::plan::{Plan, PlanStats};
+use crate::program::slots::plan::{Plan, PlanStats};
 use crate::snapshot::{Scope, Shard, Snapshot};
 
 pub use postgres::PgStore;
@@ -586,7 +586,7 @@ impl ChunkFeed {
 }
 
 /// A host column value to write: [`Plan::host_changes`] leaves out every referrer whose value
-/// does not fit the INTEGER column ([`crate::plan::PlanEntry::write_error`]).
+/// does not fit the INTEGER column ([`crate::program::slots::plan::PlanEntry::write_error`]).
 pub(crate) fn host_int(v: i64) -> i32 {
     i32::try_from(v).expect("Plan::host_changes yields only values that fit INTEGER")
 }

@@ -16,7 +16,7 @@ use super::{
 use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
-use crate::plan::{HostChange, Plan};
+use crate::program::slots::plan::{HostChange, Plan};
 use crate::snapshot::{Scope, Shard, Snapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite");

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OpenFlags, Row, named_params};
 use super::StoreError;
 use super::hex;
 use crate::instant::{self, Instant};
-use crate::rewards::RewardResult;
-use crate::rules;
+use crate::program::slots::rewards::RewardResult;
+use crate::program::slots::rules;
 use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Stopwatch, Subscription};
 
 fn sql_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {

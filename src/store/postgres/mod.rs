@@ -22,8 +22,8 @@ use super::{
 use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
-use crate::plan::{HostChange, Plan};
-use crate::rewards::RewardResult;
+use crate::program::slots::plan::{HostChange, Plan};
+use crate::program::slots::rewards::RewardResult;
 use crate::snapshot::{Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/postgres");

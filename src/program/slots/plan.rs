@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::rewards::RewardResult;
+use crate::program::slots::rewards::RewardResult;
 use crate::snapshot::Scope;
 
 /// The ledger's field name for the host column.

@@ -9,8 +9,8 @@ use polars::prelude::*;
 
 use crate::config::Config;
 use crate::instant::Instant;
-use crate::rewards::{RewardResult, badge_expr, bonus_slots_expr};
-use crate::rules::{self, Outcome, ReferredFacts, RuleParams};
+use crate::program::slots::rewards::{RewardResult, badge_expr, bonus_slots_expr};
+use crate::program::slots::rules::{self, Outcome, ReferredFacts, RuleParams};
 use crate::snapshot::Snapshot;
 
 /// One referred user's outcome: the per-referral view behind `explain` and the reports.
