@@ -18,12 +18,12 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid { key: String, message: String },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.into(),
         message: message.into(),
     }
 }
@@ -37,6 +37,69 @@ pub struct Config {
     pub new_subscription: NewSubscriptionConfig,
     pub schedule: ScheduleConfig,
     pub http: HttpConfig,
+    /// Grant programs (docs/rules.md §7): `[[grants]]` entries, none by default.
+    pub grants: Vec<GrantProgramConfig>,
+}
+
+/// One grant program: a one-time grant to the referrer and/or the referred user when the
+/// referred user first pays.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantProgramConfig {
+    /// `[a-z][a-z0-9_]{0,39}`, unique; stored in the ledger.
+    pub name: String,
+    /// The payment statuses that count as paid.
+    #[serde(default = "default_payment_statuses")]
+    pub payment_statuses: Vec<String>,
+    #[serde(default = "one")]
+    pub min_payment_cents: i64,
+    /// Payments in other currencies do not count; `None`: any currency.
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// A conversion is granted once it is this many days old.
+    #[serde(default)]
+    pub hold_days: i64,
+    /// 0: no limit.
+    #[serde(default)]
+    pub max_rewarded_per_referrer: i64,
+    /// The shared fraud rules 1, 3, 4, 5 (IP settings from `[rules]`).
+    #[serde(default = "yes")]
+    pub fraud_checks: bool,
+    #[serde(default)]
+    pub on_refund: OnRefund,
+    pub referrer: Option<PartyGrant>,
+    pub referred: Option<PartyGrant>,
+}
+
+/// What a referral that no longer qualifies keeps.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRefund {
+    /// Grants are final.
+    #[default]
+    Keep,
+    /// A granted referral that leaves the desired set is reversed.
+    Reverse,
+}
+
+/// One party's grant: days of paid access or cents of account credit (exactly one).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PartyGrant {
+    pub credit_days: Option<i64>,
+    pub credit_cents: Option<i64>,
+}
+
+fn default_payment_statuses() -> Vec<String> {
+    vec!["succeeded".into()]
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -387,6 +450,98 @@ impl Config {
                 format!("not an address:port: {:?}", self.http.bind),
             ));
         }
+        self.validate_grants()?;
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `[[grants]]` (docs/rules.md §7.2): each error names the entry by its 0-based index, e.g.
+    /// `grants[1].min_payment_cents`.
+    fn validate_grants(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for (i, g) in self.grants.iter().enumerate() {
+            let key = |k: &str| format!("grants[{i}].{k}");
+            let ok_name = g.name.len() <= 40
+                && g.name.starts_with(|c: char| c.is_ascii_lowercase())
+                && g.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            if !ok_name {
+                return Err(invalid(
+                    key("name"),
+                    format!("must match [a-z][a-z0-9_]{{0,39}}, got {:?}", g.name),
+                ));
+            }
+            if !names.insert(g.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} names two grant programs", g.name),
+                ));
+            }
+            if g.payment_statuses.is_empty() {
+                return Err(invalid(
+                    key("payment_statuses"),
+                    "must name at least one status",
+                ));
+            }
+            let texts = g.payment_statuses.iter().chain(&g.currency);
+            if let Some(t) = texts.into_iter().find(|t| t.contains('\0') || t.is_empty()) {
+                return Err(invalid(
+                    key("payment_statuses"),
+                    format!("empty or NUL text: {t:?}"),
+                ));
+            }
+            if g.currency.as_ref().is_some_and(|c| c.is_empty()) {
+                return Err(invalid(key("currency"), "must not be empty"));
+            }
+            if !(1..=i64::MAX / 2).contains(&g.min_payment_cents) {
+                return Err(invalid(
+                    key("min_payment_cents"),
+                    format!("must be >= 1, got {}", g.min_payment_cents),
+                ));
+            }
+            if !(0..=MAX_DAYS).contains(&g.hold_days) {
+                return Err(invalid(
+                    key("hold_days"),
+                    format!("must be between 0 and {MAX_DAYS}, got {}", g.hold_days),
+                ));
+            }
+            if !(0..=i32::MAX as i64).contains(&g.max_rewarded_per_referrer) {
+                return Err(invalid(
+                    key("max_rewarded_per_referrer"),
+                    format!(
+                        "must be >= 0 (0: no limit), got {}",
+                        g.max_rewarded_per_referrer
+                    ),
+                ));
+            }
+            if g.referrer.is_none() && g.referred.is_none() {
+                return Err(invalid(
+                    key("referrer"),
+                    "at least one of referrer and referred must be granted something",
+                ));
+            }
+            for (party, grant) in [("referrer", &g.referrer), ("referred", &g.referred)] {
+                let Some(p) = grant else { continue };
+                let (k, v, max) = match (p.credit_days, p.credit_cents) {
+                    (Some(d), None) => ("credit_days", d, MAX_DAYS),
+                    (None, Some(c)) => ("credit_cents", c, i64::MAX / 1024),
+                    _ => {
+                        return Err(invalid(
+                            key(party),
+                            "exactly one of credit_days and credit_cents",
+                        ));
+                    }
+                };
+                if !(1..=max).contains(&v) {
+                    return Err(invalid(
+                        format!("grants[{i}].{party}.{k}"),
+                        format!("must be between 1 and {max}, got {v}"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -495,6 +650,63 @@ mod tests {
         assert!(e.contains("new_subscription.tier"), "{e}");
         let e = err("[[rewards.badges]]\nname = \"a\\u0000\"\nthreshold = 3\n");
         assert!(e.contains("rewards.badges"), "{e}");
+    }
+
+    const GRANTS: &str = "[[grants]]\nname = \"paid_access\"\nreferrer = { credit_days = 45 }\nreferred = { credit_days = 45 }\n\n[[grants]]\nname = \"credit\"\nmin_payment_cents = 1000\ncurrency = \"USD\"\nmax_rewarded_per_referrer = 10\non_refund = \"reverse\"\nreferrer = { credit_cents = 1000 }\nreferred = { credit_cents = 1000 }\n";
+
+    #[test]
+    fn grant_programs_parse_with_the_defaults() {
+        let c = Config::parse(GRANTS).unwrap();
+        let g = &c.grants[0];
+        assert_eq!(g.payment_statuses, ["succeeded"]);
+        assert_eq!(
+            (
+                g.min_payment_cents,
+                g.hold_days,
+                g.max_rewarded_per_referrer
+            ),
+            (1, 0, 0)
+        );
+        assert!(g.fraud_checks);
+        assert_eq!(g.on_refund, OnRefund::Keep);
+        assert_eq!(g.currency, None);
+        assert_eq!(c.grants[1].on_refund, OnRefund::Reverse);
+        assert_eq!(
+            c.grants[1].referrer.as_ref().unwrap().credit_cents,
+            Some(1000)
+        );
+    }
+
+    #[test]
+    fn a_bad_grant_value_names_the_entry_and_key() {
+        let bad = |from: &str, to: &str| err(&GRANTS.replacen(from, to, 1));
+        let e = bad("min_payment_cents = 1000", "min_payment_cents = 0");
+        assert!(e.contains("grants[1].min_payment_cents"), "{e}");
+        let e = bad("name = \"credit\"", "name = \"Credit\"");
+        assert!(e.contains("grants[1].name"), "{e}");
+        let e = bad("name = \"credit\"", "name = \"paid_access\"");
+        assert!(e.contains("grants[1].name") && e.contains("two"), "{e}");
+        let e = bad(
+            "max_rewarded_per_referrer = 10",
+            "max_rewarded_per_referrer = -1",
+        );
+        assert!(e.contains("grants[1].max_rewarded_per_referrer"), "{e}");
+        let e = bad(
+            "referrer = { credit_days = 45 }",
+            "referrer = { credit_days = 0 }",
+        );
+        assert!(e.contains("grants[0].referrer.credit_days"), "{e}");
+        let e = bad(
+            "referrer = { credit_days = 45 }",
+            "referrer = { credit_days = 4, credit_cents = 5 }",
+        );
+        assert!(e.contains("grants[0].referrer"), "{e}");
+        let e = bad("on_refund = \"reverse\"", "on_refund = \"refund\"");
+        assert!(e.contains("on_refund") || e.contains("refund"), "{e}");
+        let e = err("[[grants]]\nname = \"x\"\n");
+        assert!(e.contains("grants[0].referrer"), "{e}");
+        let e = err("[[grants]]\nname = \"x\"\nhold_days = -1\nreferred = { credit_cents = 5 }\n");
+        assert!(e.contains("grants[0].hold_days"), "{e}");
     }
 
     #[test]

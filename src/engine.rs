@@ -46,6 +46,9 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("computing rewards: {0}")]
     Compute(String),
+    /// Configured but not run by this version (exit 2): better refused than silently skipped.
+    #[error("{0}")]
+    Unsupported(String),
     /// A bug: the run's work panicked. The run fails (its row says so); the process goes on.
     #[error("internal error (a bug; please report it): {0}")]
     Panicked(String),
@@ -246,6 +249,12 @@ pub async fn run_controlled(
     ctl: &RunControl,
 ) -> Result<RunReport, EngineError> {
     let started = Clock::now();
+    if let Some(g) = cfg.grants.first() {
+        return Err(EngineError::Unsupported(format!(
+            "grants: grant program {:?} is configured, but this version runs only the slots program; remove the [[grants]] entries",
+            g.name
+        )));
+    }
     if let Scope::Referrer(id) = req.scope {
         check_known(store, cfg, req, id).await?;
     }

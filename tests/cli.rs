@@ -436,3 +436,34 @@ fn a_panic_inside_the_write_transaction_rolls_back_and_exits_1() {
         "{table}"
     );
 }
+
+#[test]
+fn grant_programs_are_validated_and_refused_until_supported() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    let good = "[[grants]]\nname = \"paid_access\"\nreferrer = { credit_days = 45 }\n\n\
+                [[grants]]\nname = \"credit\"\nmin_payment_cents = 1000\nreferred = { credit_cents = 1000 }\n";
+    std::fs::write(
+        dir.path().join("config.toml"),
+        good.replace("1000\nreferred", "0\nreferred"),
+    )
+    .unwrap();
+    let o = run(
+        dir.path(),
+        &["--database-url", &url, "reconcile", "--dry-run"],
+    );
+    assert_one_line_error(&o, 2, "grants[1].min_payment_cents");
+    std::fs::write(dir.path().join("config.toml"), good).unwrap();
+    for args in [
+        &["reconcile", "--dry-run"][..],
+        &["reconcile"][..],
+        &["serve"][..],
+    ] {
+        let mut all = vec!["--database-url", url.as_str()];
+        all.extend_from_slice(args);
+        let o = run(dir.path(), &all);
+        assert_one_line_error(&o, 2, "grants");
+    }
+    let runs = run(dir.path(), &["--database-url", &url, "runs"]);
+    assert!(!String::from_utf8_lossy(&runs.stdout).contains("running"));
+}
