@@ -419,6 +419,20 @@ impl Config {
                 format!("must be >= 0, got {}", n.max_domains),
             ));
         }
+        // A subscription the job creates must not make its own user a candidate: a referrer who
+        // is also a referred user would then count differently on the next run, and "a second
+        // run over unchanged state writes nothing" would fail after every new subscription.
+        if self.rules.qualifying_tiers.contains(&n.tier)
+            && self.rules.qualifying_statuses.contains(&n.status)
+        {
+            return Err(invalid(
+                "new_subscription.tier",
+                format!(
+                    "{:?} with status {:?} qualifies (rules.qualifying_tiers and _statuses): a subscription the job creates would count on the next run",
+                    n.tier, n.status
+                ),
+            ));
+        }
         cron_with_seconds(&self.schedule.cron)?;
         if !(0..=MAX_DAYS * 86_400).contains(&self.schedule.shutdown_grace_secs) {
             return Err(invalid(
@@ -707,6 +721,16 @@ mod tests {
         assert!(e.contains("grants[0].referrer"), "{e}");
         let e = err("[[grants]]\nname = \"x\"\nhold_days = -1\nreferred = { credit_cents = 5 }\n");
         assert!(e.contains("grants[0].hold_days"), "{e}");
+    }
+
+    #[test]
+    fn a_created_subscription_that_would_qualify_is_refused() {
+        let e = err("[rules]\nqualifying_tiers = [\"trader\", \"scout\"]\n");
+        assert!(e.contains("new_subscription.tier"), "{e}");
+        // A qualifying tier with a status that does not qualify is fine.
+        let ok =
+            "[rules]\nqualifying_tiers = [\"scout\"]\n[new_subscription]\nstatus = \"trialing\"\n";
+        assert!(Config::parse(ok).is_ok());
     }
 
     #[test]

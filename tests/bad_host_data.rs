@@ -168,7 +168,8 @@ async fn sqlite_booleans_that_are_not_integers() {
         &db,
         "users",
         "CREATE TABLE users_new (id INTEGER PRIMARY KEY, email TEXT, created_at TEXT, \
-         is_active INTEGER, is_verified INTEGER, invite_code TEXT UNIQUE, referred_by_user_id BIGINT)",
+         is_active INTEGER, is_verified INTEGER, invite_code TEXT UNIQUE, referred_by_user_id BIGINT, \
+         credit_until TEXT, credit_cents BIGINT)",
     )
     .await;
     db.exec("UPDATE users SET is_verified = NULL WHERE id = 6")

@@ -360,3 +360,31 @@ each_pg_backend!(postgres_infinite_times_are_data, |db: TestDb| async move {
         referral_rewards::program::slots::rules::Outcome::Qualified
     );
 });
+
+// The grant programs' host state is in the reference schema: payments, and each user's balances
+// (credit_cents defaulting to 0, credit_until NULL).
+each_backend!(
+    reference_schema_has_the_grant_host_state,
+    |db: TestDb| async move {
+        db.load(&every_outcome()).await;
+        db.exec(&format!(
+            "INSERT INTO payments (id, user_id, amount_cents, currency, status, created_at) \
+         VALUES (1, 2, 1000, 'USD', 'succeeded', {})",
+            db.ts(now())
+        ))
+        .await;
+        assert_eq!(
+        db.rows("SELECT CAST(credit_cents AS TEXT), CAST(credit_until AS TEXT) FROM users WHERE id = 2")
+            .await,
+        [[Some("0".to_owned()), None]]
+    );
+        assert_eq!(
+            db.scalar("SELECT COUNT(*) FROM payments p JOIN users u ON u.id = p.user_id")
+                .await,
+            1
+        );
+        // The job's results do not depend on it.
+        db.reconcile(Scope::Full, now(), false).await.unwrap();
+        assert_eq!(db.reward_row(1).await.unwrap()[1].as_deref(), Some("9"));
+    }
+);

@@ -197,6 +197,9 @@ fn rules_config() -> impl Strategy<Value = Config> {
                 cfg.rules.require_ip_hash = require_ip;
                 cfg.rules.qualifying_tiers = tiers;
                 cfg.rules.qualifying_statuses = statuses;
+                // As validation demands: a subscription the job creates never qualifies.
+                cfg.new_subscription.tier = "bonus".into();
+                assert!(cfg.validate().is_ok());
                 cfg.rewards.batch_size = batch;
                 cfg.rewards.bonus_per_batch = per_batch;
                 let mut threshold = 0;

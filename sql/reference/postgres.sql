@@ -9,7 +9,10 @@ CREATE TABLE IF NOT EXISTS users (
   is_active           BOOLEAN NOT NULL DEFAULT TRUE,
   is_verified         BOOLEAN NOT NULL DEFAULT FALSE,
   invite_code         TEXT UNIQUE,
-  referred_by_user_id BIGINT REFERENCES users(id) DEFERRABLE INITIALLY IMMEDIATE
+  referred_by_user_id BIGINT REFERENCES users(id) DEFERRABLE INITIALLY IMMEDIATE,
+  -- Grant programs' balances (docs/rules.md §7): read and written only by them.
+  credit_until        TIMESTAMP,
+  credit_cents        BIGINT NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -29,4 +32,14 @@ CREATE TABLE IF NOT EXISTS telemetry_events (
   event_name TEXT NOT NULL,
   ip_hash    TEXT,
   created_at TIMESTAMP NOT NULL
+);
+
+-- Grant programs' conversions (docs/rules.md §7): read only when a grant program needs them.
+CREATE TABLE IF NOT EXISTS payments (
+  id           BIGINT PRIMARY KEY,
+  user_id      BIGINT NOT NULL REFERENCES users(id),
+  amount_cents BIGINT NOT NULL,
+  currency     TEXT NOT NULL,
+  status       TEXT NOT NULL,
+  created_at   TIMESTAMP NOT NULL
 );

@@ -105,7 +105,11 @@ impl TestDb {
                 "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);\n",
             );
             for (table, times, texts) in [
-                ("users", &["created_at"][..], &["invite_code"][..]),
+                (
+                    "users",
+                    &["created_at", "credit_until"][..],
+                    &["invite_code"][..],
+                ),
                 (
                     "subscriptions",
                     &["started_at", "expires_at"][..],
@@ -116,6 +120,7 @@ impl TestDb {
                     &["created_at"][..],
                     &["event_name", "ip_hash"][..],
                 ),
+                ("payments", &["created_at"][..], &["currency", "status"][..]),
             ] {
                 let changes: Vec<String> = times
                     .iter()
@@ -137,7 +142,7 @@ impl TestDb {
                      WHERE table_schema = current_schema() AND collation_name = 'ci'"
                 )
                 .await,
-                5
+                7
             );
             assert_eq!(
                 db.scalar("SELECT count(*) FROM (SELECT WHERE 'B' = 'b' COLLATE ci) t")
