@@ -499,15 +499,26 @@ impl Config {
                     "must name at least one status",
                 ));
             }
-            let texts = g.payment_statuses.iter().chain(&g.currency);
-            if let Some(t) = texts.into_iter().find(|t| t.contains('\0') || t.is_empty()) {
+            // Compared exactly with host text: an empty or NUL value could never match.
+            if let Some(t) = g
+                .payment_statuses
+                .iter()
+                .find(|t| t.is_empty() || t.contains('\0'))
+            {
                 return Err(invalid(
                     key("payment_statuses"),
                     format!("empty or NUL text: {t:?}"),
                 ));
             }
-            if g.currency.as_ref().is_some_and(|c| c.is_empty()) {
-                return Err(invalid(key("currency"), "must not be empty"));
+            if let Some(c) = g
+                .currency
+                .as_ref()
+                .filter(|c| c.is_empty() || c.contains('\0'))
+            {
+                return Err(invalid(
+                    key("currency"),
+                    format!("empty or NUL text: {c:?}"),
+                ));
             }
             if !(1..=i64::MAX / 2).contains(&g.min_payment_cents) {
                 return Err(invalid(

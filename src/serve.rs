@@ -764,6 +764,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         Err(_) => return unavailable("the database did not answer within 3 s".into()),
     };
     let last_tick = app.last_tick.lock().ok().and_then(|t| t.clone());
+    let failing = last_tick.as_ref().is_some_and(|t| t.error.is_some());
     let failures = app.tick_failures.load(Ordering::Relaxed);
     let tick = last_tick.as_ref().map(|t| {
         json!({
@@ -791,12 +792,12 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         })
     });
     let body = json!({
-        "status": if last_tick.as_ref().is_some_and(|t| t.error.is_some()) { "failing" } else { status },
+        "status": if failing { "failing" } else { status },
         "last_run": last,
         "last_scheduled_run": tick,
         "tick_failures_total": failures,
     });
-    if last_tick.is_some_and(|t| t.error.is_some()) {
+    if failing {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     Json(body).into_response()
