@@ -9,11 +9,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::instant::{self, Instant};
+use crate::program::grants::{self, plan::ProgramPlan, rules::Facts};
 use crate::program::slots::compute::{self, Computation};
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::program::slots::rules;
-use crate::snapshot::{QueryTiming, Scope};
-use crate::store::{ApplyOutcome, RunFinish, Store, StoreError};
+use crate::snapshot::{GrantsRead, QueryTiming, Scope};
+use crate::store::{ApplyOutcome, RunFinish, Store, StoreError, Writes};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RunRequest {
@@ -46,9 +47,6 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("computing rewards: {0}")]
     Compute(String),
-    /// Configured but not run by this version (exit 2): better refused than silently skipped.
-    #[error("{0}")]
-    Unsupported(String),
     /// A bug: the run's work panicked. The run fails (its row says so); the process goes on.
     #[error("internal error (a bug; please report it): {0}")]
     Panicked(String),
@@ -114,7 +112,10 @@ pub struct RunReport {
     pub request: RunRequest,
     pub backend: &'static str,
     pub run_id: Option<i64>,
+    /// The slots program's plan; its `digest` is the run's, over every program.
     pub plan: Plan,
+    /// The grant programs' plans, in config order.
+    pub grants: Vec<ProgramPlan>,
     pub computation: Computation,
     pub stats: PlanStats,
     /// `None` for a dry run.
@@ -142,7 +143,10 @@ pub struct Stages {
 
 /// A computed plan and what it took.
 pub struct Planned {
+    /// The slots program's plan; its `digest` is the run's, over every program.
     pub plan: Plan,
+    /// The grant programs' plans, in config order.
+    pub grants: Vec<ProgramPlan>,
     pub computation: Computation,
     pub stages: Stages,
 }
@@ -162,7 +166,7 @@ pub async fn plan(
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let started = Clock::now();
     say("reading the snapshot");
-    let mut snapshot = store.snapshot(req.scope, window).await?;
+    let mut snapshot = store.snapshot(req.scope, window, grants_read(cfg)).await?;
     let mut stages = Stages {
         snapshot: started.elapsed(),
         queries: std::mem::take(&mut snapshot.timings),
@@ -179,26 +183,39 @@ pub async fn plan(
         snapshot.referred.len()
     ));
     let cfg = cfg.clone();
-    let (plan, computation, compute_time, plan_time) = tokio::task::spawn_blocking(move || {
-        fault_injection(req.scope);
-        let t = Clock::now();
-        let computation = compute::compute(&snapshot, &cfg, req.as_of)
-            .map_err(|e| EngineError::Compute(e.to_string()))?;
-        let compute_time = t.elapsed();
-        let t = Clock::now();
-        let plan = Plan::build(
-            computation.results.clone(),
-            snapshot.stored_rewards,
-            &snapshot.host_bonus,
-            req.scope,
-        );
-        Ok::<_, EngineError>((plan, computation, compute_time, t.elapsed()))
-    })
-    .await
-    .map_err(|e| match e.try_into_panic() {
-        Ok(payload) => EngineError::Panicked(panic_message(&*payload)),
-        Err(e) => EngineError::Compute(e.to_string()),
-    })??;
+    let (plan, grants, computation, compute_time, plan_time) =
+        tokio::task::spawn_blocking(move || {
+            fault_injection(req.scope);
+            let t = Clock::now();
+            let computation = compute::compute(&snapshot, &cfg, req.as_of)
+                .map_err(|e| EngineError::Compute(e.to_string()))?;
+            let compute_time = t.elapsed();
+            let t = Clock::now();
+            let mut plan = Plan::build(
+                computation.results.clone(),
+                snapshot.stored_rewards,
+                &snapshot.host_bonus,
+                req.scope,
+            );
+            let grants: Vec<ProgramPlan> = match &snapshot.grants {
+                Some(g) => {
+                    let facts = Facts::new(g);
+                    cfg.grants
+                        .iter()
+                        .map(|p| ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope))
+                        .collect()
+                }
+                None => vec![],
+            };
+            // One digest over every program's plan (the slots digest alone without grants).
+            plan.digest = grants::plan::digest(&plan.digest, &grants);
+            Ok::<_, EngineError>((plan, grants, computation, compute_time, t.elapsed()))
+        })
+        .await
+        .map_err(|e| match e.try_into_panic() {
+            Ok(payload) => EngineError::Panicked(panic_message(&*payload)),
+            Err(e) => EngineError::Compute(e.to_string()),
+        })??;
     stages.compute = compute_time;
     stages.plan = plan_time;
     tracing::info!(
@@ -209,8 +226,25 @@ pub async fn plan(
     );
     Ok(Planned {
         plan,
+        grants,
         computation,
         stages,
+    })
+}
+
+/// What the grant programs need read, if any is configured.
+pub fn grants_read(cfg: &Config) -> Option<GrantsRead> {
+    (!cfg.grants.is_empty()).then(|| GrantsRead {
+        fraud: cfg.grants.iter().any(|g| g.fraud_checks),
+    })
+}
+
+/// The run row's `programs`: each grant program's counts; `None` without grant programs.
+pub fn programs_json(grants: &[ProgramPlan]) -> Option<serde_json::Value> {
+    (!grants.is_empty()).then(|| {
+        serde_json::json!({
+            "grants": grants.iter().map(|p| p.stats()).collect::<Vec<_>>(),
+        })
     })
 }
 
@@ -249,18 +283,13 @@ pub async fn run_controlled(
     ctl: &RunControl,
 ) -> Result<RunReport, EngineError> {
     let started = Clock::now();
-    if let Some(g) = cfg.grants.first() {
-        return Err(EngineError::Unsupported(format!(
-            "grants: grant program {:?} is configured, but this version runs only the slots program; remove the [[grants]] entries",
-            g.name
-        )));
-    }
     if let Scope::Referrer(id) = req.scope {
         check_known(store, cfg, req, id).await?;
     }
     if req.dry_run {
         let Planned {
             plan,
+            grants,
             computation,
             stages,
         } = plan(store, cfg, req, ctl.progress.as_ref()).await?;
@@ -278,6 +307,7 @@ pub async fn run_controlled(
             run_id: None,
             stats: plan.stats(),
             plan,
+            grants,
             computation,
             applied: None,
             abandoned_runs: 0,
@@ -315,6 +345,7 @@ pub async fn run_controlled(
     let work = async {
         let Planned {
             plan,
+            grants,
             computation,
             mut stages,
         } = match planned {
@@ -327,6 +358,7 @@ pub async fn run_controlled(
             outcome_counts: outcome_counts_json(&computation),
             digest: plan.digest.clone(),
             error: write_errors_text(&plan),
+            programs: programs_json(&grants),
         };
         if let Some(p) = &ctl.progress {
             p(&format!(
@@ -335,24 +367,23 @@ pub async fn run_controlled(
             ));
         }
         let t = Clock::now();
-        let applied = store
-            .apply(
-                &mut lock,
-                &plan,
-                run_id,
-                req.as_of,
-                &cfg.new_subscription,
-                &finish,
-                ctl.progress.as_ref(),
-            )
-            .await?;
+        let writes = Writes {
+            plan: &plan,
+            grants: &grants,
+            run_id,
+            as_of: req.as_of,
+            new_subscription: &cfg.new_subscription,
+            finish: &finish,
+            progress: ctl.progress.as_ref(),
+        };
+        let applied = store.apply(&mut lock, &writes).await?;
         stages.write = t.elapsed();
         tracing::info!(
             stage = "write",
             ms = stages.write.as_millis() as u64,
             "stage finished"
         );
-        Ok::<_, EngineError>((plan, computation, stats, applied, stages))
+        Ok::<_, EngineError>((plan, grants, computation, stats, applied, stages))
     };
     // A panic in the run's own async work fails this run like any error (its row says so).
     let work = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(work));
@@ -367,11 +398,12 @@ pub async fn run_controlled(
         r = work => r,
     };
     let outcome = match result {
-        Ok((plan, computation, stats, applied, stages)) => Ok(RunReport {
+        Ok((plan, grants, computation, stats, applied, stages)) => Ok(RunReport {
             request: req,
             backend: store.backend(),
             run_id: Some(run_id),
             plan,
+            grants,
             computation,
             stats,
             applied: Some(applied),
@@ -479,7 +511,7 @@ async fn check_known(
         return Ok(());
     }
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
-    let snap = store.snapshot(req.scope, window).await?;
+    let snap = store.snapshot(req.scope, window, None).await?;
     if snap.stored_rewards.is_empty() && snap.host_bonus.is_empty() {
         return Err(EngineError::UnknownReferrer(id));
     }

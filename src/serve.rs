@@ -99,15 +99,6 @@ pub struct Settings {
 }
 
 pub fn settings(config: &Config) -> Result<Settings, ServeError> {
-    if let Some(g) = config.grants.first() {
-        return Err(ServeError::Config {
-            key: "grants",
-            message: format!(
-                "grant program {:?} is configured, but this version runs only the slots program; remove the [[grants]] entries",
-                g.name
-            ),
-        });
-    }
     let cron = crate::config::cron_with_seconds(&config.schedule.cron).map_err(|e| {
         ServeError::Config {
             key: "schedule.cron",

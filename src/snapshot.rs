@@ -155,6 +155,15 @@ pub struct Snapshot {
     pub timings: Vec<QueryTiming>,
     /// Whether the large queries were read with PostgreSQL's binary COPY.
     pub via_copy: bool,
+    /// The grant programs' facts, when any is configured.
+    pub grants: Option<crate::program::grants::GrantsSnapshot>,
+}
+
+/// What the grant programs need read, when any is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantsRead {
+    /// Whether any grant program checks fraud (reads the IP facts).
+    pub fraud: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

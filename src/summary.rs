@@ -4,6 +4,7 @@ use std::fmt::Write;
 
 use crate::engine::RunReport;
 use crate::instant;
+use crate::program::grants::{self, plan::ProgramPlan, plan::Totals, report as grant_report};
 use crate::program::slots::compute::ReferralOutcome;
 use crate::program::slots::plan::PlanEntry;
 use crate::program::slots::rules::Outcome;
@@ -83,6 +84,19 @@ pub fn run_summary(r: &RunReport) -> String {
             }
         }
     }
+    for p in &r.grants {
+        s.push_str(&grant_summary(p, r.applied.as_ref().map(|_| ())));
+    }
+    if let Some(a) = &r.applied
+        && !r.grants.is_empty()
+    {
+        let g = &a.grants;
+        let _ = writeln!(
+            s,
+            "  grants written       {} grants, {} reversals, {} users' balances; {} already written by another run",
+            g.grants_written, g.reversals_written, g.balances_written, g.conflicts
+        );
+    }
     if r.abandoned_runs > 0 {
         let _ = writeln!(
             s,
@@ -101,6 +115,79 @@ pub fn run_summary(r: &RunReport) -> String {
         }
     }
     s
+}
+
+/// A grant program's part of the summary (docs/rules.md §7.5): referrals, conversions,
+/// the grants and reversals to make by party, on hold, over the cap, the median time to
+/// conversion and the top referrers. `applied`: whether the run wrote (else "to make").
+pub fn grant_summary(p: &ProgramPlan, applied: Option<()>) -> String {
+    let a = grant_report::analytics(p);
+    let st = &a.stats;
+    let mut s = String::new();
+    let n = |o: &str| st.outcomes.get(o).copied().unwrap_or(0);
+    let _ = writeln!(s, "  grant program {}", p.name);
+    let _ = writeln!(
+        s,
+        "    referrals          {} ({} converted{})",
+        st.referrals,
+        st.conversions,
+        a.conversion_rate
+            .map(|r| format!(", {:.1}%", r * 100.0))
+            .unwrap_or_default()
+    );
+    let outcomes: Vec<String> = grants::rules::Outcome::ALL
+        .iter()
+        .map(|o| format!("{} {}", o.as_str(), n(o.as_str())))
+        .collect();
+    let _ = writeln!(s, "    outcomes           {}", outcomes.join(", "));
+    let verb = if applied.is_some() { "made" } else { "to make" };
+    for (what, t) in [
+        ("grants to referrers", st.grants_referrer),
+        ("grants to referred", st.grants_referred),
+        ("reversals referrers", st.reversals_referrer),
+        ("reversals referred", st.reversals_referred),
+    ] {
+        let _ = writeln!(s, "    {what:<20}{} {verb}{}", t.count, totals(&t));
+    }
+    let _ = writeln!(
+        s,
+        "    paid out           referrers{}, referred{}",
+        totals(&a.paid_out_referrer),
+        totals(&a.paid_out_referred)
+    );
+    let _ = writeln!(
+        s,
+        "    on hold / capped   {} / {}",
+        n("on_hold"),
+        n("cap_reached")
+    );
+    if let Some(m) = a.median_days_to_conversion {
+        let _ = writeln!(s, "    median to convert  {m:.1} days from signup");
+    }
+    if !a.top_referrers.is_empty() {
+        let top: Vec<String> = a
+            .top_referrers
+            .iter()
+            .map(|t| format!("{} ({})", t.referrer_user_id, t.granted))
+            .collect();
+        let _ = writeln!(s, "    top referrers      {}", top.join(", "));
+    }
+    s
+}
+
+fn totals(t: &Totals) -> String {
+    let mut parts = vec![];
+    if t.days != 0 {
+        parts.push(format!("{} days", t.days));
+    }
+    if t.cents != 0 {
+        parts.push(format!("{} cents", t.cents));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }
 
 /// One referrer's result against its current state.

@@ -284,7 +284,7 @@ async fn fails_naming_with(db: &TestDb, copy: bool, parts: &[&str]) {
         .await
         .unwrap();
     let window = referral_rewards::program::slots::rules::ip_window(now(), 30);
-    let e = store.snapshot(Scope::Full, window).await.unwrap_err();
+    let e = store.snapshot(Scope::Full, window, None).await.unwrap_err();
     for p in parts {
         assert!(e.to_string().contains(p), "copy {copy}: {e}");
     }

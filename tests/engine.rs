@@ -10,7 +10,7 @@ use referral_rewards::program::slots::compute;
 use referral_rewards::program::slots::plan::Plan;
 use referral_rewards::program::slots::rules;
 use referral_rewards::snapshot::Scope;
-use referral_rewards::store::RunFinish;
+use referral_rewards::store::{RunFinish, Writes};
 
 each_backend!(
     every_outcome_applied_then_nothing_to_do,
@@ -201,7 +201,7 @@ each_backend!(
         let cfg = Config::default();
         let store = db.store().await;
         let window = rules::ip_window(now(), cfg.rules.ip_window_days);
-        let snap = store.snapshot(Scope::Full, window).await.unwrap();
+        let snap = store.snapshot(Scope::Full, window, None).await.unwrap();
         let c = compute::compute(&snap, &cfg, now()).unwrap();
         let plan = Plan::build(
             c.results,
@@ -221,20 +221,19 @@ each_backend!(
             outcome_counts: "{}".into(),
             digest: plan.digest.clone(),
             error: None,
+            programs: None,
         };
         let before_apply = referral_rewards::instant::from_datetime(chrono::Utc::now());
-        let out = store
-            .apply(
-                &mut lock,
-                &plan,
-                run_id,
-                now(),
-                &cfg.new_subscription,
-                &finish,
-                None,
-            )
-            .await
-            .unwrap();
+        let writes = Writes {
+            plan: &plan,
+            grants: &[],
+            run_id,
+            as_of: now(),
+            new_subscription: &cfg.new_subscription,
+            finish: &finish,
+            progress: None,
+        };
+        let out = store.apply(&mut lock, &writes).await.unwrap();
         store.release(lock).await;
         assert_eq!(out.conflicts, [30]);
         assert_eq!(db.bonus(30).await, Some(7), "not overwritten");

@@ -833,8 +833,14 @@ async fn sqlite_time_forms(c: Case, seed: u64) -> Result<(), TestCaseError> {
     // What the store reads is the same, row for row.
     let window = (now - cfg.rules.ip_window_days * DAY, now);
     let (mut want, mut got) = (
-        canonical_store.snapshot(Scope::Full, window).await.unwrap(),
-        forms_store.snapshot(Scope::Full, window).await.unwrap(),
+        canonical_store
+            .snapshot(Scope::Full, window, None)
+            .await
+            .unwrap(),
+        forms_store
+            .snapshot(Scope::Full, window, None)
+            .await
+            .unwrap(),
     );
     for s in [&mut want, &mut got] {
         s.referred.sort_by_key(|u| u.id);

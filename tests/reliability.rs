@@ -662,7 +662,7 @@ each_pg_backend!(
         let store = pg_store(&db, true).await;
         assert!(
             store
-                .snapshot(Scope::Full, window())
+                .snapshot(Scope::Full, window(), None)
                 .await
                 .unwrap()
                 .via_copy
@@ -689,7 +689,7 @@ each_pg_backend!(
             guard_copy(&db, "0A000", volatility, only_after_probe).await;
             let store = pg_store(&db, true).await;
             let why = format!("{volatility}, only after the probe: {only_after_probe}");
-            let snap = store.snapshot(Scope::Full, window()).await.unwrap();
+            let snap = store.snapshot(Scope::Full, window(), None).await.unwrap();
             assert!(!snap.via_copy, "{why}");
             assert!(!snap.referred.is_empty(), "{why}");
             // The store keeps reading with SELECT, including a one-referrer run.
@@ -704,9 +704,12 @@ each_pg_backend!(
             .await
             .unwrap();
             assert_eq!(dry.plan.digest, expected, "{why}");
-            let snap = store.snapshot(Scope::Full, window()).await.unwrap();
+            let snap = store.snapshot(Scope::Full, window(), None).await.unwrap();
             assert!(!snap.via_copy, "{why}");
-            store.snapshot(Scope::Referrer(1), window()).await.unwrap();
+            store
+                .snapshot(Scope::Referrer(1), window(), None)
+                .await
+                .unwrap();
             store.close().await;
         }
 
@@ -755,7 +758,7 @@ each_pg_backend!(
             assert_eq!(run_rows(&db).await.last().unwrap().0, "failed");
 
             unguard_copy(&db).await;
-            let snap = store.snapshot(Scope::Full, window()).await.unwrap();
+            let snap = store.snapshot(Scope::Full, window(), None).await.unwrap();
             assert!(snap.via_copy, "{volatility}: COPY is still on");
             store.close().await;
         }

@@ -152,7 +152,7 @@ async fn copy_and_select_snapshots_are_identical() {
                 )
                 .await
                 .unwrap();
-                let mut s = store.snapshot(scope, window).await.unwrap();
+                let mut s = store.snapshot(scope, window, None).await.unwrap();
                 assert_eq!(s.via_copy, copy);
                 s.timings.clear();
                 s.via_copy = false;

@@ -76,7 +76,7 @@ impl From<EngineError> for Failure {
     fn from(e: EngineError) -> Self {
         let exit = match &e {
             EngineError::Locked | EngineError::DigestMismatch { .. } => Exit::Refused,
-            EngineError::UnknownReferrer(_) | EngineError::Unsupported(_) => Exit::Usage,
+            EngineError::UnknownReferrer(_) => Exit::Usage,
             EngineError::Store(StoreError::Invalid(_)) => Exit::Usage,
             // Only a shutdown or a lost connection cuts a run short; the CLI never aborts.
             EngineError::RunFailed { .. }

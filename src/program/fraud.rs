@@ -4,7 +4,7 @@
 //! and may put a rule of its own between rules 1 and 3 (the slots program's cooldown, rule 2).
 //! Pure: plain data in, verdicts out.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::instant::{Instant, MICROS_PER_DAY};
 
@@ -38,6 +38,30 @@ pub fn in_ip_window(t: Instant, window: (Instant, Instant)) -> bool {
 /// "Referrer IPs of R: the distinct non-blank `ip_hash` of R's events" in the window.
 pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> HashSet<&'a str> {
     ip_hashes.into_iter().filter(|h| !is_blank(h)).collect()
+}
+
+/// Each user's signup IP ([`signup_ip`] over its registration events).
+pub fn signup_ips(registrations: &[(i64, String)]) -> HashMap<i64, &str> {
+    let mut by_user: HashMap<i64, Vec<&str>> = HashMap::new();
+    for (user, ip) in registrations {
+        by_user.entry(*user).or_default().push(ip);
+    }
+    by_user
+        .into_iter()
+        .filter_map(|(user, ips)| signup_ip(ips).map(|ip| (user, ip)))
+        .collect()
+}
+
+/// Each referrer's IPs in the window ([`referrer_ips`]).
+pub fn referrer_ips_by_referrer(events: &[(i64, String)]) -> HashMap<i64, HashSet<&str>> {
+    let mut by_referrer: HashMap<i64, Vec<&str>> = HashMap::new();
+    for (referrer, ip) in events {
+        by_referrer.entry(*referrer).or_default().push(ip);
+    }
+    by_referrer
+        .into_iter()
+        .map(|(r, ips)| (r, referrer_ips(ips)))
+        .collect()
 }
 
 /// Rule 1, `self_referral`: "U.id = R".

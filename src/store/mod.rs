@@ -14,7 +14,7 @@ use crate::config::NewSubscriptionConfig;
 use crate::demo::DemoSpec;
 use crate::instant::Instant;
 use crate::program::slots::plan::{Plan, PlanStats};
-use crate::snapshot::{Scope, Shard, Snapshot};
+use crate::snapshot::{GrantsRead, Scope, Shard, Snapshot};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -278,6 +278,8 @@ pub struct RunFinish {
     pub digest: String,
     /// The referrers left unwritten and why (the run succeeded for everyone else).
     pub error: Option<String>,
+    /// The grant programs' counts (the run row's `programs`, JSON); `None` without any.
+    pub programs: Option<serde_json::Value>,
 }
 
 /// What an apply wrote.
@@ -288,6 +290,22 @@ pub struct ApplyOutcome {
     pub ledger_rows_written: u64,
     /// Users whose host column changed between snapshot and write: left for the next run.
     pub conflicts: Vec<i64>,
+    /// The grant programs' writes (all zero without grant programs).
+    pub grants: GrantsApplied,
+}
+
+/// Everything one apply writes, program by program, and the run it belongs to.
+#[derive(Clone, Copy)]
+pub struct Writes<'a> {
+    /// The slots program's plan.
+    pub plan: &'a Plan,
+    /// The grant programs' plans.
+    pub grants: &'a [crate::program::grants::plan::ProgramPlan],
+    pub run_id: i64,
+    pub as_of: Instant,
+    pub new_subscription: &'a NewSubscriptionConfig,
+    pub finish: &'a RunFinish,
+    pub progress: Option<&'a crate::engine::Progress>,
 }
 
 /// Held for the whole of an applying run; dropping it releases the lock.
@@ -351,10 +369,11 @@ impl Store {
         &self,
         scope: Scope,
         window: (Instant, Instant),
+        grants: Option<GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
         match self {
-            Store::Sqlite(s) => s.snapshot(scope, window).await,
-            Store::Postgres(s) => s.snapshot(scope, window).await,
+            Store::Sqlite(s) => s.snapshot(scope, window, grants).await,
+            Store::Postgres(s) => s.snapshot(scope, window, grants).await,
         }
     }
 
@@ -406,34 +425,14 @@ impl Store {
     /// Writes the plan in one transaction and marks the run succeeded in the same commit,
     /// fenced by the run lock: the commit happens only while `lock` is still held and the
     /// run's row still says `running`.
-    #[allow(clippy::too_many_arguments)] // one per part of the write; grouped by program later
     pub async fn apply(
         &self,
         lock: &mut RunLock,
-        plan: &Plan,
-        run_id: i64,
-        as_of: Instant,
-        new_subscription: &NewSubscriptionConfig,
-        finish: &RunFinish,
-        progress: Option<&crate::engine::Progress>,
+        writes: &Writes<'_>,
     ) -> Result<ApplyOutcome, StoreError> {
         match self {
-            Store::Sqlite(s) => {
-                s.apply(plan, run_id, as_of, new_subscription, finish, progress)
-                    .await
-            }
-            Store::Postgres(s) => {
-                s.apply(
-                    lock,
-                    plan,
-                    run_id,
-                    as_of,
-                    new_subscription,
-                    finish,
-                    progress,
-                )
-                .await
-            }
+            Store::Sqlite(s) => s.apply(writes).await,
+            Store::Postgres(s) => s.apply(lock, writes).await,
         }
     }
 
@@ -597,4 +596,147 @@ pub(crate) const RUN_STATUS: &str = "SELECT status FROM reward_runs WHERE id = $
 /// Lowercase hex of bytes that are not text, for error messages.
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A ledger row as read, checked: the job writes it, so anything odd is a bug or a hand edit.
+#[allow(clippy::too_many_arguments)] // one per column
+pub(crate) fn ledger_grant(
+    program: String,
+    referrer_id: i64,
+    user_id: i64,
+    party: String,
+    credited_user_id: i64,
+    days: Option<i64>,
+    cents: Option<i64>,
+    seq: i64,
+    payment_id: Option<i64>,
+    reversed: bool,
+    interner: &mut crate::snapshot::Interner,
+) -> Result<crate::program::grants::LedgerGrant, StoreError> {
+    use crate::program::grants::{Amount, LedgerGrant, Party};
+    let bad = |column, value: String, expected| StoreError::BadValue {
+        table: "referral_grants",
+        column,
+        row: None,
+        value: format!("{value} (program {program:?}, referred user {user_id})"),
+        expected,
+    };
+    let party =
+        Party::parse(&party).ok_or_else(|| bad("party", party.clone(), "referrer or referred"))?;
+    let amount = match (days, cents) {
+        (Some(d), None) => Amount::Days(d),
+        (None, Some(c)) => Amount::Cents(c),
+        _ => {
+            return Err(bad(
+                "credit_days",
+                format!("{days:?}/{cents:?}"),
+                "exactly one of credit_days and credit_cents",
+            ));
+        }
+    };
+    Ok(LedgerGrant {
+        program: interner.intern(&program),
+        referrer_id,
+        user_id,
+        party,
+        credited_user_id,
+        amount,
+        seq,
+        payment_id,
+        reversed,
+    })
+}
+
+/// What the grant programs' writes did in an apply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GrantsApplied {
+    /// Ledger rows the plan asked for.
+    pub planned: u64,
+    pub grants_written: u64,
+    pub reversals_written: u64,
+    /// Ledger rows another run had written first: skipped, with their balance changes.
+    pub conflicts: u64,
+    /// Users whose balance changed.
+    pub balances_written: u64,
+}
+
+/// One ledger row to write, flattened from the programs' plans.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LedgerRow {
+    pub program: String,
+    pub referrer_id: i64,
+    pub user_id: i64,
+    pub party: crate::program::grants::Party,
+    pub reversal: bool,
+    pub seq: i64,
+    pub credited_user_id: i64,
+    pub amount: crate::program::grants::Amount,
+    pub payment_id: Option<i64>,
+}
+
+impl LedgerRow {
+    pub fn kind(&self) -> &'static str {
+        if self.reversal { "reversal" } else { "grant" }
+    }
+
+    pub fn days(&self) -> Option<i64> {
+        matches!(self.amount, crate::program::grants::Amount::Days(_)).then(|| self.amount.days())
+    }
+
+    pub fn cents(&self) -> Option<i64> {
+        matches!(self.amount, crate::program::grants::Amount::Cents(_)).then(|| self.amount.cents())
+    }
+}
+
+pub(crate) fn ledger_rows(
+    programs: &[crate::program::grants::plan::ProgramPlan],
+) -> Vec<LedgerRow> {
+    programs
+        .iter()
+        .flat_map(|p| {
+            p.changes().map(|(d, c)| LedgerRow {
+                program: p.name.clone(),
+                referrer_id: d.referrer_id,
+                user_id: d.user_id,
+                party: c.party,
+                reversal: c.reversal,
+                seq: c.seq,
+                credited_user_id: c.credited_user_id,
+                amount: c.amount,
+                payment_id: c.payment_id,
+            })
+        })
+        .collect()
+}
+
+/// One user's balance change in a run: reversals apply before grants (docs/rules.md §7.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Balance {
+    pub cents: i64,
+    /// Days taken back (positive).
+    pub days_reversed: i64,
+    pub days_granted: i64,
+    pub days_touched: bool,
+}
+
+impl Balance {
+    /// Adds a written ledger row (amounts negative for reversals, as stored).
+    pub fn add(&mut self, reversal: bool, days: Option<i64>, cents: Option<i64>) {
+        self.cents += cents.unwrap_or(0);
+        if let Some(d) = days {
+            self.days_touched = true;
+            if reversal {
+                self.days_reversed -= d;
+            } else {
+                self.days_granted += d;
+            }
+        }
+    }
+}
+
+/// The run row's `programs`: the plan's counts per grant program and what the apply wrote.
+pub(crate) fn programs_json(finish: &RunFinish, applied: &GrantsApplied) -> Option<String> {
+    let mut v = finish.programs.clone()?;
+    v["written"] = serde_json::to_value(applied).expect("plain counts");
+    Some(v.to_string())
 }

@@ -10,14 +10,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RunFinish, RunLock, RunRow,
-    StoreError, host_int,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, GrantsApplied, Held, RunLock, RunRow,
+    StoreError, Writes, host_int,
 };
-use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
-use crate::program::slots::plan::{HostChange, Plan};
-use crate::snapshot::{Scope, Shard, Snapshot};
+use crate::program::slots::plan::HostChange;
+use crate::snapshot::{GrantsRead, Scope, Shard, Snapshot};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite");
 
@@ -165,6 +164,7 @@ impl SqliteStore {
         &self,
         scope: Scope,
         window: (Instant, Instant),
+        grants: Option<GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
         let Some(path) = self.path.clone() else {
             return Err(StoreError::Invalid(
@@ -173,7 +173,7 @@ impl SqliteStore {
         };
         let busy = self.busy_timeout;
         tokio::task::spawn_blocking(move || {
-            super::sqlite_read::snapshot(&path, busy, scope, window)
+            super::sqlite_read::snapshot(&path, busy, scope, window, grants)
         })
         .await
         .map_err(|e| StoreError::Runtime(format!("reading the snapshot: {e}")))?
@@ -303,15 +303,16 @@ impl SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
-    pub async fn apply(
-        &self,
-        plan: &Plan,
-        run_id: i64,
-        as_of: Instant,
-        new_sub: &NewSubscriptionConfig,
-        finish: &RunFinish,
-        progress: Option<&crate::engine::Progress>,
-    ) -> Result<ApplyOutcome, StoreError> {
+    pub async fn apply(&self, writes: &Writes<'_>) -> Result<ApplyOutcome, StoreError> {
+        let Writes {
+            plan,
+            grants,
+            run_id,
+            as_of,
+            new_subscription: new_sub,
+            finish,
+            progress,
+        } = *writes;
         let mut out = ApplyOutcome::default();
         let mut tx = self
             .pool
@@ -400,6 +401,16 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(q("writing reward_changes"))?;
+        }
+
+        out.grants = apply_grants(&mut tx, grants, run_id, as_of).await?;
+        if let Some(programs) = crate::store::programs_json(finish, &out.grants) {
+            sqlx::query("UPDATE reward_runs SET programs = $1 WHERE id = $2")
+                .bind(programs)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording the run"))?;
         }
 
         let s = &finish.stats;
@@ -598,4 +609,117 @@ fn encode_json(c: DemoChunk) -> EncodedChunk {
     )
     .expect("plain data serializes");
     [users, subs, events]
+}
+
+/// The grant programs' writes inside the apply transaction (see the PostgreSQL twin,
+/// `postgres::grants`). `credit_until` is text here: it is read, computed in Rust as instants
+/// and written back, inside the transaction, which holds SQLite's write lock from its start
+/// (`BEGIN IMMEDIATE`): nobody writes in between, so the write is still relative to the value
+/// at write time.
+async fn apply_grants(
+    tx: &mut sqlx::SqliteConnection,
+    programs: &[crate::program::grants::plan::ProgramPlan],
+    run_id: i64,
+    as_of: Instant,
+) -> Result<GrantsApplied, StoreError> {
+    use std::collections::BTreeMap;
+    let rows = super::ledger_rows(programs);
+    let mut out = GrantsApplied {
+        planned: rows.len() as u64,
+        ..GrantsApplied::default()
+    };
+    if rows.is_empty() {
+        return Ok(out);
+    }
+    let json_rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            json!([
+                r.program,
+                r.referrer_id,
+                r.user_id,
+                r.party.as_str(),
+                r.kind(),
+                r.seq,
+                r.credited_user_id,
+                r.days(),
+                r.cents(),
+                r.payment_id
+            ])
+        })
+        .collect();
+    let written = sqlx::query(include_str!("../../sql/queries/sqlite/insert_grants.sql"))
+        .bind(serde_json::Value::Array(json_rows).to_string())
+        .bind(run_id)
+        .bind(instant::to_sql_text(as_of))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("writing referral_grants"))?;
+    let mut balances: BTreeMap<i64, super::Balance> = BTreeMap::new();
+    for r in &written {
+        let get = |i| -> Result<Option<i64>, StoreError> {
+            r.try_get::<Option<i64>, _>(i)
+                .map_err(q("writing referral_grants"))
+        };
+        let kind: String = r.try_get(3).map_err(q("writing referral_grants"))?;
+        let credited = get(4)?.unwrap_or_default();
+        balances
+            .entry(credited)
+            .or_default()
+            .add(kind == "reversal", get(5)?, get(6)?);
+        if kind == "reversal" {
+            out.reversals_written += 1;
+        } else {
+            out.grants_written += 1;
+        }
+    }
+    out.conflicts = out.planned - written.len() as u64;
+
+    let cents: Vec<serde_json::Value> = balances
+        .iter()
+        .filter(|(_, b)| b.cents != 0)
+        .map(|(u, b)| json!([u, b.cents]))
+        .collect();
+    if !cents.is_empty() {
+        sqlx::query(include_str!("../../sql/queries/sqlite/credit_cents.sql"))
+            .bind(serde_json::Value::Array(cents).to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing users.credit_cents"))?;
+    }
+    let days: BTreeMap<i64, super::Balance> = balances
+        .iter()
+        .filter(|(_, b)| b.days_touched)
+        .map(|(u, b)| (*u, *b))
+        .collect();
+    if !days.is_empty() {
+        let ids: Vec<i64> = days.keys().copied().collect();
+        let current: Vec<(i64, Option<String>)> = sqlx::query_as(include_str!(
+            "../../sql/queries/sqlite/credit_until_read.sql"
+        ))
+        .bind(serde_json::to_string(&ids).expect("integers"))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("reading users.credit_until"))?;
+        let mut new = Vec::with_capacity(current.len());
+        for (user, text) in current {
+            let b = days[&user];
+            let until = match text.as_deref() {
+                None => None,
+                Some(t) => Some(super::sqlite_time("users", "credit_until", user, t)?),
+            };
+            let until =
+                crate::program::grants::credit_until(until, as_of, b.days_reversed, b.days_granted);
+            new.push(json!([user, until.map(instant::to_sql_text)]));
+        }
+        sqlx::query(include_str!(
+            "../../sql/queries/sqlite/credit_until_write.sql"
+        ))
+        .bind(serde_json::Value::Array(new).to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(q("writing users.credit_until"))?;
+    }
+    out.balances_written = balances.len() as u64;
+    Ok(out)
 }

@@ -14,10 +14,14 @@ use rusqlite::{Connection, OpenFlags, Row, named_params};
 
 use super::StoreError;
 use super::hex;
+use super::ledger_grant;
 use crate::instant::{self, Instant};
+use crate::program::grants::{GrantsSnapshot, Payment, Referral};
 use crate::program::slots::rewards::RewardResult;
 use crate::program::slots::rules;
-use crate::snapshot::{Interner, ReferredUser, Scope, Snapshot, Stopwatch, Subscription};
+use crate::snapshot::{
+    GrantsRead, Interner, ReferredUser, Scope, Snapshot, Stopwatch, Subscription,
+};
 
 fn sql_err(what: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |e| StoreError::driver(what, &e)
@@ -178,6 +182,7 @@ pub fn snapshot(
     busy_timeout: Duration,
     scope: Scope,
     window: (Instant, Instant),
+    grants: Option<GrantsRead>,
 ) -> Result<Snapshot, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -190,7 +195,7 @@ pub fn snapshot(
         .map_err(sql_err("opening the database"))?;
     conn.execute_batch("BEGIN")
         .map_err(sql_err("starting the snapshot"))?;
-    let snap = read(&conn, scope, window)?;
+    let snap = read(&conn, scope, window, grants)?;
     conn.execute_batch("COMMIT")
         .map_err(sql_err("ending the snapshot"))?;
     Ok(snap)
@@ -200,6 +205,7 @@ fn read(
     conn: &Connection,
     scope: Scope,
     window: (Instant, Instant),
+    grants: Option<GrantsRead>,
 ) -> Result<Snapshot, StoreError> {
     let mut snap = Snapshot::default();
     let mut sw = Stopwatch::start();
@@ -393,6 +399,16 @@ fn read(
     drop(st);
     sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
+    if let Some(gr) = grants {
+        snap.grants = Some(read_grants(
+            conn,
+            scope,
+            window,
+            gr.fraud,
+            &mut snap.timings,
+        )?);
+    }
+
     let repeated = super::users_with_duplicate_subscriptions(&snap);
     if !repeated.is_empty() {
         const DUP: &str = "reading duplicate subscriptions";
@@ -459,4 +475,194 @@ fn reward(r: &Row<'_>) -> rusqlite::Result<RewardResult> {
         bonus_slots: r.get(8)?,
         badge: r.get(9)?,
     })
+}
+
+/// The grant programs' part of the snapshot, in the same read transaction: the referrals in
+/// scope with their facts (docs/rules.md §7.1). `fraud`: whether any program checks fraud
+/// (the IP queries are skipped otherwise). A one-user run on X reads X's referral set and X's
+/// referrer's; a shard reads every referral and keeps its referrers'.
+pub(super) fn read_grants(
+    conn: &Connection,
+    scope: Scope,
+    window: (Instant, Instant),
+    fraud: bool,
+    timings: &mut Vec<crate::snapshot::QueryTiming>,
+) -> Result<GrantsSnapshot, StoreError> {
+    let mut sw = Stopwatch::start();
+    let mut g = GrantsSnapshot::default();
+    let as_of = window.1;
+    // The referrers whose sets are read: NULL for all.
+    let referrers: Option<String> = match scope {
+        Scope::Referrer(x) => {
+            const W: &str = "reading the user's referrer";
+            let mut st = conn
+                .prepare("SELECT referred_by_user_id FROM users WHERE id = $1")
+                .map_err(sql_err(W))?;
+            let up: Option<Option<i64>> = st
+                .query_row(named_params! {"$1": x}, |r| r.get(0))
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })
+                .map_err(sql_err(W))?;
+            let mut ids = vec![x];
+            ids.extend(up.flatten());
+            Some(serde_json::to_string(&ids).expect("integers"))
+        }
+        _ => None,
+    };
+    let in_scope = |referrer: i64| !matches!(scope, Scope::Shard(s) if !s.contains(referrer));
+
+    const REF: &str = "reading referrals";
+    let mut st = conn
+        .prepare(include_str!(
+            "../../sql/queries/sqlite/grants_referrals.sql"
+        ))
+        .map_err(sql_err(REF))?;
+    let mut rows = st
+        .query(named_params! {"$1": referrers})
+        .map_err(sql_err(REF))?;
+    while let Some(r) = rows.next().map_err(sql_err(REF))? {
+        let id = At::id("users").int(r, 0, "id", REF)?;
+        let user = At::of("users", id);
+        let referrer_id = user.int(r, 1, "referred_by_user_id", REF)?;
+        if !in_scope(referrer_id) {
+            continue;
+        }
+        g.referrals.push(Referral {
+            referrer_id,
+            user_id: id,
+            signed_up_at: user.time_not_null(r, 2, "created_at", REF)?,
+            referrer_exists: r.get(3).map_err(sql_err(REF))?,
+        });
+    }
+    drop(rows);
+    drop(st);
+    sw.lap(timings, "grants_referrals", g.referrals.len());
+    let referred: HashSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
+
+    if fraud {
+        const REG: &str = "reading registration events";
+        let mut st = conn
+            .prepare(include_str!(
+                "../../sql/queries/sqlite/grants_registrations.sql"
+            ))
+            .map_err(sql_err(REG))?;
+        let mut rows = st
+            .query(named_params! {"$1": referrers})
+            .map_err(sql_err(REG))?;
+        while let Some(r) = rows.next().map_err(sql_err(REG))? {
+            let id = At::id("telemetry_events").int(r, 2, "id", REG)?;
+            let at = At::of("telemetry_events", id);
+            let user = at.int(r, 0, "user_id", REG)?;
+            if !referred.contains(&user) {
+                continue;
+            }
+            if let Some(ip) = at.text(r, 1, "ip_hash", REG)? {
+                g.registrations.push((user, ip.to_owned()));
+            }
+        }
+        drop(rows);
+        drop(st);
+        sw.lap(timings, "grants_registrations", g.registrations.len());
+
+        const EV: &str = "reading referrer events";
+        let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
+        let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
+        let wanted: HashSet<i64> = g.referrals.iter().map(|x| x.referrer_id).collect();
+        let mut st = conn
+            .prepare(include_str!(
+                "../../sql/queries/sqlite/grants_referrer_events.sql"
+            ))
+            .map_err(sql_err(EV))?;
+        let mut rows = st
+            .query(named_params! {"$1": lo, "$2": hi, "$3": referrers})
+            .map_err(sql_err(EV))?;
+        let mut seen: HashSet<(i64, String)> = HashSet::new();
+        while let Some(r) = rows.next().map_err(sql_err(EV))? {
+            let id = At::id("telemetry_events").int(r, 3, "id", EV)?;
+            let row = At::of("telemetry_events", id);
+            let user = row.int(r, 0, "user_id", EV)?;
+            if !wanted.contains(&user) {
+                continue;
+            }
+            let ip = row.text(r, 1, "ip_hash", EV)?.unwrap_or_default();
+            let at = row.time_not_null(r, 2, "created_at", EV)?;
+            if rules::in_ip_window(at, window) && seen.insert((user, ip.to_owned())) {
+                g.referrer_events.push((user, ip.to_owned()));
+            }
+        }
+        drop(rows);
+        drop(st);
+        sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
+    }
+
+    const PAY: &str = "reading payments";
+    let mut st = conn
+        .prepare(include_str!("../../sql/queries/sqlite/grants_payments.sql"))
+        .map_err(sql_err(PAY))?;
+    let mut rows = st
+        .query(named_params! {"$1": referrers})
+        .map_err(sql_err(PAY))?;
+    let mut interner = Interner::default();
+    while let Some(r) = rows.next().map_err(sql_err(PAY))? {
+        let id = At::id("payments").int(r, 0, "id", PAY)?;
+        let row = At::of("payments", id);
+        let user_id = row.int(r, 1, "user_id", PAY)?;
+        if !referred.contains(&user_id) {
+            continue;
+        }
+        let created_at = row.time_not_null(r, 5, "created_at", PAY)?;
+        if created_at > as_of {
+            continue;
+        }
+        g.payments.push(Payment {
+            id,
+            user_id,
+            amount_cents: row.int(r, 2, "amount_cents", PAY)?,
+            currency: interner.intern(
+                row.text(r, 3, "currency", PAY)?
+                    .ok_or_else(|| row.bad("currency", ValueRef::Null, "text"))?,
+            ),
+            status: interner.intern(
+                row.text(r, 4, "status", PAY)?
+                    .ok_or_else(|| row.bad("status", ValueRef::Null, "text"))?,
+            ),
+            created_at,
+        });
+    }
+    drop(rows);
+    drop(st);
+    sw.lap(timings, "grants_payments", g.payments.len());
+
+    const LED: &str = "reading referral_grants";
+    let mut st = conn
+        .prepare(include_str!("../../sql/queries/sqlite/grants_ledger.sql"))
+        .map_err(sql_err(LED))?;
+    let mut rows = st
+        .query(named_params! {"$1": referrers})
+        .map_err(sql_err(LED))?;
+    while let Some(r) = rows.next().map_err(sql_err(LED))? {
+        let grant = ledger_grant(
+            r.get(0).map_err(sql_err(LED))?,
+            r.get(1).map_err(sql_err(LED))?,
+            r.get(2).map_err(sql_err(LED))?,
+            r.get(3).map_err(sql_err(LED))?,
+            r.get(4).map_err(sql_err(LED))?,
+            r.get(5).map_err(sql_err(LED))?,
+            r.get(6).map_err(sql_err(LED))?,
+            r.get(7).map_err(sql_err(LED))?,
+            r.get(8).map_err(sql_err(LED))?,
+            r.get(9).map_err(sql_err(LED))?,
+            &mut interner,
+        )?;
+        if referred.contains(&grant.user_id) {
+            g.ledger.push(grant);
+        }
+    }
+    drop(rows);
+    drop(st);
+    sw.lap(timings, "grants_ledger", g.ledger.len());
+    Ok(g)
 }

@@ -3,7 +3,7 @@
 //!
 //! CPU-bound: callers run it on a blocking thread (`tokio::task::spawn_blocking`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use polars::prelude::*;
 
@@ -50,8 +50,8 @@ impl Computation {
 /// Runs the rules of SPEC section 3 over a snapshot at instant `now`.
 pub fn compute(snap: &Snapshot, cfg: &Config, now: Instant) -> PolarsResult<Computation> {
     let params = RuleParams::new(&cfg.rules, now);
-    let signup = signup_ips(&snap.registrations);
-    let referrer_ips = referrer_ips(&snap.referrer_events);
+    let signup = crate::program::fraud::signup_ips(&snap.registrations);
+    let referrer_ips = crate::program::fraud::referrer_ips_by_referrer(&snap.referrer_events);
     let empty = HashSet::new();
 
     let mut order: Vec<usize> = (0..snap.referred.len()).collect();
@@ -87,30 +87,6 @@ pub fn compute(snap: &Snapshot, cfg: &Config, now: Instant) -> PolarsResult<Comp
 
     let results = per_referrer(&snap.referrers, &referrals, cfg)?;
     Ok(Computation { results, referrals })
-}
-
-/// Each referred user's signup IP ([`rules::signup_ip`] over its registration events).
-fn signup_ips(registrations: &[(i64, String)]) -> HashMap<i64, &str> {
-    let mut by_user: HashMap<i64, Vec<&str>> = HashMap::new();
-    for (user, ip) in registrations {
-        by_user.entry(*user).or_default().push(ip);
-    }
-    by_user
-        .into_iter()
-        .filter_map(|(user, ips)| rules::signup_ip(ips).map(|ip| (user, ip)))
-        .collect()
-}
-
-/// Each referrer's IPs in the window ([`rules::referrer_ips`]).
-fn referrer_ips(events: &[(i64, String)]) -> HashMap<i64, HashSet<&str>> {
-    let mut by_referrer: HashMap<i64, Vec<&str>> = HashMap::new();
-    for (referrer, ip) in events {
-        by_referrer.entry(*referrer).or_default().push(ip);
-    }
-    by_referrer
-        .into_iter()
-        .map(|(r, ips)| (r, rules::referrer_ips(ips)))
-        .collect()
 }
 
 const COUNTED: [(&str, Outcome); 6] = [

@@ -3,6 +3,7 @@
 //! transaction; writes are set-based (`UNNEST` arrays), one statement per kind of write.
 
 mod demo;
+mod grants;
 mod read;
 mod runs;
 mod write;
@@ -16,15 +17,16 @@ use sqlx::{Connection, Row};
 
 use super::pgcopy;
 use super::{
-    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RUN_STATUS, RunFinish, RunLock,
-    RunRow, StoreError, hex, host_int,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RUN_STATUS, RunLock, RunRow,
+    StoreError, Writes, hex, host_int,
 };
-use crate::config::NewSubscriptionConfig;
 use crate::demo::{DemoChunk, DemoSpec};
 use crate::instant::{self, Instant};
-use crate::program::slots::plan::{HostChange, Plan};
+use crate::program::slots::plan::HostChange;
 use crate::program::slots::rewards::RewardResult;
-use crate::snapshot::{Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription};
+use crate::snapshot::{
+    GrantsRead, Interner, ReferredUser, Scope, Shard, Snapshot, Stopwatch, Subscription,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/postgres");
 

@@ -93,7 +93,7 @@ const TIME_OUT_OF_RANGE: i64 = i64::MIN;
 
 /// Why a snapshot row could not be decoded, before the error names it in full (some values
 /// are looked up afterwards, in the same transaction).
-enum Bad {
+pub(super) enum Bad {
     Sql(sqlx::Error),
     Copy(pgcopy::CopyError),
     /// `value: None`: look it up by the row's id.
@@ -118,7 +118,7 @@ impl From<pgcopy::CopyError> for Bad {
     }
 }
 
-fn null(
+pub(super) fn null(
     table: &'static str,
     column: &'static str,
     row: Option<i64>,
@@ -133,7 +133,7 @@ fn null(
     }
 }
 
-fn pg_time(
+pub(super) fn pg_time(
     v: Option<i64>,
     table: &'static str,
     column: &'static str,
@@ -170,7 +170,7 @@ fn pg_text<'a>(
 }
 
 /// The error for a row that could not be decoded, naming its table, id, column and value.
-async fn bad(tx: &mut sqlx::PgConnection, what: &'static str, b: Bad) -> StoreError {
+pub(super) async fn bad(tx: &mut sqlx::PgConnection, what: &'static str, b: Bad) -> StoreError {
     match b {
         Bad::Sql(e) => q(what)(e),
         Bad::Copy(e) => StoreError::Sql {
@@ -378,6 +378,7 @@ impl PgStore {
         &self,
         scope: Scope,
         window: (Instant, Instant),
+        grants: Option<GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
         use std::sync::atomic::Ordering;
         let copy_before = self.copy.load(Ordering::Relaxed);
@@ -386,7 +387,7 @@ impl PgStore {
             .acquire()
             .await
             .map_err(q("starting the snapshot"))?;
-        match self.read_snapshot(&mut conn, scope, window).await {
+        match self.read_snapshot(&mut conn, scope, window, grants).await {
             Ok(snap) => Ok(snap),
             Err(e) => {
                 conn.close_on_drop();
@@ -400,7 +401,7 @@ impl PgStore {
                         .acquire()
                         .await
                         .map_err(q("starting the snapshot"))?;
-                    let r = self.read_snapshot(&mut conn, scope, window).await;
+                    let r = self.read_snapshot(&mut conn, scope, window, grants).await;
                     if r.is_err() {
                         conn.close_on_drop();
                     }
@@ -416,6 +417,7 @@ impl PgStore {
         conn: &mut sqlx::PgConnection,
         scope: Scope,
         window: (Instant, Instant),
+        grants: Option<GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
         let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -699,6 +701,13 @@ impl PgStore {
         snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
         sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
+        if let Some(gr) = grants {
+            snap.grants = Some(
+                self.read_grants(&mut tx, scope, window, gr.fraud, &mut snap.timings)
+                    .await?,
+            );
+        }
+
         let repeated = crate::store::users_with_duplicate_subscriptions(&snap);
         if !repeated.is_empty() {
             let rows: Vec<(i64, i64)> = sqlx::query_as(include_str!(
@@ -732,7 +741,7 @@ impl PgStore {
     /// the middle of its data, where `copy_out_raw` reads the error to its end. Should the COPY
     /// statement be refused anyway, the snapshot fails, its connection is closed, and
     /// [`PgStore::snapshot`] reads it again with SELECTs.
-    async fn copy_out(
+    pub(super) async fn copy_out(
         &self,
         tx: &mut sqlx::PgConnection,
         sql: &str,

@@ -7,17 +7,20 @@ impl PgStore {
     /// connection, so the transaction can only commit while the lock is held. Had the server
     /// closed the connection (an idle reaper, a network drop, `pg_terminate_backend`), the lock
     /// would be free for another run, and this write fails instead of racing it.
-    #[allow(clippy::too_many_arguments)] // one per part of the write; grouped by program later
     pub async fn apply(
         &self,
         lock: &mut RunLock,
-        plan: &Plan,
-        run_id: i64,
-        as_of: Instant,
-        new_sub: &NewSubscriptionConfig,
-        finish: &RunFinish,
-        progress: Option<&crate::engine::Progress>,
+        writes: &Writes<'_>,
     ) -> Result<ApplyOutcome, StoreError> {
+        let Writes {
+            plan,
+            grants,
+            run_id,
+            as_of,
+            new_subscription: new_sub,
+            finish,
+            progress,
+        } = *writes;
         let Held::Postgres { conn: Some(conn) } = &mut lock._held else {
             return Err(StoreError::Runtime(
                 "the run lock's connection is gone; nothing was written".into(),
@@ -147,6 +150,16 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(q("writing reward_changes"))?;
+        }
+
+        out.grants = self.apply_grants(&mut tx, grants, run_id, as_of).await?;
+        if let Some(programs) = crate::store::programs_json(finish, &out.grants) {
+            sqlx::query("UPDATE reward_runs SET programs = $1 WHERE id = $2")
+                .bind(programs)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(q("recording the run"))?;
         }
 
         let s = &finish.stats;

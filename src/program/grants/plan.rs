@@ -1,0 +1,170 @@
+//! A grant program's plan: the decided referrals a run covers, the ledger rows it makes, its
+//! counts and its digest entries.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::config::{GrantProgramConfig, RulesConfig};
+use crate::instant::Instant;
+use crate::snapshot::Scope;
+
+use super::rules::{self, Decided, Facts, GrantChange, Outcome};
+use super::{Amount, Party};
+
+/// One grant program's share of a run.
+#[derive(Debug, Clone)]
+pub struct ProgramPlan {
+    pub name: String,
+    /// `max_rewarded_per_referrer`; 0: no limit.
+    pub cap: i64,
+    /// The referrals this run covers, by `(R, U)`: every referral for a full run, those of the
+    /// shard's referrers for a shard, and for a one-user run on X those in which X is R or U
+    /// (decided with the whole of X's and X's referrer's sets).
+    pub referrals: Vec<Decided>,
+}
+
+impl ProgramPlan {
+    pub fn build(
+        program: &GrantProgramConfig,
+        rules: &RulesConfig,
+        facts: &Facts<'_>,
+        now: Instant,
+        scope: Scope,
+    ) -> ProgramPlan {
+        let mut referrals = rules::decide(program, rules, facts, now);
+        referrals.retain(|d| covers(scope, d));
+        ProgramPlan {
+            name: program.name.clone(),
+            cap: program.max_rewarded_per_referrer,
+            referrals,
+        }
+    }
+
+    /// The ledger rows to write: reversals and grants, referral by referral.
+    pub fn changes(&self) -> impl Iterator<Item = (&Decided, &GrantChange)> {
+        self.referrals
+            .iter()
+            .flat_map(|d| d.changes.iter().map(move |c| (d, c)))
+    }
+
+    pub fn stats(&self) -> GrantStats {
+        let mut s = GrantStats {
+            program: self.name.clone(),
+            referrals: self.referrals.len() as u64,
+            ..GrantStats::default()
+        };
+        for o in Outcome::ALL {
+            s.outcomes.insert(o.as_str(), 0);
+        }
+        for d in &self.referrals {
+            *s.outcomes.entry(d.outcome.as_str()).or_default() += 1;
+            s.conversions += d.conversion.is_some() as u64;
+            for c in &d.changes {
+                let t = match (c.reversal, c.party) {
+                    (false, Party::Referrer) => &mut s.grants_referrer,
+                    (false, Party::Referred) => &mut s.grants_referred,
+                    (true, Party::Referrer) => &mut s.reversals_referrer,
+                    (true, Party::Referred) => &mut s.reversals_referred,
+                };
+                t.add(c.amount);
+            }
+        }
+        s
+    }
+}
+
+/// Whether a scope writes a referral: a shard writes its referrers' referrals, a one-user run
+/// on X those in which X is R or U.
+pub fn covers(scope: Scope, d: &Decided) -> bool {
+    match scope {
+        Scope::Full => true,
+        Scope::Referrer(x) => d.referrer_id == x || d.user_id == x,
+        Scope::Shard(s) => s.contains(d.referrer_id),
+    }
+}
+
+/// A count of ledger rows and their total amounts (negative for reversals).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub count: u64,
+    pub days: i64,
+    pub cents: i64,
+}
+
+impl Totals {
+    pub fn add(&mut self, a: Amount) {
+        self.count += 1;
+        self.days += a.days();
+        self.cents += a.cents();
+    }
+}
+
+/// A grant program's counts in a run (the run row's `programs`, the summary).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GrantStats {
+    pub program: String,
+    pub referrals: u64,
+    pub conversions: u64,
+    pub outcomes: BTreeMap<&'static str, u64>,
+    pub grants_referrer: Totals,
+    pub grants_referred: Totals,
+    pub reversals_referrer: Totals,
+    pub reversals_referred: Totals,
+}
+
+impl GrantStats {
+    pub fn ledger_rows_to_write(&self) -> u64 {
+        self.grants_referrer.count
+            + self.grants_referred.count
+            + self.reversals_referrer.count
+            + self.reversals_referred.count
+    }
+}
+
+/// The digest of a run with grant programs: the slots digest, then per program (by name) one
+/// entry per referral granted now or changing in this run, by `(R, U)`. Without grant
+/// programs it is the slots digest itself, so a slots-only run keeps its digest.
+///
+/// Encoding: BLAKE3 over the line `slots <slots digest>\n`, then per entry one compact JSON
+/// array and `\n`: `[program, R, U, outcome, cause, [[party, credited user, days, cents,
+/// seq], …]]` (cause `null` unless reversed; amounts negative for reversals).
+pub fn digest(slots_digest: &str, programs: &[ProgramPlan]) -> String {
+    if programs.is_empty() {
+        return slots_digest.to_owned();
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(format!("slots {slots_digest}\n").as_bytes());
+    let mut sorted: Vec<&ProgramPlan> = programs.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in sorted {
+        for d in &p.referrals {
+            if d.outcome != Outcome::Granted && d.changes.is_empty() {
+                continue;
+            }
+            let changes: Vec<serde_json::Value> = d
+                .changes
+                .iter()
+                .map(|c| {
+                    serde_json::json!([
+                        c.party.as_str(),
+                        c.credited_user_id,
+                        c.amount.days(),
+                        c.amount.cents(),
+                        c.seq
+                    ])
+                })
+                .collect();
+            let line = serde_json::json!([
+                p.name,
+                d.referrer_id,
+                d.user_id,
+                d.outcome.as_str(),
+                d.cause.map(Outcome::as_str),
+                changes
+            ]);
+            hasher.update(format!("{line}\n").as_bytes());
+        }
+    }
+    hasher.finalize().to_hex().to_string()
+}

@@ -1,0 +1,419 @@
+//! docs/rules.md §7.3 and §7.4, in order: the conversion of a referred user, a referrer's
+//! conversion order, the outcome of each referral, the desired set, and the grants and
+//! reversals that follow. Pure: plain data in, decisions out.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::config::{GrantProgramConfig, OnRefund, RulesConfig};
+use crate::instant::{Instant, MICROS_PER_DAY};
+use crate::program::fraud::{self, Claims, Verdict};
+
+use super::{Amount, GrantsSnapshot, LedgerGrant, Party, Payment, Referral};
+
+/// The outcome of one referral in one program, in the order they apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    NoConversion,
+    SelfReferral,
+    MissingIp,
+    SharedIp,
+    DuplicateIp,
+    OnHold,
+    CapReached,
+    Granted,
+    /// A held grant this run takes back (`on_refund = "reverse"`); the cause is beside it.
+    Reversed,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 9] = [
+        Outcome::NoConversion,
+        Outcome::SelfReferral,
+        Outcome::MissingIp,
+        Outcome::SharedIp,
+        Outcome::DuplicateIp,
+        Outcome::OnHold,
+        Outcome::CapReached,
+        Outcome::Granted,
+        Outcome::Reversed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::NoConversion => "no_conversion",
+            Outcome::SelfReferral => "self_referral",
+            Outcome::MissingIp => "missing_ip",
+            Outcome::SharedIp => "shared_ip",
+            Outcome::DuplicateIp => "duplicate_ip",
+            Outcome::OnHold => "on_hold",
+            Outcome::CapReached => "cap_reached",
+            Outcome::Granted => "granted",
+            Outcome::Reversed => "reversed",
+        }
+    }
+}
+
+/// U's conversion: the payment that counts and its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conversion {
+    pub payment_id: i64,
+    pub at: Instant,
+}
+
+/// A live grant the ledger holds for a referral.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub party: Party,
+    pub credited_user_id: i64,
+    pub amount: Amount,
+    pub seq: i64,
+    pub payment_id: Option<i64>,
+}
+
+/// A ledger row this run makes: a grant (positive amount) or a reversal (negative amount, the
+/// `seq` of the grant it ends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantChange {
+    pub party: Party,
+    pub credited_user_id: i64,
+    pub amount: Amount,
+    pub seq: i64,
+    pub payment_id: Option<i64>,
+    pub reversal: bool,
+}
+
+/// One referral's decision in one program.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decided {
+    pub referrer_id: i64,
+    pub user_id: i64,
+    pub signed_up_at: Instant,
+    pub referrer_exists: bool,
+    pub conversion: Option<Conversion>,
+    /// Rank in R's conversion order, from 1; `None` without a conversion.
+    pub position: Option<u32>,
+    pub outcome: Outcome,
+    /// For `reversed`: the outcome that caused it.
+    pub cause: Option<Outcome>,
+    pub held: Vec<Held>,
+    pub changes: Vec<GrantChange>,
+}
+
+/// The facts every grant program reads, indexed once per run.
+pub struct Facts<'a> {
+    signup_ips: HashMap<i64, &'a str>,
+    referrer_ips: HashMap<i64, HashSet<&'a str>>,
+    /// Each user's payments, by `created_at` then `id`.
+    payments: HashMap<i64, Vec<&'a Payment>>,
+    /// `(program, U)` → its ledger grants, live or reversed.
+    ledger: HashMap<(&'a str, i64), Vec<&'a LedgerGrant>>,
+    /// The referrals by `(R, U)`.
+    referrals: Vec<&'a Referral>,
+}
+
+impl<'a> Facts<'a> {
+    pub fn new(snap: &'a GrantsSnapshot) -> Self {
+        let mut payments: HashMap<i64, Vec<&Payment>> = HashMap::new();
+        for p in &snap.payments {
+            payments.entry(p.user_id).or_default().push(p);
+        }
+        for list in payments.values_mut() {
+            list.sort_by_key(|p| (p.created_at, p.id));
+        }
+        let mut ledger: HashMap<(&str, i64), Vec<&LedgerGrant>> = HashMap::new();
+        for g in &snap.ledger {
+            ledger.entry((&*g.program, g.user_id)).or_default().push(g);
+        }
+        let mut referrals: Vec<&Referral> = snap.referrals.iter().collect();
+        referrals.sort_by_key(|r| (r.referrer_id, r.user_id));
+        Facts {
+            signup_ips: fraud::signup_ips(&snap.registrations),
+            referrer_ips: fraud::referrer_ips_by_referrer(&snap.referrer_events),
+            payments,
+            ledger,
+            referrals,
+        }
+    }
+}
+
+/// "U's conversion is U's earliest payment with `created_at <= now`, status in
+/// `payment_statuses`, `amount_cents >= min_payment_cents` and, when `currency` is set, that
+/// currency, by `created_at` then `id`." An earlier smaller payment does not use it up.
+pub fn conversion<'p>(
+    payments: impl IntoIterator<Item = &'p Payment>,
+    program: &GrantProgramConfig,
+    now: Instant,
+) -> Option<Conversion> {
+    payments
+        .into_iter()
+        .filter(|p| {
+            p.created_at <= now
+                && p.amount_cents >= program.min_payment_cents
+                && program.payment_statuses.iter().any(|s| **s == *p.status)
+                && program
+                    .currency
+                    .as_deref()
+                    .is_none_or(|c| c == &*p.currency)
+        })
+        .min_by_key(|p| (p.created_at, p.id))
+        .map(|p| Conversion {
+            payment_id: p.id,
+            at: p.created_at,
+        })
+}
+
+/// `on_hold`: "the conversion time is later than `now - hold_days`".
+pub fn is_on_hold(converted_at: Instant, hold_days: i64, now: Instant) -> bool {
+    converted_at > now - hold_days * MICROS_PER_DAY
+}
+
+/// Before the desired set: what the state says of a referral.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Natural {
+    Out(Outcome),
+    Eligible,
+}
+
+/// Decides every referral of every referrer in `facts` for one program.
+pub fn decide(
+    program: &GrantProgramConfig,
+    rules: &RulesConfig,
+    facts: &Facts<'_>,
+    now: Instant,
+) -> Vec<Decided> {
+    let mut out = Vec::with_capacity(facts.referrals.len());
+    let mut start = 0;
+    while start < facts.referrals.len() {
+        let r = facts.referrals[start].referrer_id;
+        let end = start
+            + facts.referrals[start..]
+                .iter()
+                .position(|x| x.referrer_id != r)
+                .unwrap_or(facts.referrals.len() - start);
+        decide_referrer(
+            program,
+            rules,
+            facts,
+            &facts.referrals[start..end],
+            now,
+            &mut out,
+        );
+        start = end;
+    }
+    out
+}
+
+/// One referrer's referrals (sorted by U), decided together: the claims and the cap are R's.
+fn decide_referrer(
+    program: &GrantProgramConfig,
+    rules: &RulesConfig,
+    facts: &Facts<'_>,
+    referrals: &[&Referral],
+    now: Instant,
+    out: &mut Vec<Decided>,
+) {
+    let referrer = referrals[0].referrer_id;
+    let empty = Vec::new();
+    let conversions: Vec<Option<Conversion>> = referrals
+        .iter()
+        .map(|x| {
+            let payments = facts.payments.get(&x.user_id).unwrap_or(&empty);
+            conversion(payments.iter().copied(), program, now)
+        })
+        .collect();
+    // R's conversion order: conversion time, then payment id, then U's id.
+    let mut order: Vec<usize> = (0..referrals.len())
+        .filter(|&i| conversions[i].is_some())
+        .collect();
+    order.sort_by_key(|&i| {
+        let c = conversions[i].expect("filtered");
+        (c.at, c.payment_id, referrals[i].user_id)
+    });
+
+    let mut natural = vec![Natural::Out(Outcome::NoConversion); referrals.len()];
+    let mut position = vec![None; referrals.len()];
+    let no_ips = HashSet::new();
+    let ips = facts.referrer_ips.get(&referrer).unwrap_or(&no_ips);
+    let mut claims = Claims::new(referrer, ips, rules.require_ip_hash);
+    for (rank, &i) in order.iter().enumerate() {
+        position[i] = Some(rank as u32 + 1);
+        let x = referrals[i];
+        // The claims follow the conversion order, whatever the hold and the cap say later.
+        let verdict = if program.fraud_checks {
+            claims.judge(x.user_id, facts.signup_ips.get(&x.user_id).copied(), false)
+        } else {
+            Verdict::Pass
+        };
+        natural[i] = match verdict {
+            Verdict::SelfReferral => Natural::Out(Outcome::SelfReferral),
+            Verdict::MissingIp => Natural::Out(Outcome::MissingIp),
+            Verdict::SharedIp => Natural::Out(Outcome::SharedIp),
+            Verdict::DuplicateIp => Natural::Out(Outcome::DuplicateIp),
+            Verdict::Held => unreachable!("grant programs have no rule of their own there"),
+            Verdict::Pass => {
+                let at = conversions[i].expect("ordered").at;
+                if is_on_hold(at, program.hold_days, now) {
+                    Natural::Out(Outcome::OnHold)
+                } else {
+                    Natural::Eligible
+                }
+            }
+        };
+    }
+
+    let held: Vec<Vec<Held>> = referrals
+        .iter()
+        .map(|x| live_grants(facts, &program.name, x.user_id))
+        .collect();
+    let desired = desired_set(program, &order, &natural, &held);
+
+    for (i, x) in referrals.iter().enumerate() {
+        let holds = !held[i].is_empty();
+        let cause = match natural[i] {
+            Natural::Out(o) => o,
+            Natural::Eligible => Outcome::CapReached,
+        };
+        let (outcome, cause, changes) = if desired.contains(&i) {
+            let changes = if holds {
+                vec![]
+            } else {
+                new_grants(program, facts, x, conversions[i].expect("eligible"))
+            };
+            (Outcome::Granted, None, changes)
+        } else if holds {
+            // Under `keep` every holder is in the desired set; under `reverse` one that left it
+            // is taken back, and reported with its cause.
+            let reversals = held[i]
+                .iter()
+                .map(|h| GrantChange {
+                    party: h.party,
+                    credited_user_id: h.credited_user_id,
+                    amount: h.amount.negated(),
+                    seq: h.seq,
+                    payment_id: h.payment_id,
+                    reversal: true,
+                })
+                .collect();
+            (Outcome::Reversed, Some(cause), reversals)
+        } else {
+            (cause, None, vec![])
+        };
+        out.push(Decided {
+            referrer_id: referrer,
+            user_id: x.user_id,
+            signed_up_at: x.signed_up_at,
+            referrer_exists: x.referrer_exists,
+            conversion: conversions[i],
+            position: position[i],
+            outcome,
+            cause,
+            held: held[i].clone(),
+            changes,
+        });
+    }
+}
+
+/// R's desired set (indices into its referrals). `keep`: every referral that holds a grant,
+/// plus the eligible ones without, in conversion order, while the set is smaller than the cap.
+/// `reverse`: the first `cap` eligible referrals in conversion order. A cap of 0 is no limit.
+fn desired_set(
+    program: &GrantProgramConfig,
+    order: &[usize],
+    natural: &[Natural],
+    held: &[Vec<Held>],
+) -> HashSet<usize> {
+    let cap = program.max_rewarded_per_referrer;
+    let room = |set: &HashSet<usize>| cap == 0 || (set.len() as i64) < cap;
+    let mut set = HashSet::new();
+    match program.on_refund {
+        OnRefund::Keep => {
+            set.extend((0..held.len()).filter(|&i| !held[i].is_empty()));
+            for &i in order {
+                if natural[i] == Natural::Eligible && held[i].is_empty() && room(&set) {
+                    set.insert(i);
+                }
+            }
+        }
+        OnRefund::Reverse => {
+            for &i in order {
+                if natural[i] == Natural::Eligible && room(&set) {
+                    set.insert(i);
+                }
+            }
+        }
+    }
+    set
+}
+
+/// The live grants of `(program, U)`: a referral holds a grant when U does, in this program
+/// (the ledger allows one live grant per program, U and party, whoever referred U).
+fn live_grants(facts: &Facts<'_>, program: &str, user_id: i64) -> Vec<Held> {
+    let mut held: Vec<Held> = facts
+        .ledger
+        .get(&(program, user_id))
+        .into_iter()
+        .flatten()
+        .filter(|g| !g.reversed)
+        .map(|g| Held {
+            party: g.party,
+            credited_user_id: g.credited_user_id,
+            amount: g.amount,
+            seq: g.seq,
+            payment_id: g.payment_id,
+        })
+        .collect();
+    held.sort_by_key(|h| h.party);
+    held
+}
+
+/// The next sequence number of `(program, U, party)`: one more than any grant it ever had.
+fn next_seq(facts: &Facts<'_>, program: &str, user_id: i64, party: Party) -> i64 {
+    facts
+        .ledger
+        .get(&(program, user_id))
+        .into_iter()
+        .flatten()
+        .filter(|g| g.party == party)
+        .map(|g| g.seq)
+        .max()
+        .unwrap_or(0)
+        + 1
+}
+
+/// "Each configured party (R as `referrer`, U as `referred`) gets a grant; a self-referral
+/// without fraud checks is granted once, as `referred`; a missing R gets none."
+fn new_grants(
+    program: &GrantProgramConfig,
+    facts: &Facts<'_>,
+    x: &Referral,
+    conversion: Conversion,
+) -> Vec<GrantChange> {
+    let self_referral = fraud::is_self_referral(x.user_id, x.referrer_id);
+    let mut grants = Vec::new();
+    let parties = [
+        (
+            Party::Referrer,
+            &program.referrer,
+            x.referrer_id,
+            x.referrer_exists && !self_referral,
+        ),
+        (Party::Referred, &program.referred, x.user_id, true),
+    ];
+    for (party, grant, credited, allowed) in parties {
+        let Some(amount) = grant.as_ref().and_then(Amount::from_config) else {
+            continue;
+        };
+        if !allowed {
+            continue;
+        }
+        grants.push(GrantChange {
+            party,
+            credited_user_id: credited,
+            amount,
+            seq: next_seq(facts, &program.name, x.user_id, party),
+            payment_id: Some(conversion.payment_id),
+            reversal: false,
+        });
+    }
+    grants
+}

@@ -1,0 +1,405 @@
+//! The grant programs' reads and writes (docs/rules.md §7): their part of the snapshot, in the
+//! snapshot's transaction, and their ledger rows and balance writes, in the run's apply
+//! transaction.
+
+use std::collections::{BTreeMap, HashSet};
+
+use sqlx::postgres::PgArguments;
+
+use super::read::{Bad, bad, null, pg_time};
+use super::*;
+use crate::program::grants::plan::ProgramPlan;
+use crate::program::grants::{GrantsSnapshot, Payment, Referral};
+use crate::snapshot::QueryTiming;
+use crate::store::{GrantsApplied, ledger_grant};
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
+
+/// One row's cells, from binary COPY or a SELECT row, read left to right.
+enum Cells<'a, 'b> {
+    Copy(&'b mut pgcopy::Tuples<'a>),
+    Row(&'b PgRow, usize),
+}
+
+impl Cells<'_, '_> {
+    fn i64(&mut self) -> Result<Option<i64>, Bad> {
+        match self {
+            Cells::Copy(t) => Ok(t.i64()?),
+            Cells::Row(r, i) => {
+                *i += 1;
+                Ok(r.try_get(*i - 1)?)
+            }
+        }
+    }
+
+    fn bool(&mut self) -> Result<Option<bool>, Bad> {
+        match self {
+            Cells::Copy(t) => Ok(t.bool()?),
+            Cells::Row(r, i) => {
+                *i += 1;
+                Ok(r.try_get(*i - 1)?)
+            }
+        }
+    }
+
+    /// A text cell; text that is not UTF-8 is an error naming `table.column` of `row`.
+    fn text(
+        &mut self,
+        table: &'static str,
+        column: &'static str,
+        row: Option<i64>,
+    ) -> Result<Option<String>, Bad> {
+        let bytes: Option<Vec<u8>> = match self {
+            Cells::Copy(t) => t.field()?.map(<[u8]>::to_vec),
+            Cells::Row(r, i) => {
+                *i += 1;
+                r.try_get::<Option<Vec<u8>>, _>(*i - 1).or_else(|_| {
+                    r.try_get::<Option<String>, _>(*i - 1)
+                        .map(|s| s.map(String::into_bytes))
+                })?
+            }
+        };
+        bytes
+            .map(|b| {
+                String::from_utf8(b).map_err(|e| Bad::Cell {
+                    table,
+                    column,
+                    row,
+                    value: Some(format!("x'{}' (text that is not UTF-8)", hex(e.as_bytes()))),
+                    expected: "UTF-8 text",
+                })
+            })
+            .transpose()
+    }
+}
+
+/// A bigint array for the COPY text of a query (NULL: every referrer).
+fn ids_literal(ids: &Option<Vec<i64>>) -> String {
+    match ids {
+        None => "NULL".into(),
+        Some(ids) => format!(
+            "'{{{}}}'",
+            ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+        ),
+    }
+}
+
+impl PgStore {
+    /// Reads one query through COPY where it can, else SELECT, decoding each row with
+    /// `decode` (which may drop a row by answering `None`).
+    #[allow(clippy::too_many_arguments)] // the query, both ways of binding it, and its decoder
+    async fn rows<T>(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        sql: &'static str,
+        literals: &[String],
+        bind: impl for<'q> FnOnce(PgQuery<'q>) -> PgQuery<'q>,
+        fields: usize,
+        what: &'static str,
+        mut decode: impl FnMut(&mut Cells<'_, '_>) -> Result<Option<T>, Bad>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        let result: Result<(), Bad> =
+            if let Some(bytes) = self.copy_out(tx, sql, literals, what).await? {
+                (|| {
+                    let mut t = pgcopy::Tuples::new(&bytes, fields)?;
+                    while t.next_tuple()? {
+                        out.extend(decode(&mut Cells::Copy(&mut t))?);
+                    }
+                    Ok(())
+                })()
+            } else {
+                let rows: Vec<PgRow> = bind(sqlx::query(sql))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q(what))?;
+                rows.iter().try_for_each(|r| {
+                    out.extend(decode(&mut Cells::Row(r, 0))?);
+                    Ok(())
+                })
+            };
+        match result {
+            Ok(()) => Ok(out),
+            Err(b) => Err(bad(tx, what, b).await),
+        }
+    }
+
+    /// The grant programs' part of the snapshot (see `sqlite_read::read_grants`).
+    pub(super) async fn read_grants(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        scope: Scope,
+        window: (Instant, Instant),
+        fraud: bool,
+        timings: &mut Vec<QueryTiming>,
+    ) -> Result<GrantsSnapshot, StoreError> {
+        let mut sw = Stopwatch::start();
+        let mut g = GrantsSnapshot::default();
+        let as_of = window.1;
+        let referrers: Option<Vec<i64>> = match scope {
+            Scope::Referrer(x) => {
+                let up: Option<Option<i64>> = sqlx::query_scalar(
+                    "SELECT referred_by_user_id::bigint FROM users WHERE id = $1",
+                )
+                .bind(x)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(q("reading the user's referrer"))?;
+                let mut ids = vec![x];
+                ids.extend(up.flatten());
+                Some(ids)
+            }
+            _ => None,
+        };
+        let in_scope = |r: i64| !matches!(scope, Scope::Shard(s) if !s.contains(r));
+        let lit = ids_literal(&referrers);
+
+        let ids = referrers.clone();
+        g.referrals = self
+            .rows(
+                tx,
+                include_str!("../../../sql/queries/postgres/grants_referrals.sql"),
+                std::slice::from_ref(&lit),
+                move |qy| qy.bind(ids),
+                4,
+                "reading referrals",
+                |c| {
+                    let id = c.i64()?.ok_or_else(|| null("users", "id", None, "an id"))?;
+                    let referrer_id = c
+                        .i64()?
+                        .ok_or_else(|| null("users", "referred_by_user_id", Some(id), "an id"))?;
+                    let signed_up_at = pg_time(c.i64()?, "users", "created_at", id)?
+                        .ok_or_else(|| null("users", "created_at", Some(id), "a time"))?;
+                    let referrer_exists = c.bool()?.unwrap_or(false);
+                    Ok(in_scope(referrer_id).then_some(Referral {
+                        referrer_id,
+                        user_id: id,
+                        signed_up_at,
+                        referrer_exists,
+                    }))
+                },
+            )
+            .await?;
+        sw.lap(timings, "grants_referrals", g.referrals.len());
+        let referred: HashSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
+
+        if fraud {
+            let ids = referrers.clone();
+            g.registrations = self
+                .rows(
+                    tx,
+                    include_str!("../../../sql/queries/postgres/grants_registrations.sql"),
+                    std::slice::from_ref(&lit),
+                    move |qy| qy.bind(ids),
+                    2,
+                    "reading registration events",
+                    |c| {
+                        let user = c.i64()?.ok_or_else(|| {
+                            null("telemetry_events", "user_id", None, "a user id")
+                        })?;
+                        let ip = c.text("telemetry_events", "ip_hash", None)?;
+                        Ok(ip.filter(|_| referred.contains(&user)).map(|ip| (user, ip)))
+                    },
+                )
+                .await?;
+            sw.lap(timings, "grants_registrations", g.registrations.len());
+
+            let wanted: HashSet<i64> = g.referrals.iter().map(|x| x.referrer_id).collect();
+            let ids = referrers.clone();
+            let literals = [
+                format!("'{}'::timestamptz", instant::to_rfc3339(window.0)),
+                format!("'{}'::timestamptz", instant::to_rfc3339(window.1)),
+                lit.clone(),
+            ];
+            g.referrer_events = self
+                .rows(
+                    tx,
+                    include_str!("../../../sql/queries/postgres/grants_referrer_events.sql"),
+                    &literals,
+                    move |qy| qy.bind(dt(window.0)).bind(dt(window.1)).bind(ids),
+                    2,
+                    "reading referrer events",
+                    |c| {
+                        let user = c.i64()?.ok_or_else(|| {
+                            null("telemetry_events", "user_id", None, "a user id")
+                        })?;
+                        let ip = c.text("telemetry_events", "ip_hash", None)?;
+                        Ok(ip.filter(|_| wanted.contains(&user)).map(|ip| (user, ip)))
+                    },
+                )
+                .await?;
+            sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
+        }
+
+        let ids = referrers.clone();
+        let literals = [
+            lit.clone(),
+            format!("'{}'::timestamptz", instant::to_rfc3339(as_of)),
+        ];
+        let mut interner = Interner::default();
+        g.payments = self
+            .rows(
+                tx,
+                include_str!("../../../sql/queries/postgres/grants_payments.sql"),
+                &literals,
+                move |qy| qy.bind(ids).bind(dt(as_of)),
+                6,
+                "reading payments",
+                |c| {
+                    let id = c
+                        .i64()?
+                        .ok_or_else(|| null("payments", "id", None, "an id"))?;
+                    let cell = |column, expected| null("payments", column, Some(id), expected);
+                    let user_id = c.i64()?.ok_or_else(|| cell("user_id", "a user id"))?;
+                    let amount_cents =
+                        c.i64()?.ok_or_else(|| cell("amount_cents", "an integer"))?;
+                    let currency = c
+                        .text("payments", "currency", Some(id))?
+                        .ok_or_else(|| cell("currency", "text"))?;
+                    let status = c
+                        .text("payments", "status", Some(id))?
+                        .ok_or_else(|| cell("status", "text"))?;
+                    let created_at = pg_time(c.i64()?, "payments", "created_at", id)?
+                        .ok_or_else(|| cell("created_at", "a time"))?;
+                    if !referred.contains(&user_id) || created_at > as_of {
+                        return Ok(None);
+                    }
+                    Ok(Some(Payment {
+                        id,
+                        user_id,
+                        amount_cents,
+                        currency: interner.intern(&currency),
+                        status: interner.intern(&status),
+                        created_at,
+                    }))
+                },
+            )
+            .await?;
+        sw.lap(timings, "grants_payments", g.payments.len());
+
+        const LED: &str = "reading referral_grants";
+        let rows: Vec<PgRow> = sqlx::query(include_str!(
+            "../../../sql/queries/postgres/grants_ledger.sql"
+        ))
+        .bind(referrers)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q(LED))?;
+        let mut interner = Interner::default();
+        for r in &rows {
+            let grant = ledger_grant(
+                r.try_get(0).map_err(q(LED))?,
+                r.try_get(1).map_err(q(LED))?,
+                r.try_get(2).map_err(q(LED))?,
+                r.try_get(3).map_err(q(LED))?,
+                r.try_get(4).map_err(q(LED))?,
+                r.try_get(5).map_err(q(LED))?,
+                r.try_get(6).map_err(q(LED))?,
+                r.try_get(7).map_err(q(LED))?,
+                r.try_get(8).map_err(q(LED))?,
+                r.try_get(9).map_err(q(LED))?,
+                &mut interner,
+            )?;
+            if referred.contains(&grant.user_id) {
+                g.ledger.push(grant);
+            }
+        }
+        sw.lap(timings, "grants_ledger", g.ledger.len());
+        Ok(g)
+    }
+
+    /// The grant programs' writes, inside the run's apply transaction: the ledger rows, then
+    /// the balances of the rows actually written (a row another run wrote first is skipped, and
+    /// so is its balance change).
+    pub(super) async fn apply_grants(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        programs: &[ProgramPlan],
+        run_id: i64,
+        as_of: Instant,
+    ) -> Result<GrantsApplied, StoreError> {
+        let rows = crate::store::ledger_rows(programs);
+        let mut out = GrantsApplied {
+            planned: rows.len() as u64,
+            ..GrantsApplied::default()
+        };
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let col_s = |f: fn(&crate::store::LedgerRow) -> String| -> Vec<String> {
+            rows.iter().map(f).collect()
+        };
+        let col_i = |f: fn(&crate::store::LedgerRow) -> Option<i64>| -> Vec<Option<i64>> {
+            rows.iter().map(f).collect()
+        };
+        let written: Vec<PgRow> = sqlx::query(include_str!(
+            "../../../sql/queries/postgres/insert_grants.sql"
+        ))
+        .bind(col_s(|r| r.program.clone()))
+        .bind(col_i(|r| Some(r.referrer_id)))
+        .bind(col_i(|r| Some(r.user_id)))
+        .bind(col_s(|r| r.party.as_str().to_owned()))
+        .bind(col_s(|r| r.kind().to_owned()))
+        .bind(col_i(|r| Some(r.seq)))
+        .bind(col_i(|r| Some(r.credited_user_id)))
+        .bind(col_i(|r| r.days()))
+        .bind(col_i(|r| r.cents()))
+        .bind(col_i(|r| r.payment_id))
+        .bind(run_id)
+        .bind(dt(as_of))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("writing referral_grants"))?;
+
+        let mut balances: BTreeMap<i64, crate::store::Balance> = BTreeMap::new();
+        for r in &written {
+            let kind: String = r.try_get(3).map_err(q("writing referral_grants"))?;
+            let credited: i64 = r.try_get(4).map_err(q("writing referral_grants"))?;
+            let days: Option<i64> = r.try_get(5).map_err(q("writing referral_grants"))?;
+            let cents: Option<i64> = r.try_get(6).map_err(q("writing referral_grants"))?;
+            let b = balances.entry(credited).or_default();
+            b.add(kind == "reversal", days, cents);
+            if kind == "reversal" {
+                out.reversals_written += 1;
+            } else {
+                out.grants_written += 1;
+            }
+        }
+        out.conflicts = out.planned - written.len() as u64;
+
+        let cents: Vec<(i64, i64)> = balances
+            .iter()
+            .filter(|(_, b)| b.cents != 0)
+            .map(|(u, b)| (*u, b.cents))
+            .collect();
+        if !cents.is_empty() {
+            sqlx::query(include_str!(
+                "../../../sql/queries/postgres/credit_cents.sql"
+            ))
+            .bind(cents.iter().map(|c| c.0).collect::<Vec<_>>())
+            .bind(cents.iter().map(|c| c.1).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing users.credit_cents"))?;
+        }
+        let days: Vec<(i64, i64, i64)> = balances
+            .iter()
+            .filter(|(_, b)| b.days_touched)
+            .map(|(u, b)| (*u, b.days_reversed, b.days_granted))
+            .collect();
+        if !days.is_empty() {
+            sqlx::query(include_str!(
+                "../../../sql/queries/postgres/credit_until.sql"
+            ))
+            .bind(days.iter().map(|c| c.0).collect::<Vec<_>>())
+            .bind(days.iter().map(|c| c.1).collect::<Vec<_>>())
+            .bind(days.iter().map(|c| c.2).collect::<Vec<_>>())
+            .bind(dt(as_of))
+            .execute(&mut *tx)
+            .await
+            .map_err(q("writing users.credit_until"))?;
+        }
+        out.balances_written = balances.len() as u64;
+        Ok(out)
+    }
+}
