@@ -12,6 +12,8 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::instant::{self, Instant};
+use crate::program::grants::Amount;
+use crate::program::grants::plan::ProgramPlan;
 use crate::program::slots::compute::ReferralOutcome;
 use crate::program::slots::plan::{Plan, PlanEntry};
 use crate::program::slots::rewards::RewardResult;
@@ -73,6 +75,24 @@ pub fn per_referral_path(report: &Path, format: ReportFormat) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "report".into());
     report.with_file_name(format!("{stem}.referrals.{}", format.extension()))
+}
+
+/// Where `--per-referral` writes the grant programs' rows: `NAME.grants.EXT`.
+pub fn grants_path(report: &Path, format: ReportFormat) -> PathBuf {
+    beside(report, "grants", format)
+}
+
+/// Where a report's grant program figures go: `NAME.programs.EXT`, one row per program.
+pub fn programs_path(report: &Path, format: ReportFormat) -> PathBuf {
+    beside(report, "programs", format)
+}
+
+fn beside(report: &Path, what: &str, format: ReportFormat) -> PathBuf {
+    let stem = report
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    report.with_file_name(format!("{stem}.{what}.{}", format.extension()))
 }
 
 /// One report row per plan entry, with exactly SPEC section 5's fields, in SPEC's order.
@@ -154,6 +174,26 @@ pub struct SavedPlan {
     pub as_of: String,
     pub digest: String,
     pub referrers: Vec<ReportRow>,
+    /// The grant programs (format 2): per program, the referrals granted now or changing in
+    /// this run, as the digest covers them. Absent in format 1 files.
+    #[serde(default)]
+    pub programs: Vec<SavedProgram>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedProgram {
+    pub program: String,
+    pub referrals: Vec<SavedReferral>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedReferral {
+    pub referrer_user_id: i64,
+    pub referred_user_id: i64,
+    pub outcome: String,
+    pub cause: Option<String>,
+    /// `[party, credited user, days, cents]` per grant or reversal this run makes.
+    pub changes: Vec<(String, i64, Option<i64>, Option<i64>)>,
 }
 
 /// A SPEC section 5 report row: the result's fields, then `current_bonus_slots`.
@@ -173,14 +213,45 @@ impl ReportRow {
     }
 }
 
-const PLAN_FORMAT: &str = "referral-rewards-plan/1";
+/// Format 2 adds the grant programs; format 1 files (slots only) still load.
+const PLAN_FORMAT: &str = "referral-rewards-plan/2";
+const PLAN_FORMATS: [&str; 2] = ["referral-rewards-plan/1", PLAN_FORMAT];
 
-pub fn saved_plan(plan: &Plan, as_of: Instant) -> SavedPlan {
+pub fn saved_plan(plan: &Plan, grants: &[ProgramPlan], as_of: Instant) -> SavedPlan {
+    use crate::program::grants::rules::Outcome;
     SavedPlan {
         format: PLAN_FORMAT.into(),
         as_of: instant::to_rfc3339(as_of),
         digest: plan.digest.clone(),
         referrers: plan.entries.iter().map(ReportRow::of).collect(),
+        programs: grants
+            .iter()
+            .map(|p| SavedProgram {
+                program: p.name.clone(),
+                referrals: p
+                    .referrals
+                    .iter()
+                    .filter(|d| d.outcome == Outcome::Granted || !d.changes.is_empty())
+                    .map(|d| SavedReferral {
+                        referrer_user_id: d.referrer_id,
+                        referred_user_id: d.user_id,
+                        outcome: d.outcome.as_str().into(),
+                        cause: d.cause.map(|c| c.as_str().into()),
+                        changes: d
+                            .changes
+                            .iter()
+                            .map(|c| {
+                                let (days, cents) = match c.amount {
+                                    Amount::Days(d) => (Some(d), None),
+                                    Amount::Cents(x) => (None, Some(x)),
+                                };
+                                (c.party.as_str().into(), c.credited_user_id, days, cents)
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
@@ -201,7 +272,7 @@ pub fn load_plan(path: &Path) -> Result<SavedPlan, ReportError> {
     let file = File::open(path).map_err(|e| err(e.to_string()))?;
     let plan: SavedPlan =
         serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| err(e.to_string()))?;
-    if plan.format != PLAN_FORMAT {
+    if !PLAN_FORMATS.contains(&plan.format.as_str()) {
         return Err(err(format!(
             "format {:?}, expected {PLAN_FORMAT:?}",
             plan.format

@@ -626,6 +626,14 @@ fn explanation(report: &RunReport, id: i64, page: Option<Page>) -> Value {
             "reason": crate::summary::reason(r.outcome),
         })
     };
+    v["grant_programs"] = report
+        .grants
+        .iter()
+        .map(|p| {
+            serde_json::to_value(crate::program::grants::report::referrer_view(p, id))
+                .expect("plain data")
+        })
+        .collect();
     let all = &report.computation.referrals;
     match page {
         None => v["referrals"] = all.iter().map(referral).collect(),

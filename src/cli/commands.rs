@@ -8,6 +8,7 @@ use referral_rewards::config::{self, Config};
 use referral_rewards::demo::DemoSpec;
 use referral_rewards::engine::{self, EngineError, RunControl, RunRequest};
 use referral_rewards::instant;
+use referral_rewards::program::grants::report as grant_report;
 use referral_rewards::report::{self, ReportFormat};
 use referral_rewards::serve;
 use referral_rewards::snapshot::Scope;
@@ -115,6 +116,31 @@ async fn write_reports(
                 rows.height(),
                 beside.display(),
                 started.elapsed().as_secs_f64()
+            ));
+            if !run.grants.is_empty() {
+                let started = std::time::Instant::now();
+                let mut rows = grant_report::referral_frame(&run.grants, |d| {
+                    !only_changes || !d.changes.is_empty()
+                })
+                .map_err(polars_failure)?;
+                let beside = report::grants_path(&path, format);
+                report::write(&mut rows, &beside, format)?;
+                out.push(format!(
+                    "per-referral grants report: {} rows to {} in {:.2} s",
+                    rows.height(),
+                    beside.display(),
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        if !run.grants.is_empty() {
+            let mut frame = grant_report::program_frame(&run.grants).map_err(polars_failure)?;
+            let beside = report::programs_path(&path, format);
+            report::write(&mut frame, &beside, format)?;
+            out.push(format!(
+                "grant programs report: {} rows to {}",
+                frame.height(),
+                beside.display()
             ));
         }
         Ok(out)
@@ -237,11 +263,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 Err(EngineError::DigestMismatch { expected, plan }) => {
                     let differ = audited
                         .as_ref()
-                        .map(|a| {
-                            format!(
-                                "; {} referrers differ from the audited plan",
-                                report::count_differences(a, &plan)
-                            )
+                        .map(|a| match report::count_differences(a, &plan) {
+                            0 if !config.grants.is_empty() => {
+                                "; the slots results match the audited plan, so the grant programs' differ".to_owned()
+                            }
+                            n => format!("; {n} referrers differ from the audited plan"),
                         })
                         .unwrap_or_default();
                     return Err(Failure {
@@ -267,7 +293,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 }
             }
             if let Some(path) = save_plan {
-                let saved = report::saved_plan(&run.plan, run.request.as_of);
+                let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
                 report::save_plan(&saved, &path)?;
                 println!("plan saved to {} (digest {})", path.display(), saved.digest);
             }
@@ -315,6 +341,12 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     referrer
                 )
             );
+            for p in &report.grants {
+                print!(
+                    "{}",
+                    grant_report::referrer_text(&grant_report::referrer_view(p, referrer))
+                );
+            }
         }
         Command::Serve => {
             let settings = serve::settings(&config)?;

@@ -160,3 +160,216 @@ fn pick(a: Amount, days: bool) -> Option<i64> {
         _ => None,
     }
 }
+
+/// One row per grant program: the figures of [`analytics`], flat (`NAME.programs.EXT`).
+pub fn program_frame(plans: &[ProgramPlan]) -> PolarsResult<DataFrame> {
+    let a: Vec<Analytics> = plans.iter().map(analytics).collect();
+    let n = |f: &dyn Fn(&Analytics) -> u64| a.iter().map(|x| f(x) as i64).collect::<Vec<i64>>();
+    let i = |f: &dyn Fn(&Analytics) -> i64| a.iter().map(f).collect::<Vec<i64>>();
+    let outcome = |o: Outcome| {
+        a.iter()
+            .map(|x| x.stats.outcomes.get(o.as_str()).copied().unwrap_or(0) as i64)
+            .collect::<Vec<i64>>()
+    };
+    let mut df = df!(
+        "program" => a.iter().map(|x| x.stats.program.clone()).collect::<Vec<String>>(),
+        "referrals" => n(&|x| x.stats.referrals),
+        "conversions" => n(&|x| x.stats.conversions),
+        "conversion_rate" => a.iter().map(|x| x.conversion_rate).collect::<Vec<Option<f64>>>(),
+        "median_days_to_conversion" => a.iter().map(|x| x.median_days_to_conversion).collect::<Vec<Option<f64>>>(),
+        "grants_referrer" => n(&|x| x.stats.grants_referrer.count),
+        "grants_referrer_days" => i(&|x| x.stats.grants_referrer.days),
+        "grants_referrer_cents" => i(&|x| x.stats.grants_referrer.cents),
+        "grants_referred" => n(&|x| x.stats.grants_referred.count),
+        "grants_referred_days" => i(&|x| x.stats.grants_referred.days),
+        "grants_referred_cents" => i(&|x| x.stats.grants_referred.cents),
+        "reversals_referrer" => n(&|x| x.stats.reversals_referrer.count),
+        "reversals_referrer_days" => i(&|x| x.stats.reversals_referrer.days),
+        "reversals_referrer_cents" => i(&|x| x.stats.reversals_referrer.cents),
+        "reversals_referred" => n(&|x| x.stats.reversals_referred.count),
+        "reversals_referred_days" => i(&|x| x.stats.reversals_referred.days),
+        "reversals_referred_cents" => i(&|x| x.stats.reversals_referred.cents),
+        "paid_out_referrer_days" => i(&|x| x.paid_out_referrer.days),
+        "paid_out_referrer_cents" => i(&|x| x.paid_out_referrer.cents),
+        "paid_out_referred_days" => i(&|x| x.paid_out_referred.days),
+        "paid_out_referred_cents" => i(&|x| x.paid_out_referred.cents),
+        "top_referrers" => a.iter().map(|x| x.top_referrers.iter().map(|t| format!("{}:{}", t.referrer_user_id, t.granted)).collect::<Vec<_>>().join(" ")).collect::<Vec<String>>(),
+    )?;
+    for o in Outcome::ALL {
+        df.with_column(Column::new(o.as_str().into(), outcome(o)))?;
+    }
+    Ok(df)
+}
+
+/// A grant program as one referrer's stats page shows it (`explain`, `GET /v1/referrers/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReferrerView {
+    pub program: String,
+    /// R's referrals granted.
+    pub uses: u64,
+    /// `None`: no limit.
+    pub cap: Option<i64>,
+    /// Uses left under the cap; `None` when unlimited.
+    pub remaining: Option<i64>,
+    /// What R has earned as referrer in this program, this run's changes included.
+    pub earned_days: i64,
+    pub earned_cents: i64,
+    pub referrals: Vec<ReferralView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReferralView {
+    pub referred_user_id: i64,
+    pub outcome: &'static str,
+    pub cause: Option<&'static str>,
+    pub conversion_payment_id: Option<i64>,
+    pub converted_at: Option<String>,
+    pub position: Option<u32>,
+    /// The live grants the ledger holds for the referral.
+    pub held: Vec<GrantView>,
+    /// The grants and reversals this run makes (negative amounts for reversals).
+    pub changes: Vec<GrantView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrantView {
+    pub party: &'static str,
+    pub credited_user_id: i64,
+    pub credit_days: Option<i64>,
+    pub credit_cents: Option<i64>,
+}
+
+impl GrantView {
+    fn new(party: Party, credited_user_id: i64, amount: Amount) -> Self {
+        GrantView {
+            party: party.as_str(),
+            credited_user_id,
+            credit_days: pick(amount, true),
+            credit_cents: pick(amount, false),
+        }
+    }
+}
+
+/// Referrer `id`'s view of a program: its referrals (by referred user id) and its figures.
+pub fn referrer_view(plan: &ProgramPlan, id: i64) -> ReferrerView {
+    let mine: Vec<&Decided> = plan
+        .referrals
+        .iter()
+        .filter(|d| d.referrer_id == id)
+        .collect();
+    let uses = mine
+        .iter()
+        .filter(|d| d.outcome == Outcome::Granted)
+        .count() as u64;
+    let (mut days, mut cents) = (0, 0);
+    for d in &mine {
+        for (party, amount) in after_run(d) {
+            if party == Party::Referrer {
+                days += amount.days();
+                cents += amount.cents();
+            }
+        }
+    }
+    let cap = (plan.cap > 0).then_some(plan.cap);
+    ReferrerView {
+        program: plan.name.clone(),
+        uses,
+        cap,
+        remaining: cap.map(|c| (c - uses as i64).max(0)),
+        earned_days: days,
+        earned_cents: cents,
+        referrals: mine
+            .iter()
+            .map(|d| ReferralView {
+                referred_user_id: d.user_id,
+                outcome: d.outcome.as_str(),
+                cause: d.cause.map(Outcome::as_str),
+                conversion_payment_id: d.conversion.map(|c| c.payment_id),
+                converted_at: d.conversion.map(|c| instant::to_rfc3339(c.at)),
+                position: d.position,
+                held: d
+                    .held
+                    .iter()
+                    .map(|h| GrantView::new(h.party, h.credited_user_id, h.amount))
+                    .collect(),
+                changes: d
+                    .changes
+                    .iter()
+                    .map(|c| GrantView::new(c.party, c.credited_user_id, c.amount))
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The text form of [`referrer_view`], for `explain`.
+pub fn referrer_text(v: &ReferrerView) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let limit = match (v.cap, v.remaining) {
+        (Some(c), Some(r)) => format!("cap {c}, {r} remaining"),
+        _ => "no cap".into(),
+    };
+    let mut earned = vec![];
+    if v.earned_days != 0 {
+        earned.push(format!("{} days", v.earned_days));
+    }
+    if v.earned_cents != 0 {
+        earned.push(format!("{} cents", v.earned_cents));
+    }
+    let earned = if earned.is_empty() {
+        "nothing".to_owned()
+    } else {
+        earned.join(", ")
+    };
+    let _ = writeln!(
+        s,
+        "grant program {}: {} granted ({limit}); earned as referrer: {earned}",
+        v.program, v.uses
+    );
+    if v.referrals.is_empty() {
+        let _ = writeln!(s, "  no referrals");
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:>14}  {:<26}  {:>8}  {:<28}  grants",
+        "referred_user", "outcome", "position", "converted_at (payment)"
+    );
+    let show = |g: &GrantView| {
+        let amount = match (g.credit_days, g.credit_cents) {
+            (Some(d), _) => format!("{d} days"),
+            (_, Some(c)) => format!("{c} cents"),
+            _ => String::new(),
+        };
+        format!("{} {} {amount}", g.party, g.credited_user_id)
+    };
+    for r in &v.referrals {
+        let outcome = match r.cause {
+            Some(c) => format!("{} ({c})", r.outcome),
+            None => r.outcome.to_owned(),
+        };
+        let conv = match (&r.converted_at, r.conversion_payment_id) {
+            (Some(t), Some(p)) => format!("{t} ({p})"),
+            _ => "-".into(),
+        };
+        let mut grants: Vec<String> = r.held.iter().map(|g| format!("held {}", show(g))).collect();
+        grants.extend(r.changes.iter().map(|g| format!("now {}", show(g))));
+        let _ = writeln!(
+            s,
+            "{:>14}  {:<26}  {:>8}  {:<28}  {}",
+            r.referred_user_id,
+            outcome,
+            r.position
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            conv,
+            if grants.is_empty() {
+                "-".into()
+            } else {
+                grants.join("; ")
+            }
+        );
+    }
+    s
+}
