@@ -595,6 +595,34 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
         "reward_row": entry.is_some_and(|e| e.reward_changes() && e.write_error().is_none()),
         "host": host,
     });
+    // The grant programs' referrals this run decided and wrote for the user: those in which it
+    // is the referrer or the referred user (what a payment webhook wants to know).
+    if !report.grants.is_empty() {
+        v["grants"] = report
+            .grants
+            .iter()
+            .map(|p| {
+                json!({
+                    "program": p.name,
+                    "referrals": p.referrals.iter()
+                        .filter(|d| d.referrer_id == id || d.user_id == id)
+                        .map(|d| json!({
+                            "referrer_user_id": d.referrer_id,
+                            "referred_user_id": d.user_id,
+                            "outcome": d.outcome.as_str(),
+                            "cause": d.cause.map(|c| c.as_str()),
+                            "changes": d.changes.iter().map(|c| json!({
+                                "party": c.party.as_str(),
+                                "credited_user_id": c.credited_user_id,
+                                "credit_days": matches!(c.amount, crate::program::grants::Amount::Days(_)).then(|| c.amount.days()),
+                                "credit_cents": matches!(c.amount, crate::program::grants::Amount::Cents(_)).then(|| c.amount.cents()),
+                            })).collect::<Vec<_>>(),
+                        }))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+    }
     v
 }
 
@@ -950,6 +978,49 @@ pub fn render_metrics(counts: &[(String, i64)], last: Option<&RunRow>) -> String
             "gauge",
             "Referred users of the last run by outcome (or reason for not being a candidate).",
             &samples,
+        );
+    }
+    let programs: Value = r
+        .programs
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    if let Some(list) = programs["grants"].as_array() {
+        let mut outcomes = vec![];
+        let mut grants = vec![];
+        for p in list {
+            let name = p["program"].as_str().unwrap_or_default();
+            if let Some(map) = p["outcomes"].as_object() {
+                for (o, v) in map {
+                    outcomes.push((
+                        format!("{{program=\"{name}\",outcome=\"{o}\"}}"),
+                        v.as_f64().unwrap_or(0.0),
+                    ));
+                }
+            }
+            for (key, kind, party) in [
+                ("grants_referrer", "grant", "referrer"),
+                ("grants_referred", "grant", "referred"),
+                ("reversals_referrer", "reversal", "referrer"),
+                ("reversals_referred", "reversal", "referred"),
+            ] {
+                grants.push((
+                    format!("{{program=\"{name}\",kind=\"{kind}\",party=\"{party}\"}}"),
+                    p[key]["count"].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+        family(
+            "referral_rewards_last_run_grant_outcomes",
+            "gauge",
+            "Referrals of the last run by grant program and outcome.",
+            &outcomes,
+        );
+        family(
+            "referral_rewards_last_run_grants",
+            "gauge",
+            "Grants and reversals the last run planned, by grant program, kind and party.",
+            &grants,
         );
     }
     s

@@ -266,6 +266,8 @@ pub struct RunRow {
     pub outcome_counts: Option<String>,
     pub digest: Option<String>,
     pub error: Option<String>,
+    /// JSON: the grant programs' counts and what the run wrote of them (see [`RunFinish`]).
+    pub programs: Option<String>,
 }
 
 /// What a run records in its row when it succeeds. Its `finished_at` is stamped by the job's

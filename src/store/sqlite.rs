@@ -452,7 +452,7 @@ impl SqliteStore {
         let rows = sqlx::query(
             "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
              referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, outcome_counts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+             host_values_written, conflicts, outcome_counts, digest, error, programs FROM reward_runs ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -487,6 +487,7 @@ impl SqliteStore {
                     outcome_counts: r.get(14),
                     digest: r.get(15),
                     error: r.get(16),
+                    programs: r.get(17),
                 })
             })
             .collect()

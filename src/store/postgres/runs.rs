@@ -189,7 +189,7 @@ impl PgStore {
         let rows = sqlx::query(
             "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
              referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, outcome_counts, digest, error FROM reward_runs ORDER BY id DESC LIMIT $1",
+             host_values_written, conflicts, outcome_counts, digest, error, programs FROM reward_runs ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
         .fetch_all(&self.pool)
@@ -219,6 +219,7 @@ impl PgStore {
                     outcome_counts: r.try_get(14)?,
                     digest: r.try_get(15)?,
                     error: r.try_get(16)?,
+                    programs: r.try_get(17)?,
                 })
             })
             .collect::<Result<_, _>>()
