@@ -11,6 +11,9 @@ DEMO_DB := target/demo/referral-rewards.db
 DEMO_URL := sqlite://$(DEMO_DB)
 DEMO_USERS ?= 100000
 DEMO_AS_OF := 2026-11-01T00:00:00Z
+# The demo's config: config.toml with its two example grant programs enabled.
+DEMO_CONFIG := target/demo/config.toml
+DEMO := $(BIN) --config $(DEMO_CONFIG) --database-url $(DEMO_URL)
 
 # The benchmark's PostgreSQL server (its datasets are databases rr_bench_<users>).
 export REFERRAL_REWARDS_BENCH_PG_URL ?= postgres://postgres@127.0.0.1:5432/test
@@ -25,18 +28,19 @@ build: ## Build the binary (dev profile)
 
 demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summaries
 	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_DB).lock; mkdir -p $(dir $(DEMO_DB))
-	$(BIN) --database-url $(DEMO_URL) demo-data --users $(DEMO_USERS) --seed 42 --anchor $(DEMO_AS_OF)
-	@echo; echo "== dry run: what a run would write, and why (writes nothing)"
-	$(BIN) --database-url $(DEMO_URL) reconcile --dry-run --as-of $(DEMO_AS_OF)
+	@sed -e '/^# \[\[grants\]\]/,$$ s/^# //' config.toml > $(DEMO_CONFIG)
+	$(DEMO) demo-data --users $(DEMO_USERS) --seed 42 --anchor $(DEMO_AS_OF)
+	@echo; echo "== dry run: what a run would write, and why (writes nothing); the slots program and two grant programs"
+	$(DEMO) reconcile --dry-run --as-of $(DEMO_AS_OF)
 	@echo; echo "== apply"
-	$(BIN) --database-url $(DEMO_URL) reconcile --as-of $(DEMO_AS_OF)
-	@echo; echo "== apply again: nothing left to write"
-	$(BIN) --database-url $(DEMO_URL) reconcile --as-of $(DEMO_AS_OF)
+	$(DEMO) reconcile --as-of $(DEMO_AS_OF)
+	@echo; echo "== apply again: nothing left to write, nothing granted twice"
+	$(DEMO) reconcile --as-of $(DEMO_AS_OF)
 	@echo; echo "== why did referrer 2611's referrals count or not?"
-	$(BIN) --database-url $(DEMO_URL) explain --referrer 2611 --as-of $(DEMO_AS_OF)
+	$(DEMO) explain --referrer 2611 --as-of $(DEMO_AS_OF)
 	@echo; echo "== run history"
-	$(BIN) --database-url $(DEMO_URL) runs
-	@echo; echo "The demo database is $(DEMO_DB)."
+	$(DEMO) runs
+	@echo; echo "The demo database is $(DEMO_DB), its config $(DEMO_CONFIG)."
 
 test: ## Every test: unit, SQLite and PostgreSQL integration, CLI, serve, property tests
 	$(CARGO) test --lib --bins --tests

@@ -644,6 +644,28 @@ mod tests {
     }
 
     #[test]
+    fn shipped_grant_examples_enable_as_make_demo_does() {
+        // `make demo` uncomments everything from the first `# [[grants]]` line on.
+        let text = include_str!("../config.toml");
+        let at = text.find("# [[grants]]").expect("the examples are there");
+        let enabled: String = text[..at].to_owned()
+            + &text[at..]
+                .lines()
+                .map(|l| l.strip_prefix("# ").unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n");
+        let c = Config::parse(&enabled).unwrap();
+        assert_eq!(c.grants.len(), 2);
+        let (a, b) = (&c.grants[0], &c.grants[1]);
+        assert_eq!(a.referrer.as_ref().unwrap().credit_days, Some(45));
+        assert_eq!(a.referred.as_ref().unwrap().credit_days, Some(45));
+        assert!(a.fraud_checks);
+        assert_eq!(b.min_payment_cents, 1000);
+        assert_eq!(b.max_rewarded_per_referrer, 10);
+        assert_eq!(b.referred.as_ref().unwrap().credit_cents, Some(1000));
+    }
+
+    #[test]
     fn negative_cooldown_names_the_key() {
         assert!(err("[rules]\ncooldown_days = -1").contains("rules.cooldown_days"));
     }

@@ -9,6 +9,8 @@
 pub mod plan;
 pub mod report;
 pub mod rules;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
