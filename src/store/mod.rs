@@ -742,3 +742,41 @@ pub(crate) fn programs_json(finish: &RunFinish, applied: &GrantsApplied) -> Opti
     v["written"] = serde_json::to_value(applied).expect("plain counts");
     Some(v.to_string())
 }
+
+/// The part of the grant programs' snapshot that the slots program's part already holds.
+#[derive(Clone, Copy)]
+pub(crate) enum Part {
+    Referrals,
+    Registrations,
+    ReferrerEvents,
+}
+
+/// Completes the grant programs' snapshot of a full or shard run with what the slots program's
+/// part of the same transaction read: the referrals of invite-code holders, their referred
+/// users' registrations and their IPs in the window. The grant queries read only the rest, so
+/// that enabling grant programs does not read those rows twice.
+pub(crate) fn share_slots_reads(
+    g: &mut crate::program::grants::GrantsSnapshot,
+    slots: &Snapshot,
+    part: Part,
+) {
+    match part {
+        Part::Referrals => {
+            g.referrals.extend(
+                slots
+                    .referred
+                    .iter()
+                    .map(|u| crate::program::grants::Referral {
+                        referrer_id: u.referrer_id,
+                        user_id: u.id,
+                        signed_up_at: u.created_at,
+                        referrer_exists: true,
+                    }),
+            )
+        }
+        Part::Registrations => g.registrations.extend(slots.registrations.iter().cloned()),
+        Part::ReferrerEvents => g
+            .referrer_events
+            .extend(slots.referrer_events.iter().cloned()),
+    }
+}

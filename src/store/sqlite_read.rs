@@ -14,7 +14,7 @@ use rusqlite::{Connection, OpenFlags, Row, named_params};
 
 use super::StoreError;
 use super::hex;
-use super::ledger_grant;
+use super::{Part, ledger_grant};
 use crate::instant::{self, Instant};
 use crate::program::grants::{GrantsSnapshot, Payment, Referral};
 use crate::program::slots::rewards::RewardResult;
@@ -400,13 +400,16 @@ fn read(
     sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
     if let Some(gr) = grants {
+        let mut timings = vec![];
         snap.grants = Some(read_grants(
             conn,
             scope,
             window,
             gr.fraud,
-            &mut snap.timings,
+            &snap,
+            &mut timings,
         )?);
+        snap.timings.extend(timings);
     }
 
     let repeated = super::users_with_duplicate_subscriptions(&snap);
@@ -480,14 +483,18 @@ fn reward(r: &Row<'_>) -> rusqlite::Result<RewardResult> {
 /// The grant programs' part of the snapshot, in the same read transaction: the referrals in
 /// scope with their facts (docs/rules.md §7.1). `fraud`: whether any program checks fraud
 /// (the IP queries are skipped otherwise). A one-user run on X reads X's referral set and X's
-/// referrer's; a shard reads every referral and keeps its referrers'.
+/// referrer's; a shard reads every referral and keeps its referrers'. A full or shard run reads
+/// only what `slots`, the slots program's part of the same snapshot, has not: the referrals,
+/// registrations and IPs of users without an invite code (see [`share_slots_reads`]).
 pub(super) fn read_grants(
     conn: &Connection,
     scope: Scope,
     window: (Instant, Instant),
     fraud: bool,
+    slots: &Snapshot,
     timings: &mut Vec<crate::snapshot::QueryTiming>,
 ) -> Result<GrantsSnapshot, StoreError> {
+    let complement = !matches!(scope, Scope::Referrer(_));
     let mut sw = Stopwatch::start();
     let mut g = GrantsSnapshot::default();
     let as_of = window.1;
@@ -521,7 +528,7 @@ pub(super) fn read_grants(
         ))
         .map_err(sql_err(REF))?;
     let mut rows = st
-        .query(named_params! {"$1": referrers})
+        .query(named_params! {"$1": referrers, "$c": complement})
         .map_err(sql_err(REF))?;
     while let Some(r) = rows.next().map_err(sql_err(REF))? {
         let id = At::id("users").int(r, 0, "id", REF)?;
@@ -539,6 +546,9 @@ pub(super) fn read_grants(
     }
     drop(rows);
     drop(st);
+    if complement {
+        super::share_slots_reads(&mut g, slots, Part::Referrals);
+    }
     sw.lap(timings, "grants_referrals", g.referrals.len());
     let referred: HashSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
 
@@ -550,7 +560,7 @@ pub(super) fn read_grants(
             ))
             .map_err(sql_err(REG))?;
         let mut rows = st
-            .query(named_params! {"$1": referrers})
+            .query(named_params! {"$1": referrers, "$c": complement})
             .map_err(sql_err(REG))?;
         while let Some(r) = rows.next().map_err(sql_err(REG))? {
             let id = At::id("telemetry_events").int(r, 2, "id", REG)?;
@@ -565,6 +575,9 @@ pub(super) fn read_grants(
         }
         drop(rows);
         drop(st);
+        if complement {
+            super::share_slots_reads(&mut g, slots, Part::Registrations);
+        }
         sw.lap(timings, "grants_registrations", g.registrations.len());
 
         const EV: &str = "reading referrer events";
@@ -577,7 +590,7 @@ pub(super) fn read_grants(
             ))
             .map_err(sql_err(EV))?;
         let mut rows = st
-            .query(named_params! {"$1": lo, "$2": hi, "$3": referrers})
+            .query(named_params! {"$1": lo, "$2": hi, "$3": referrers, "$c": complement})
             .map_err(sql_err(EV))?;
         let mut seen: HashSet<(i64, String)> = HashSet::new();
         while let Some(r) = rows.next().map_err(sql_err(EV))? {
@@ -595,6 +608,9 @@ pub(super) fn read_grants(
         }
         drop(rows);
         drop(st);
+        if complement {
+            super::share_slots_reads(&mut g, slots, Part::ReferrerEvents);
+        }
         sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
     }
 

@@ -11,7 +11,7 @@ use super::*;
 use crate::program::grants::plan::ProgramPlan;
 use crate::program::grants::{GrantsSnapshot, Payment, Referral};
 use crate::snapshot::QueryTiming;
-use crate::store::{GrantsApplied, ledger_grant};
+use crate::store::{GrantsApplied, Part, ledger_grant, share_slots_reads};
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
 
@@ -131,8 +131,11 @@ impl PgStore {
         scope: Scope,
         window: (Instant, Instant),
         fraud: bool,
+        slots: &Snapshot,
         timings: &mut Vec<QueryTiming>,
     ) -> Result<GrantsSnapshot, StoreError> {
+        let complement = !matches!(scope, Scope::Referrer(_));
+        let c_lit = complement.to_string();
         let mut sw = Stopwatch::start();
         let mut g = GrantsSnapshot::default();
         let as_of = window.1;
@@ -159,8 +162,8 @@ impl PgStore {
             .rows(
                 tx,
                 include_str!("../../../sql/queries/postgres/grants_referrals.sql"),
-                std::slice::from_ref(&lit),
-                move |qy| qy.bind(ids),
+                &[lit.clone(), c_lit.clone()],
+                move |qy| qy.bind(ids).bind(complement),
                 4,
                 "reading referrals",
                 |c| {
@@ -180,6 +183,9 @@ impl PgStore {
                 },
             )
             .await?;
+        if complement {
+            share_slots_reads(&mut g, slots, Part::Referrals);
+        }
         sw.lap(timings, "grants_referrals", g.referrals.len());
         let referred: HashSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
 
@@ -189,8 +195,8 @@ impl PgStore {
                 .rows(
                     tx,
                     include_str!("../../../sql/queries/postgres/grants_registrations.sql"),
-                    std::slice::from_ref(&lit),
-                    move |qy| qy.bind(ids),
+                    &[lit.clone(), c_lit.clone()],
+                    move |qy| qy.bind(ids).bind(complement),
                     2,
                     "reading registration events",
                     |c| {
@@ -202,6 +208,9 @@ impl PgStore {
                     },
                 )
                 .await?;
+            if complement {
+                share_slots_reads(&mut g, slots, Part::Registrations);
+            }
             sw.lap(timings, "grants_registrations", g.registrations.len());
 
             let wanted: HashSet<i64> = g.referrals.iter().map(|x| x.referrer_id).collect();
@@ -210,13 +219,19 @@ impl PgStore {
                 format!("'{}'::timestamptz", instant::to_rfc3339(window.0)),
                 format!("'{}'::timestamptz", instant::to_rfc3339(window.1)),
                 lit.clone(),
+                c_lit.clone(),
             ];
             g.referrer_events = self
                 .rows(
                     tx,
                     include_str!("../../../sql/queries/postgres/grants_referrer_events.sql"),
                     &literals,
-                    move |qy| qy.bind(dt(window.0)).bind(dt(window.1)).bind(ids),
+                    move |qy| {
+                        qy.bind(dt(window.0))
+                            .bind(dt(window.1))
+                            .bind(ids)
+                            .bind(complement)
+                    },
                     2,
                     "reading referrer events",
                     |c| {
@@ -228,6 +243,9 @@ impl PgStore {
                     },
                 )
                 .await?;
+            if complement {
+                share_slots_reads(&mut g, slots, Part::ReferrerEvents);
+            }
             sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
         }
 

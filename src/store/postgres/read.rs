@@ -702,10 +702,12 @@ impl PgStore {
         sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
         if let Some(gr) = grants {
+            let mut timings = vec![];
             snap.grants = Some(
-                self.read_grants(&mut tx, scope, window, gr.fraud, &mut snap.timings)
+                self.read_grants(&mut tx, scope, window, gr.fraud, &snap, &mut timings)
                     .await?,
             );
+            snap.timings.extend(timings);
         }
 
         let repeated = crate::store::users_with_duplicate_subscriptions(&snap);
