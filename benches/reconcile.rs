@@ -84,6 +84,23 @@ fn median_of_three(url: &str, args: &[&str]) -> (f64, f64) {
     (runs[1].0, rss)
 }
 
+/// The shipped config.toml with its two example grant programs enabled (as `make demo` does).
+fn grants_config() -> String {
+    let text = include_str!("../config.toml");
+    let at = text
+        .find("# [[grants]]")
+        .expect("config.toml carries the grant examples");
+    let enabled: String = text[..at].to_owned()
+        + &text[at..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+    let path = bench_dir().join("grants.toml");
+    std::fs::write(&path, enabled).unwrap();
+    path.display().to_string()
+}
+
 fn run_cli(url: &str, args: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(["--database-url", url])
@@ -132,16 +149,17 @@ fn psql(url: &str, sql: &str) -> String {
 /// every benchmark run starts from a copy of it.
 fn dataset(backend: Backend, users: i64) -> Dataset {
     let dir = bench_dir();
+    // Version 2: the grant programs' host state (payments, balances) is in the data.
     let marker = dir.join(format!(
-        "{}-{users}.ok",
+        "{}-{users}-v2.ok",
         if backend == Backend::Sqlite {
             "sqlite"
         } else {
             "pg"
         }
     ));
-    let pristine_db = format!("rr_bench_{users}");
-    let pristine_path = dir.join(format!("sqlite-{users}.db"));
+    let pristine_db = format!("rr_bench2_{users}");
+    let pristine_path = dir.join(format!("sqlite2-{users}.db"));
     let pg_url = |db: &str| {
         let mut u = url::Url::parse(&pg_base()).unwrap();
         u.set_path(&format!("/{db}"));
@@ -536,6 +554,104 @@ async fn bench(d: &Dataset) {
     );
 }
 
+/// About 1% of the referred users without a payment make a qualifying first purchase.
+fn new_conversions(d: &Dataset) {
+    let sql = "INSERT INTO payments (id, user_id, amount_cents, currency, status, created_at) \
+               SELECT 9000000000 + u.id, u.id, 2000, 'USD', 'succeeded', '2026-10-01 00:00:00' \
+               FROM users u WHERE u.referred_by_user_id IS NOT NULL AND u.id % 100 = 7 \
+               AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.user_id = u.id)";
+    match d.backend {
+        Backend::Sqlite => {
+            let out = Command::new("sqlite3")
+                .args([d.url.trim_start_matches("sqlite://"), sql])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Backend::Postgres => {
+            psql(&d.url, sql);
+        }
+    }
+}
+
+fn grants_written(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("grants written"))
+        .map(|l| {
+            l.trim_start()
+                .trim_start_matches("grants written")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+/// The grant programs of config.toml's examples beside the slots program, on the same state:
+/// a full dry run against the slots program alone, the first apply (every grant new), and an
+/// apply after ~1% new conversions against its dry run.
+async fn bench_grants(d: &Dataset) {
+    let cfg = grants_config();
+    let slots_only = ["reconcile", "--dry-run", "--as-of", ANCHOR];
+    let with_grants = [
+        "--config",
+        cfg.as_str(),
+        "reconcile",
+        "--dry-run",
+        "--as-of",
+        ANCHOR,
+    ];
+    timed(&d.url, &with_grants);
+    let (alone, alone_rss) = median_of_three(&d.url, &slots_only);
+    let (both, both_rss) = median_of_three(&d.url, &with_grants);
+    let payments = match d.backend {
+        Backend::Postgres => psql(&d.url, "SELECT count(*) FROM payments"),
+        Backend::Sqlite => {
+            let out = Command::new("sqlite3")
+                .args([
+                    d.url.trim_start_matches("sqlite://"),
+                    "SELECT count(*) FROM payments",
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        }
+    };
+    let apply = ["--config", cfg.as_str(), "reconcile", "--as-of", ANCHOR];
+    let (first_wall, _, first) = timed(&d.url, &apply);
+    new_conversions(d);
+    let (dry_new, _) = median_of_three(&d.url, &with_grants);
+    let (new_wall, _, new) = timed(&d.url, &apply);
+    let (again_wall, _, again) = timed(&d.url, &apply);
+    println!();
+    println!("| grant programs ({payments} payments) | wall | peak RSS | written |");
+    println!("| --- | ---: | ---: | --- |");
+    println!(
+        "| full dry run, slots program alone (median of 3) | {alone:.2} s | {alone_rss:.0} MiB | |"
+    );
+    println!(
+        "| full dry run, slots + 2 grant programs (median of 3) | {both:.2} s (**{:.2}×**) | {both_rss:.0} MiB | |",
+        both / alone
+    );
+    println!(
+        "| first apply with grants (all new) | {first_wall:.2} s | | {} |",
+        grants_written(&first)
+    );
+    println!(
+        "| apply after ~1% new conversions | {new_wall:.2} s (**{:+.2} s** vs its dry run, {dry_new:.2} s) | | {} |",
+        new_wall - dry_new,
+        grants_written(&new)
+    );
+    println!(
+        "| apply again | {again_wall:.2} s | | {} |",
+        grants_written(&again)
+    );
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
@@ -556,6 +672,7 @@ async fn main() {
             }
             let d = dataset(backend, users);
             bench(&d).await;
+            bench_grants(&d).await;
         }
     }
 }
