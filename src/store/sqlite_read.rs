@@ -503,7 +503,9 @@ pub(super) fn read_grants(
         Scope::Referrer(x) => {
             const W: &str = "reading the user's referrer";
             let mut st = conn
-                .prepare("SELECT referred_by_user_id FROM users WHERE id = $1")
+                .prepare(include_str!(
+                    "../../sql/queries/sqlite/grants_referrer_of.sql"
+                ))
                 .map_err(sql_err(W))?;
             let up: Option<Option<i64>> = st
                 .query_row(named_params! {"$1": x}, |r| r.get(0))
