@@ -525,13 +525,18 @@ pub(super) fn read_grants(
 
     const REF: &str = "reading referrals";
     let mut st = conn
-        .prepare(include_str!(
-            "../../sql/queries/sqlite/grants_referrals.sql"
-        ))
+        .prepare(if complement {
+            include_str!("../../sql/queries/sqlite/grants_referrals.sql")
+        } else {
+            include_str!("../../sql/queries/sqlite/grants_referrals_one.sql")
+        })
         .map_err(sql_err(REF))?;
-    let mut rows = st
-        .query(named_params! {"$1": referrers, "$c": complement})
-        .map_err(sql_err(REF))?;
+    let mut rows = if complement {
+        st.query(named_params! {"$c": true})
+    } else {
+        st.query(named_params! {"$1": referrers})
+    }
+    .map_err(sql_err(REF))?;
     while let Some(r) = rows.next().map_err(sql_err(REF))? {
         let id = At::id("users").int(r, 0, "id", REF)?;
         let user = At::of("users", id);
@@ -557,13 +562,18 @@ pub(super) fn read_grants(
     if fraud {
         const REG: &str = "reading registration events";
         let mut st = conn
-            .prepare(include_str!(
-                "../../sql/queries/sqlite/grants_registrations.sql"
-            ))
+            .prepare(if complement {
+                include_str!("../../sql/queries/sqlite/grants_registrations.sql")
+            } else {
+                include_str!("../../sql/queries/sqlite/grants_registrations_one.sql")
+            })
             .map_err(sql_err(REG))?;
-        let mut rows = st
-            .query(named_params! {"$1": referrers, "$c": complement})
-            .map_err(sql_err(REG))?;
+        let mut rows = if complement {
+            st.query(named_params! {"$c": true})
+        } else {
+            st.query(named_params! {"$1": referrers})
+        }
+        .map_err(sql_err(REG))?;
         while let Some(r) = rows.next().map_err(sql_err(REG))? {
             let id = At::id("telemetry_events").int(r, 2, "id", REG)?;
             let at = At::of("telemetry_events", id);
@@ -587,13 +597,18 @@ pub(super) fn read_grants(
         let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
         let wanted: HashSet<i64> = g.referrals.iter().map(|x| x.referrer_id).collect();
         let mut st = conn
-            .prepare(include_str!(
-                "../../sql/queries/sqlite/grants_referrer_events.sql"
-            ))
+            .prepare(if complement {
+                include_str!("../../sql/queries/sqlite/grants_referrer_events.sql")
+            } else {
+                include_str!("../../sql/queries/sqlite/grants_referrer_events_one.sql")
+            })
             .map_err(sql_err(EV))?;
-        let mut rows = st
-            .query(named_params! {"$1": lo, "$2": hi, "$3": referrers, "$c": complement})
-            .map_err(sql_err(EV))?;
+        let mut rows = if complement {
+            st.query(named_params! {"$1": lo, "$2": hi, "$c": true})
+        } else {
+            st.query(named_params! {"$1": lo, "$2": hi, "$3": referrers})
+        }
+        .map_err(sql_err(EV))?;
         let mut seen: HashSet<(i64, String)> = HashSet::new();
         while let Some(r) = rows.next().map_err(sql_err(EV))? {
             let id = At::id("telemetry_events").int(r, 3, "id", EV)?;
@@ -618,11 +633,18 @@ pub(super) fn read_grants(
 
     const PAY: &str = "reading payments";
     let mut st = conn
-        .prepare(include_str!("../../sql/queries/sqlite/grants_payments.sql"))
+        .prepare(if complement {
+            include_str!("../../sql/queries/sqlite/grants_payments.sql")
+        } else {
+            include_str!("../../sql/queries/sqlite/grants_payments_one.sql")
+        })
         .map_err(sql_err(PAY))?;
-    let mut rows = st
-        .query(named_params! {"$1": referrers})
-        .map_err(sql_err(PAY))?;
+    let mut rows = if complement {
+        st.query([])
+    } else {
+        st.query(named_params! {"$1": referrers})
+    }
+    .map_err(sql_err(PAY))?;
     let mut interner = Interner::default();
     while let Some(r) = rows.next().map_err(sql_err(PAY))? {
         let id = At::id("payments").int(r, 0, "id", PAY)?;
@@ -656,11 +678,18 @@ pub(super) fn read_grants(
 
     const LED: &str = "reading referral_grants";
     let mut st = conn
-        .prepare(include_str!("../../sql/queries/sqlite/grants_ledger.sql"))
+        .prepare(if complement {
+            include_str!("../../sql/queries/sqlite/grants_ledger.sql")
+        } else {
+            include_str!("../../sql/queries/sqlite/grants_ledger_one.sql")
+        })
         .map_err(sql_err(LED))?;
-    let mut rows = st
-        .query(named_params! {"$1": referrers})
-        .map_err(sql_err(LED))?;
+    let mut rows = if complement {
+        st.query([])
+    } else {
+        st.query(named_params! {"$1": referrers})
+    }
+    .map_err(sql_err(LED))?;
     while let Some(r) = rows.next().map_err(sql_err(LED))? {
         let grant = ledger_grant(
             r.get(0).map_err(sql_err(LED))?,

@@ -1,5 +1,5 @@
 -- Grant programs: the ledger's grants of the referred users, each with whether a reversal
--- ends it. $1 as in grants_referrals.sql.
+-- ends it.
 SELECT g.program, g.referrer_user_id, g.referred_user_id, g.party, g.credited_user_id,
        g.credit_days, g.credit_cents, g.grant_seq, g.payment_id,
        EXISTS (SELECT 1 FROM referral_grants x
@@ -8,5 +8,4 @@ SELECT g.program, g.referrer_user_id, g.referred_user_id, g.party, g.credited_us
                  AND x.grant_seq = g.grant_seq)
 FROM referral_grants g
 WHERE g.kind = 'grant'
-  AND ($1 IS NULL OR g.referred_user_id IN
-       (SELECT u.id FROM users u WHERE u.referred_by_user_id IN (SELECT value FROM json_each($1))))
+

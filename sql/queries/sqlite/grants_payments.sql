@@ -1,7 +1,5 @@
 -- Grant programs: the referred users' payments (times compared in Rust: text in SQLite).
--- $1 as in grants_referrals.sql.
 SELECT p.id, p.user_id, p.amount_cents, p.currency, p.status, p.created_at
 FROM payments p
 JOIN users u ON u.id = p.user_id
 WHERE u.referred_by_user_id IS NOT NULL
-  AND ($1 IS NULL OR u.referred_by_user_id IN (SELECT value FROM json_each($1)))

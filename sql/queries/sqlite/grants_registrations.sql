@@ -1,10 +1,9 @@
 -- Grant programs: the referred users' registration IP hashes (the greatest non-blank one is
--- chosen in Rust). $1 and $c as in grants_referrals.sql.
+-- chosen in Rust). $c as in grants_referrals.sql.
 SELECT e.user_id, e.ip_hash, e.id
 FROM telemetry_events e
 JOIN users u ON u.id = e.user_id
 LEFT JOIN users r ON r.id = u.referred_by_user_id
 WHERE u.referred_by_user_id IS NOT NULL
-  AND ($1 IS NULL OR u.referred_by_user_id IN (SELECT value FROM json_each($1)))
   AND (NOT $c OR r.id IS NULL OR r.invite_code IS NULL)
   AND e.event_name = 'user_registered' AND e.ip_hash IS NOT NULL
