@@ -465,3 +465,165 @@ fn grant_programs_are_validated_and_run() {
         "each grant program has its summary: {out}"
     );
 }
+
+/// config.toml with its two example grant programs enabled, as `make demo` does.
+fn grants_config(dir: &Path) {
+    let text = include_str!("../config.toml");
+    let at = text.find("# [[grants]]").unwrap();
+    let enabled: String = text[..at].to_owned()
+        + &text[at..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+    std::fs::write(dir.join("config.toml"), enabled).unwrap();
+}
+
+#[test]
+fn grant_programs_through_the_cli_audit_plan_apply_and_explain() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = demo_db(dir.path());
+    grants_config(dir.path());
+    // A qualifying first purchase for a third of the referred users (ids clear of any others).
+    let db = rusqlite::Connection::open(dir.path().join("rr.db")).unwrap();
+    db.execute_batch(
+        "INSERT INTO payments (id, user_id, amount_cents, currency, status, created_at)
+         SELECT 5000000000 + id, id, 2000, 'USD', 'succeeded', '2026-10-01 00:00:00'
+         FROM users WHERE referred_by_user_id IS NOT NULL AND id % 3 = 0",
+    )
+    .unwrap();
+    drop(db);
+    let as_of = "2026-11-01T00:00:00Z";
+    let o = run(
+        dir.path(),
+        &[
+            "--database-url",
+            &url,
+            "reconcile",
+            "--dry-run",
+            "--as-of",
+            as_of,
+            "--report",
+            "r.json",
+            "--per-referral",
+            "--save-plan",
+            "plan.json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("grant program paid_access")
+            && out.contains("grant program first_purchase_credit"),
+        "{out}"
+    );
+
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+    };
+    let rows = read("r.grants.json");
+    let rows = rows.as_array().unwrap();
+    let referred: i64 = {
+        let db = rusqlite::Connection::open(dir.path().join("rr.db")).unwrap();
+        db.query_row(
+            "SELECT COUNT(*) FROM users WHERE referred_by_user_id IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        rows.len() as i64,
+        2 * referred,
+        "one row per program and referral"
+    );
+    for key in [
+        "program",
+        "referrer_user_id",
+        "referred_user_id",
+        "outcome",
+        "cause",
+        "conversion_payment_id",
+        "converted_at",
+        "position",
+        "referrer_change_days",
+        "referred_change_cents",
+    ] {
+        assert!(rows[0].get(key).is_some(), "column {key} in {}", rows[0]);
+    }
+    let granted = rows.iter().filter(|r| r["outcome"] == "granted").count();
+    assert!(granted > 0, "the demo population converts");
+    let programs = read("r.programs.json");
+    assert_eq!(programs.as_array().unwrap().len(), 2);
+    let plan = read("plan.json");
+    assert_eq!(plan["format"], "referral-rewards-plan/2");
+    let planned: usize = plan["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["referrals"].as_array().unwrap())
+        .map(|r| r["changes"].as_array().unwrap().len())
+        .sum();
+    assert!(planned > 0);
+
+    // The audited plan is applied as it is: its grants land, once.
+    let o = run(
+        dir.path(),
+        &["--database-url", &url, "reconcile", "--plan", "plan.json"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let db = rusqlite::Connection::open(dir.path().join("rr.db")).unwrap();
+    let ledger: i64 = db
+        .query_row("SELECT COUNT(*) FROM referral_grants", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ledger as usize, planned);
+    let o = run(
+        dir.path(),
+        &["--database-url", &url, "reconcile", "--as-of", as_of],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("grants written       0 grants, 0 reversals"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let again: i64 = db
+        .query_row("SELECT COUNT(*) FROM referral_grants", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(again, ledger, "nothing granted twice");
+
+    // explain shows each program's stats page for a referrer who earned something.
+    let referrer: i64 = db
+        .query_row(
+            "SELECT referrer_user_id FROM referral_grants WHERE party = 'referrer' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let o = run(
+        dir.path(),
+        &[
+            "--database-url",
+            &url,
+            "explain",
+            "--referrer",
+            &referrer.to_string(),
+            "--as-of",
+            as_of,
+            "--format",
+            "json",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let progs = v["grant_programs"].as_array().unwrap();
+    assert_eq!(progs.len(), 2);
+    assert!(progs.iter().any(|p| p["uses"].as_u64().unwrap() > 0));
+    let first = progs
+        .iter()
+        .find(|p| p["uses"].as_u64().unwrap() > 0)
+        .unwrap();
+    assert!(
+        first["earned_days"].as_i64().unwrap() > 0 || first["earned_cents"].as_i64().unwrap() > 0
+    );
+}
