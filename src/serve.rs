@@ -1025,3 +1025,56 @@ pub fn render_metrics(counts: &[(String, i64)], last: Option<&RunRow>) -> String
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::program::grants::plan::GrantStats;
+
+    #[test]
+    fn metrics_carry_each_grant_program_from_the_run_row() {
+        let mut stats = GrantStats {
+            program: "paid_access".into(),
+            ..GrantStats::default()
+        };
+        stats.outcomes.insert("granted", 7);
+        stats.outcomes.insert("on_hold", 2);
+        stats.grants_referred.count = 5;
+        stats.reversals_referrer.count = 1;
+        let row = RunRow {
+            id: 1,
+            mode: "full".into(),
+            referrer_user_id: None,
+            as_of: 0,
+            started_at: 0,
+            finished_at: Some(1_000_000),
+            status: "succeeded".into(),
+            referrers_processed: Some(1),
+            rewards_up: Some(0),
+            rewards_down: Some(0),
+            bonus_delta: Some(0),
+            reward_rows_written: Some(0),
+            host_values_written: Some(0),
+            conflicts: Some(0),
+            outcome_counts: None,
+            digest: None,
+            error: None,
+            programs: Some(json!({ "grants": [stats] }).to_string()),
+        };
+        let text = render_metrics(&[], Some(&row));
+        for line in [
+            "referral_rewards_last_run_grant_outcomes{program=\"paid_access\",outcome=\"granted\"} 7",
+            "referral_rewards_last_run_grant_outcomes{program=\"paid_access\",outcome=\"on_hold\"} 2",
+            "referral_rewards_last_run_grants{program=\"paid_access\",kind=\"grant\",party=\"referred\"} 5",
+            "referral_rewards_last_run_grants{program=\"paid_access\",kind=\"reversal\",party=\"referrer\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        // A slots-only run row has no grant families at all.
+        let slots_only = RunRow {
+            programs: None,
+            ..row
+        };
+        assert!(!render_metrics(&[], Some(&slots_only)).contains("grant"));
+    }
+}
