@@ -20,7 +20,7 @@ use super::{
     RunRow, StoreError, hex, host_int,
 };
 use crate::config::NewSubscriptionConfig;
-use crate::demo::{DemoChunk, DemoSpec};
+use crate::demo::{DemoChunk, DemoCounts, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::program::slots::plan::{HostChange, Plan};
 use crate::program::slots::rewards::RewardResult;
