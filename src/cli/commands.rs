@@ -190,7 +190,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let store = connect(&config, Access::Create).await?;
             store.migrate(false).await?;
             let started = std::time::Instant::now();
-            let (u, s, e) = store
+            let n = store
                 .load_demo(&DemoSpec {
                     users,
                     seed,
@@ -198,7 +198,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 })
                 .await?;
             println!(
-                "loaded {u} users, {s} subscriptions, {e} telemetry events into {} in {:.1} s (seed {seed}, anchor {})",
+                "loaded {} users, {} subscriptions, {} telemetry events, {} payments into {} in {:.1} s (seed {seed}, anchor {})",
+                n.users,
+                n.subscriptions,
+                n.events,
+                n.payments,
                 store.backend(),
                 started.elapsed().as_secs_f64(),
                 instant::to_rfc3339(anchor)

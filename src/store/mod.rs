@@ -11,7 +11,7 @@ mod sqlite_read;
 use std::time::Duration;
 
 use crate::config::NewSubscriptionConfig;
-use crate::demo::DemoSpec;
+use crate::demo::{DemoCounts, DemoSpec};
 use crate::instant::Instant;
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::snapshot::{GrantsRead, Scope, Shard, Snapshot};
@@ -520,8 +520,8 @@ impl Store {
         }
     }
 
-    /// Fills the host tables with `demo-data`, in bulk. Returns (users, subscriptions, events).
-    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+    /// Fills the host tables with `demo-data`, in bulk. Returns the rows loaded per table.
+    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<DemoCounts, StoreError> {
         match self {
             Store::Sqlite(s) => s.load_demo(spec).await,
             Store::Postgres(s) => s.load_demo(spec).await,
@@ -539,8 +539,9 @@ impl Store {
 /// Users per bulk statement when loading demo data.
 pub(crate) const DEMO_CHUNK_USERS: i64 = 20_000;
 
-/// Encoded demo rows, one buffer per host table: users, subscriptions, telemetry events.
-pub(crate) type EncodedChunk = [String; 3];
+/// Encoded demo rows, one buffer per host table: users, subscriptions, telemetry events,
+/// payments.
+pub(crate) type EncodedChunk = [String; 4];
 
 /// Demo chunks, generated and encoded on a blocking thread one chunk ahead of the writer, so
 /// that generating and writing overlap.

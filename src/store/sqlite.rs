@@ -13,7 +13,7 @@ use super::{
     ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, GrantsApplied, Held, RunLock, RunRow,
     StoreError, Writes, host_int,
 };
-use crate::demo::{DemoChunk, DemoSpec};
+use crate::demo::{DemoChunk, DemoCounts, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::program::slots::plan::HostChange;
 use crate::snapshot::{GrantsRead, Scope, Shard, Snapshot};
@@ -493,7 +493,7 @@ impl SqliteStore {
             .collect()
     }
 
-    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<(u64, u64, u64), StoreError> {
+    pub async fn load_demo(&self, spec: &DemoSpec) -> Result<DemoCounts, StoreError> {
         self.reference_schema(false).await?;
         let existing: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM (SELECT 1 FROM users LIMIT 1) AS t")
@@ -512,19 +512,35 @@ impl SqliteStore {
             .await
             .map_err(q("loading demo data"))?;
         let mut tx = conn.begin().await.map_err(q("loading demo data"))?;
-        let (mut nu, mut ns, mut ne) = (0, 0, 0);
+        // No index maintained row by row (`migrate --with-reference-schema` creates them before
+        // the load): dropped here, recreated as they were before the commit.
+        let indexes: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL \
+             AND tbl_name IN ('users', 'subscriptions', 'telemetry_events', 'payments')",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("reading the host tables' indexes"))?;
+        for (name, _) in &indexes {
+            let drop = format!("DROP INDEX \"{}\"", name.replace('"', "\"\""));
+            sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                .execute(&mut *tx)
+                .await
+                .map_err(q("loading demo data"))?;
+        }
+        let mut n = DemoCounts::default();
         let mut feed = ChunkFeed::new(*spec, encode_json);
-        while let Some([users, subs, events]) = feed.next().await? {
-            nu += sqlx::query(
-                "INSERT INTO users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id) \
-                 SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6 FROM (SELECT value AS v FROM json_each($1))",
+        while let Some([users, subs, events, payments]) = feed.next().await? {
+            n.users += sqlx::query(
+                "INSERT INTO users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id, credit_until, credit_cents) \
+                 SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6, v->>7, v->>8 FROM (SELECT value AS v FROM json_each($1))",
             )
             .bind(users)
             .execute(&mut *tx)
             .await
             .map_err(q("inserting demo users"))?
             .rows_affected();
-            ns += sqlx::query(
+            n.subscriptions += sqlx::query(
                 "INSERT INTO subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) \
                  SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5, v->>6 FROM (SELECT value AS v FROM json_each($1))",
             )
@@ -533,7 +549,7 @@ impl SqliteStore {
             .await
             .map_err(q("inserting demo subscriptions"))?
             .rows_affected();
-            ne += sqlx::query(
+            n.events += sqlx::query(
                 "INSERT INTO telemetry_events (id, user_id, event_name, ip_hash, created_at) \
                  SELECT v->>0, v->>1, v->>2, v->>3, v->>4 FROM (SELECT value AS v FROM json_each($1))",
             )
@@ -542,6 +558,21 @@ impl SqliteStore {
             .await
             .map_err(q("inserting demo events"))?
             .rows_affected();
+            n.payments += sqlx::query(
+                "INSERT INTO payments (id, user_id, amount_cents, currency, status, created_at) \
+                 SELECT v->>0, v->>1, v->>2, v->>3, v->>4, v->>5 FROM (SELECT value AS v FROM json_each($1))",
+            )
+            .bind(payments)
+            .execute(&mut *tx)
+            .await
+            .map_err(q("inserting demo payments"))?
+            .rows_affected();
+        }
+        for (_, create) in indexes {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                .execute(&mut *tx)
+                .await
+                .map_err(q("creating the host tables' indexes"))?;
         }
         tx.commit().await.map_err(q("committing demo data"))?;
         self.reference_schema(true).await?;
@@ -553,7 +584,7 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(q("analyzing demo data"))?;
-        Ok((nu, ns, ne))
+        Ok(n)
     }
 }
 
@@ -572,6 +603,8 @@ fn encode_json(c: DemoChunk) -> EncodedChunk {
                     u.is_verified,
                     &u.invite_code,
                     u.referred_by_user_id,
+                    u.credit_until.map(instant::to_sql_text),
+                    u.credit_cents,
                 )
             })
             .collect::<Vec<_>>(),
@@ -609,7 +642,23 @@ fn encode_json(c: DemoChunk) -> EncodedChunk {
             .collect::<Vec<_>>(),
     )
     .expect("plain data serializes");
-    [users, subs, events]
+    let payments = serde_json::to_string(
+        &c.payments
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    p.user_id,
+                    p.amount_cents,
+                    p.currency,
+                    p.status,
+                    instant::to_sql_text(p.created_at),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+    .expect("plain data serializes");
+    [users, subs, events, payments]
 }
 
 /// The grant programs' writes inside the apply transaction (see the PostgreSQL twin,

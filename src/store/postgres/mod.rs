@@ -20,7 +20,7 @@ use super::{
     ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RUN_STATUS, RunLock, RunRow,
     StoreError, Writes, hex, host_int,
 };
-use crate::demo::{DemoChunk, DemoSpec};
+use crate::demo::{DemoChunk, DemoCounts, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::program::slots::plan::HostChange;
 use crate::program::slots::rewards::RewardResult;
