@@ -498,8 +498,13 @@ pub(super) fn read_grants(
     let mut sw = Stopwatch::start();
     let mut g = GrantsSnapshot::default();
     let as_of = window.1;
-    // The referrers whose sets are read: NULL for all.
-    let referrers: Option<String> = match scope {
+    let in_scope = |referrer: i64| !matches!(scope, Scope::Shard(s) if !s.contains(referrer));
+    // The referrers whose referrals are read here (JSON): a one-user run reads the user's set
+    // and its referrer's; a full or shard run the sets of referrers without an invite code, and
+    // takes the invite-code holders' from the slots part of the snapshot (`complement`). The
+    // payments and the ledger are read for every referred user then (the `_one` variants read
+    // those of these referrers' referred users).
+    let referrers: String = match scope {
         Scope::Referrer(x) => {
             const W: &str = "reading the user's referrer";
             let mut st = conn
@@ -517,26 +522,38 @@ pub(super) fn read_grants(
                 .map_err(sql_err(W))?;
             let mut ids = vec![x];
             ids.extend(up.flatten());
-            Some(serde_json::to_string(&ids).expect("integers"))
+            serde_json::to_string(&ids).expect("integers")
         }
-        _ => None,
+        _ => {
+            const W: &str = "reading referrers";
+            let mut st = conn
+                .prepare(include_str!(
+                    "../../sql/queries/sqlite/grants_referrers.sql"
+                ))
+                .map_err(sql_err(W))?;
+            let all = st
+                .query_map([], |r| r.get::<_, i64>(0))
+                .map_err(sql_err(W))?
+                .collect::<Result<Vec<i64>, _>>()
+                .map_err(sql_err(W))?;
+            let holders: HashSet<i64> = slots.referrers.iter().copied().collect();
+            let rest: Vec<i64> = all
+                .into_iter()
+                .filter(|r| in_scope(*r) && !holders.contains(r))
+                .collect();
+            serde_json::to_string(&rest).expect("integers")
+        }
     };
-    let in_scope = |referrer: i64| !matches!(scope, Scope::Shard(s) if !s.contains(referrer));
 
     const REF: &str = "reading referrals";
     let mut st = conn
-        .prepare(if complement {
-            include_str!("../../sql/queries/sqlite/grants_referrals.sql")
-        } else {
-            include_str!("../../sql/queries/sqlite/grants_referrals_one.sql")
-        })
+        .prepare(include_str!(
+            "../../sql/queries/sqlite/grants_referrals.sql"
+        ))
         .map_err(sql_err(REF))?;
-    let mut rows = if complement {
-        st.query(named_params! {"$c": true})
-    } else {
-        st.query(named_params! {"$1": referrers})
-    }
-    .map_err(sql_err(REF))?;
+    let mut rows = st
+        .query(named_params! {"$1": referrers})
+        .map_err(sql_err(REF))?;
     while let Some(r) = rows.next().map_err(sql_err(REF))? {
         let id = At::id("users").int(r, 0, "id", REF)?;
         let user = At::of("users", id);
@@ -562,18 +579,13 @@ pub(super) fn read_grants(
     if fraud {
         const REG: &str = "reading registration events";
         let mut st = conn
-            .prepare(if complement {
-                include_str!("../../sql/queries/sqlite/grants_registrations.sql")
-            } else {
-                include_str!("../../sql/queries/sqlite/grants_registrations_one.sql")
-            })
+            .prepare(include_str!(
+                "../../sql/queries/sqlite/grants_registrations.sql"
+            ))
             .map_err(sql_err(REG))?;
-        let mut rows = if complement {
-            st.query(named_params! {"$c": true})
-        } else {
-            st.query(named_params! {"$1": referrers})
-        }
-        .map_err(sql_err(REG))?;
+        let mut rows = st
+            .query(named_params! {"$1": referrers})
+            .map_err(sql_err(REG))?;
         while let Some(r) = rows.next().map_err(sql_err(REG))? {
             let id = At::id("telemetry_events").int(r, 2, "id", REG)?;
             let at = At::of("telemetry_events", id);
@@ -597,18 +609,13 @@ pub(super) fn read_grants(
         let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
         let wanted: HashSet<i64> = g.referrals.iter().map(|x| x.referrer_id).collect();
         let mut st = conn
-            .prepare(if complement {
-                include_str!("../../sql/queries/sqlite/grants_referrer_events.sql")
-            } else {
-                include_str!("../../sql/queries/sqlite/grants_referrer_events_one.sql")
-            })
+            .prepare(include_str!(
+                "../../sql/queries/sqlite/grants_referrer_events.sql"
+            ))
             .map_err(sql_err(EV))?;
-        let mut rows = if complement {
-            st.query(named_params! {"$1": lo, "$2": hi, "$c": true})
-        } else {
-            st.query(named_params! {"$1": lo, "$2": hi, "$3": referrers})
-        }
-        .map_err(sql_err(EV))?;
+        let mut rows = st
+            .query(named_params! {"$1": lo, "$2": hi, "$3": referrers})
+            .map_err(sql_err(EV))?;
         let mut seen: HashSet<(i64, String)> = HashSet::new();
         while let Some(r) = rows.next().map_err(sql_err(EV))? {
             let id = At::id("telemetry_events").int(r, 3, "id", EV)?;

@@ -134,36 +134,52 @@ impl PgStore {
         slots: &Snapshot,
         timings: &mut Vec<QueryTiming>,
     ) -> Result<GrantsSnapshot, StoreError> {
-        let complement = !matches!(scope, Scope::Referrer(_));
-        let c_lit = complement.to_string();
         let mut sw = Stopwatch::start();
         let mut g = GrantsSnapshot::default();
         let as_of = window.1;
-        let referrers: Option<Vec<i64>> = match scope {
+        let in_scope = |r: i64| !matches!(scope, Scope::Shard(s) if !s.contains(r));
+        // The referrers whose referrals are read here, and the filter of the payments and the
+        // ledger (`None`: every referred user's). A one-user run reads the user's set and its
+        // referrer's; a full or shard run the sets of referrers without an invite code, and
+        // takes the invite-code holders' from the slots part of the snapshot (`complement`).
+        let complement = !matches!(scope, Scope::Referrer(_));
+        let (referrers, filter): (Vec<i64>, Option<Vec<i64>>) = match scope {
             Scope::Referrer(x) => {
-                let up: Option<Option<i64>> = sqlx::query_scalar(
-                    "SELECT referred_by_user_id::bigint FROM users WHERE id = $1",
-                )
+                let up: Option<Option<i64>> = sqlx::query_scalar(include_str!(
+                    "../../../sql/queries/postgres/grants_referrer_of.sql"
+                ))
                 .bind(x)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(q("reading the user's referrer"))?;
                 let mut ids = vec![x];
                 ids.extend(up.flatten());
-                Some(ids)
+                (ids.clone(), Some(ids))
             }
-            _ => None,
+            _ => {
+                let all: Vec<i64> = sqlx::query_scalar(include_str!(
+                    "../../../sql/queries/postgres/grants_referrers.sql"
+                ))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("reading referrers"))?;
+                let holders: HashSet<i64> = slots.referrers.iter().copied().collect();
+                let rest = all
+                    .into_iter()
+                    .filter(|r| in_scope(*r) && !holders.contains(r))
+                    .collect();
+                (rest, None)
+            }
         };
-        let in_scope = |r: i64| !matches!(scope, Scope::Shard(s) if !s.contains(r));
-        let lit = ids_literal(&referrers);
+        let lit = ids_literal(&Some(referrers.clone()));
 
         let ids = referrers.clone();
         g.referrals = self
             .rows(
                 tx,
                 include_str!("../../../sql/queries/postgres/grants_referrals.sql"),
-                &[lit.clone(), c_lit.clone()],
-                move |qy| qy.bind(ids).bind(complement),
+                std::slice::from_ref(&lit),
+                move |qy| qy.bind(ids),
                 4,
                 "reading referrals",
                 |c| {
@@ -195,8 +211,8 @@ impl PgStore {
                 .rows(
                     tx,
                     include_str!("../../../sql/queries/postgres/grants_registrations.sql"),
-                    &[lit.clone(), c_lit.clone()],
-                    move |qy| qy.bind(ids).bind(complement),
+                    std::slice::from_ref(&lit),
+                    move |qy| qy.bind(ids),
                     2,
                     "reading registration events",
                     |c| {
@@ -219,19 +235,13 @@ impl PgStore {
                 format!("'{}'::timestamptz", instant::to_rfc3339(window.0)),
                 format!("'{}'::timestamptz", instant::to_rfc3339(window.1)),
                 lit.clone(),
-                c_lit.clone(),
             ];
             g.referrer_events = self
                 .rows(
                     tx,
                     include_str!("../../../sql/queries/postgres/grants_referrer_events.sql"),
                     &literals,
-                    move |qy| {
-                        qy.bind(dt(window.0))
-                            .bind(dt(window.1))
-                            .bind(ids)
-                            .bind(complement)
-                    },
+                    move |qy| qy.bind(dt(window.0)).bind(dt(window.1)).bind(ids),
                     2,
                     "reading referrer events",
                     |c| {
@@ -249,9 +259,9 @@ impl PgStore {
             sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
         }
 
-        let ids = referrers.clone();
+        let ids = filter.clone();
         let literals = [
-            lit.clone(),
+            ids_literal(&filter),
             format!("'{}'::timestamptz", instant::to_rfc3339(as_of)),
         ];
         let mut interner = Interner::default();
@@ -299,7 +309,7 @@ impl PgStore {
         let rows: Vec<PgRow> = sqlx::query(include_str!(
             "../../../sql/queries/postgres/grants_ledger.sql"
         ))
-        .bind(referrers)
+        .bind(filter)
         .fetch_all(&mut *tx)
         .await
         .map_err(q(LED))?;
