@@ -187,8 +187,29 @@ pub async fn plan(
         tokio::task::spawn_blocking(move || {
             fault_injection(req.scope);
             let t = Clock::now();
-            let computation = compute::compute(&snapshot, &cfg, req.as_of)
-                .map_err(|e| EngineError::Compute(e.to_string()))?;
+            let grants_snapshot = snapshot.grants.take();
+            // The grant programs decide on a thread of their own beside the slots program's
+            // computation: they share nothing but the (read-only) configuration.
+            let (computation, grants) = std::thread::scope(|s| {
+                let grants = s.spawn(|| match &grants_snapshot {
+                    Some(g) => {
+                        let facts = Facts::new(g);
+                        cfg.grants
+                            .iter()
+                            .map(|p| {
+                                ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope)
+                            })
+                            .collect::<Vec<ProgramPlan>>()
+                    }
+                    None => vec![],
+                });
+                let computation = compute::compute(&snapshot, &cfg, req.as_of);
+                let grants = grants
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (computation, grants)
+            });
+            let computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
             let compute_time = t.elapsed();
             let t = Clock::now();
             let mut plan = Plan::build(
@@ -197,16 +218,6 @@ pub async fn plan(
                 &snapshot.host_bonus,
                 req.scope,
             );
-            let grants: Vec<ProgramPlan> = match &snapshot.grants {
-                Some(g) => {
-                    let facts = Facts::new(g);
-                    cfg.grants
-                        .iter()
-                        .map(|p| ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope))
-                        .collect()
-                }
-                None => vec![],
-            };
             // One digest over every program's plan (the slots digest alone without grants).
             plan.digest = grants::plan::digest(&plan.digest, &grants);
             Ok::<_, EngineError>((plan, grants, computation, compute_time, t.elapsed()))

@@ -184,6 +184,12 @@ impl Stopwatch {
     /// Records the time since the previous lap under `query`.
     pub fn lap(&mut self, timings: &mut Vec<QueryTiming>, query: &'static str, rows: usize) {
         let now = std::time::Instant::now();
+        tracing::debug!(
+            query,
+            rows,
+            ms = (now - self.0).as_secs_f64() * 1e3,
+            "snapshot query"
+        );
         timings.push(QueryTiming {
             query,
             rows,

@@ -40,16 +40,23 @@ pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> HashSet
     ip_hashes.into_iter().filter(|h| !is_blank(h)).collect()
 }
 
-/// Each user's signup IP ([`signup_ip`] over its registration events).
+/// Each user's signup IP ([`signup_ip`] over its registration events), in one pass.
 pub fn signup_ips(registrations: &[(i64, String)]) -> HashMap<i64, &str> {
-    let mut by_user: HashMap<i64, Vec<&str>> = HashMap::new();
+    let mut by_user: HashMap<i64, &str> = HashMap::with_capacity(registrations.len());
     for (user, ip) in registrations {
-        by_user.entry(*user).or_default().push(ip);
+        if is_blank(ip) {
+            continue;
+        }
+        by_user
+            .entry(*user)
+            .and_modify(|best| {
+                if ip.as_str() > *best {
+                    *best = ip;
+                }
+            })
+            .or_insert(ip);
     }
     by_user
-        .into_iter()
-        .filter_map(|(user, ips)| signup_ip(ips).map(|ip| (user, ip)))
-        .collect()
 }
 
 /// Each referrer's IPs in the window ([`referrer_ips`]).

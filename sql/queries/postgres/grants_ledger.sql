@@ -1,7 +1,7 @@
 -- Grant programs: the ledger's grants of the referred users, each with whether a reversal
 -- ends it. $1 as in grants_referrals.sql.
-SELECT g.program, g.referrer_user_id, g.referred_user_id, g.party, g.credited_user_id,
-       g.credit_days, g.credit_cents, g.grant_seq, g.payment_id,
+SELECT g.program::text, g.referrer_user_id::bigint, g.referred_user_id::bigint, g.party::text, g.credited_user_id::bigint,
+       g.credit_days::bigint, g.credit_cents::bigint, g.grant_seq::bigint, g.payment_id::bigint,
        EXISTS (SELECT 1 FROM referral_grants x
                WHERE x.kind = 'reversal' AND x.program = g.program
                  AND x.referred_user_id = g.referred_user_id AND x.party = g.party

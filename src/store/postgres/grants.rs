@@ -306,32 +306,47 @@ impl PgStore {
         sw.lap(timings, "grants_payments", g.payments.len());
 
         const LED: &str = "reading referral_grants";
-        let rows: Vec<PgRow> = sqlx::query(include_str!(
-            "../../../sql/queries/postgres/grants_ledger.sql"
-        ))
-        .bind(filter)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(q(LED))?;
+        let ids = filter.clone();
         let mut interner = Interner::default();
-        for r in &rows {
-            let grant = ledger_grant(
-                r.try_get(0).map_err(q(LED))?,
-                r.try_get(1).map_err(q(LED))?,
-                r.try_get(2).map_err(q(LED))?,
-                r.try_get(3).map_err(q(LED))?,
-                r.try_get(4).map_err(q(LED))?,
-                r.try_get(5).map_err(q(LED))?,
-                r.try_get(6).map_err(q(LED))?,
-                r.try_get(7).map_err(q(LED))?,
-                r.try_get(8).map_err(q(LED))?,
-                r.try_get(9).map_err(q(LED))?,
-                &mut interner,
-            )?;
-            if referred.contains(&grant.user_id) {
-                g.ledger.push(grant);
-            }
-        }
+        let rows: Vec<Result<crate::program::grants::LedgerGrant, StoreError>> = self
+            .rows(
+                tx,
+                include_str!("../../../sql/queries/postgres/grants_ledger.sql"),
+                &[ids_literal(&filter)],
+                move |qy| qy.bind(ids),
+                10,
+                LED,
+                |c| {
+                    let table = "referral_grants";
+                    let program = c.text(table, "program", None)?.unwrap_or_default();
+                    let referrer = c.i64()?.unwrap_or_default();
+                    let user = c.i64()?.unwrap_or_default();
+                    let party = c.text(table, "party", None)?.unwrap_or_default();
+                    let credited = c.i64()?.unwrap_or_default();
+                    let (days, cents) = (c.i64()?, c.i64()?);
+                    let seq = c.i64()?.unwrap_or_default();
+                    let payment = c.i64()?;
+                    let reversed = c.bool()?.unwrap_or(false);
+                    if !referred.contains(&user) {
+                        return Ok(None);
+                    }
+                    Ok(Some(ledger_grant(
+                        program,
+                        referrer,
+                        user,
+                        party,
+                        credited,
+                        days,
+                        cents,
+                        seq,
+                        payment,
+                        reversed,
+                        &mut interner,
+                    )))
+                },
+            )
+            .await?;
+        g.ledger = rows.into_iter().collect::<Result<_, _>>()?;
         sw.lap(timings, "grants_ledger", g.ledger.len());
         Ok(g)
     }
