@@ -99,30 +99,38 @@ pub struct Decided {
     pub changes: Vec<GrantChange>,
 }
 
+/// Maps keyed by user id, hundreds of thousands of entries per run: foldhash, not SipHash.
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The facts every grant program reads, indexed once per run.
 pub struct Facts<'a> {
     signup_ips: HashMap<i64, &'a str>,
     referrer_ips: HashMap<i64, HashSet<&'a str>>,
     /// Each user's payments, by `created_at` then `id`.
-    payments: HashMap<i64, Vec<&'a Payment>>,
-    /// `(program, U)` → its ledger grants, live or reversed.
-    ledger: HashMap<(&'a str, i64), Vec<&'a LedgerGrant>>,
+    payments: Fast<i64, Vec<&'a Payment>>,
+    /// Program → U → its ledger grants, live or reversed.
+    ledger: HashMap<&'a str, Fast<i64, Vec<&'a LedgerGrant>>>,
     /// The referrals by `(R, U)`.
     referrals: Vec<&'a Referral>,
 }
 
 impl<'a> Facts<'a> {
     pub fn new(snap: &'a GrantsSnapshot) -> Self {
-        let mut payments: HashMap<i64, Vec<&Payment>> = HashMap::new();
+        let mut payments: Fast<i64, Vec<&Payment>> = Fast::default();
         for p in &snap.payments {
             payments.entry(p.user_id).or_default().push(p);
         }
         for list in payments.values_mut() {
             list.sort_by_key(|p| (p.created_at, p.id));
         }
-        let mut ledger: HashMap<(&str, i64), Vec<&LedgerGrant>> = HashMap::new();
+        let mut ledger: HashMap<&str, Fast<i64, Vec<&LedgerGrant>>> = HashMap::new();
         for g in &snap.ledger {
-            ledger.entry((&*g.program, g.user_id)).or_default().push(g);
+            ledger
+                .entry(&*g.program)
+                .or_default()
+                .entry(g.user_id)
+                .or_default()
+                .push(g);
         }
         let mut referrals: Vec<&Referral> = snap.referrals.iter().collect();
         referrals.sort_by_key(|r| (r.referrer_id, r.user_id));
@@ -261,7 +269,7 @@ fn decide_referrer(
         };
     }
 
-    let held: Vec<Vec<Held>> = referrals
+    let mut held: Vec<Vec<Held>> = referrals
         .iter()
         .map(|x| live_grants(facts, &program.name, x.user_id))
         .collect();
@@ -307,7 +315,7 @@ fn decide_referrer(
             position: position[i],
             outcome,
             cause,
-            held: held[i].clone(),
+            held: std::mem::take(&mut held[i]),
             changes,
         });
     }
@@ -350,7 +358,8 @@ fn desired_set(
 fn live_grants(facts: &Facts<'_>, program: &str, user_id: i64) -> Vec<Held> {
     let mut held: Vec<Held> = facts
         .ledger
-        .get(&(program, user_id))
+        .get(program)
+        .and_then(|l| l.get(&user_id))
         .into_iter()
         .flatten()
         .filter(|g| !g.reversed)
@@ -370,7 +379,8 @@ fn live_grants(facts: &Facts<'_>, program: &str, user_id: i64) -> Vec<Held> {
 fn next_seq(facts: &Facts<'_>, program: &str, user_id: i64, party: Party) -> i64 {
     facts
         .ledger
-        .get(&(program, user_id))
+        .get(program)
+        .and_then(|l| l.get(&user_id))
         .into_iter()
         .flatten()
         .filter(|g| g.party == party)
