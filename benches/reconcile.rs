@@ -86,16 +86,8 @@ fn median_of_three(url: &str, args: &[&str]) -> (f64, f64) {
 
 /// The shipped config.toml with its two example grant programs enabled (as `make demo` does).
 fn grants_config() -> String {
-    let text = include_str!("../config.toml");
-    let at = text
-        .find("# [[grants]]")
+    let enabled = referral_rewards::config::enable_grant_examples(include_str!("../config.toml"))
         .expect("config.toml carries the grant examples");
-    let enabled: String = text[..at].to_owned()
-        + &text[at..]
-            .lines()
-            .map(|l| l.strip_prefix("# ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
     let path = bench_dir().join("grants.toml");
     std::fs::write(&path, enabled).unwrap();
     path.display().to_string()
@@ -393,21 +385,27 @@ fn change_one_percent(d: &Dataset) {
                  (SELECT min(id) FROM users WHERE referred_by_user_id % 500 = 1 GROUP BY referred_by_user_id); \
                UPDATE subscriptions SET referral_bonus_domains = referral_bonus_domains + 1 WHERE user_id % 2000 = 1001;";
     match d.backend {
+        Backend::Sqlite => sql_exec(d, &sql.replace("NOT is_verified", "1 - is_verified")),
+        Backend::Postgres => sql_exec(d, sql),
+    };
+}
+
+/// Runs SQL on the dataset through the database's own shell; its output, trimmed.
+fn sql_exec(d: &Dataset, sql: &str) -> String {
+    match d.backend {
         Backend::Sqlite => {
-            let sql = sql.replace("NOT is_verified", "1 - is_verified");
             let out = Command::new("sqlite3")
-                .args([d.url.trim_start_matches("sqlite://"), &sql])
+                .args([d.url.trim_start_matches("sqlite://"), sql])
                 .output()
                 .unwrap();
             assert!(
                 out.status.success(),
-                "{}",
+                "{sql}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
         }
-        Backend::Postgres => {
-            psql(&d.url, sql);
-        }
+        Backend::Postgres => psql(&d.url, sql),
     }
 }
 
@@ -560,22 +558,7 @@ fn new_conversions(d: &Dataset) {
                SELECT 9000000000 + u.id, u.id, 2000, 'USD', 'succeeded', '2026-10-01 00:00:00' \
                FROM users u WHERE u.referred_by_user_id IS NOT NULL AND u.id % 100 = 7 \
                AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.user_id = u.id)";
-    match d.backend {
-        Backend::Sqlite => {
-            let out = Command::new("sqlite3")
-                .args([d.url.trim_start_matches("sqlite://"), sql])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Backend::Postgres => {
-            psql(&d.url, sql);
-        }
-    }
+    sql_exec(d, sql);
 }
 
 fn grants_written(stdout: &str) -> String {
@@ -608,19 +591,7 @@ async fn bench_grants(d: &Dataset) {
     timed(&d.url, &with_grants);
     let (alone, alone_rss) = median_of_three(&d.url, &slots_only);
     let (both, both_rss) = median_of_three(&d.url, &with_grants);
-    let payments = match d.backend {
-        Backend::Postgres => psql(&d.url, "SELECT count(*) FROM payments"),
-        Backend::Sqlite => {
-            let out = Command::new("sqlite3")
-                .args([
-                    d.url.trim_start_matches("sqlite://"),
-                    "SELECT count(*) FROM payments",
-                ])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        }
-    };
+    let payments = sql_exec(d, "SELECT count(*) FROM payments");
     let apply = ["--config", cfg.as_str(), "reconcile", "--as-of", ANCHOR];
     let (first_wall, _, first) = timed(&d.url, &apply);
     new_conversions(d);

@@ -571,6 +571,18 @@ impl Config {
     }
 }
 
+/// A config text with its commented `[[grants]]` examples enabled: everything from the first
+/// `# [[grants]]` line on loses its `# ` (what `make demo` does to config.toml with `sed`).
+/// `None` when the text has no such examples.
+pub fn enable_grant_examples(text: &str) -> Option<String> {
+    let at = text.find("# [[grants]]")?;
+    let rest: Vec<&str> = text[at..]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .collect();
+    Some(text[..at].to_owned() + &rest.join("\n"))
+}
+
 /// The cron expression as the scheduler wants it: 6 fields with seconds, UTC. A classic 5-field
 /// expression gets `0` seconds prefixed; anything else that does not parse is refused.
 pub fn cron_with_seconds(expr: &str) -> Result<String, ConfigError> {
@@ -645,15 +657,8 @@ mod tests {
 
     #[test]
     fn shipped_grant_examples_enable_as_make_demo_does() {
-        // `make demo` uncomments everything from the first `# [[grants]]` line on.
-        let text = include_str!("../config.toml");
-        let at = text.find("# [[grants]]").expect("the examples are there");
-        let enabled: String = text[..at].to_owned()
-            + &text[at..]
-                .lines()
-                .map(|l| l.strip_prefix("# ").unwrap_or(l))
-                .collect::<Vec<_>>()
-                .join("\n");
+        let enabled =
+            enable_grant_examples(include_str!("../config.toml")).expect("the examples are there");
         let c = Config::parse(&enabled).unwrap();
         assert_eq!(c.grants.len(), 2);
         let (a, b) = (&c.grants[0], &c.grants[1]);

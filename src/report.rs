@@ -12,7 +12,6 @@ use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::instant::{self, Instant};
-use crate::program::grants::Amount;
 use crate::program::grants::plan::ProgramPlan;
 use crate::program::slots::compute::ReferralOutcome;
 use crate::program::slots::plan::{Plan, PlanEntry};
@@ -241,11 +240,12 @@ pub fn saved_plan(plan: &Plan, grants: &[ProgramPlan], as_of: Instant) -> SavedP
                             .changes
                             .iter()
                             .map(|c| {
-                                let (days, cents) = match c.amount {
-                                    Amount::Days(d) => (Some(d), None),
-                                    Amount::Cents(x) => (None, Some(x)),
-                                };
-                                (c.party.as_str().into(), c.credited_user_id, days, cents)
+                                (
+                                    c.party.as_str().into(),
+                                    c.credited_user_id,
+                                    c.amount.credit_days(),
+                                    c.amount.credit_cents(),
+                                )
                             })
                             .collect(),
                     })

@@ -611,12 +611,13 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
                             "referred_user_id": d.user_id,
                             "outcome": d.outcome.as_str(),
                             "cause": d.cause.map(|c| c.as_str()),
-                            "changes": d.changes.iter().map(|c| json!({
-                                "party": c.party.as_str(),
-                                "credited_user_id": c.credited_user_id,
-                                "credit_days": matches!(c.amount, crate::program::grants::Amount::Days(_)).then(|| c.amount.days()),
-                                "credit_cents": matches!(c.amount, crate::program::grants::Amount::Cents(_)).then(|| c.amount.cents()),
-                            })).collect::<Vec<_>>(),
+                            "changes": d.changes.iter().map(|c| {
+                                crate::program::grants::report::GrantView::new(
+                                    c.party,
+                                    c.credited_user_id,
+                                    c.amount,
+                                )
+                            }).collect::<Vec<_>>(),
                         }))
                         .collect::<Vec<_>>(),
                 })

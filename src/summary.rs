@@ -85,7 +85,7 @@ pub fn run_summary(r: &RunReport) -> String {
         }
     }
     for p in &r.grants {
-        s.push_str(&grant_summary(p, r.applied.as_ref().map(|_| ())));
+        s.push_str(&grant_summary(p, r.applied.is_some()));
     }
     if let Some(a) = &r.applied
         && !r.grants.is_empty()
@@ -120,7 +120,7 @@ pub fn run_summary(r: &RunReport) -> String {
 /// A grant program's part of the summary (docs/rules.md §7.5): referrals, conversions,
 /// the grants and reversals to make by party, on hold, over the cap, the median time to
 /// conversion and the top referrers. `applied`: whether the run wrote (else "to make").
-pub fn grant_summary(p: &ProgramPlan, applied: Option<()>) -> String {
+pub fn grant_summary(p: &ProgramPlan, applied: bool) -> String {
     let a = grant_report::analytics(p);
     let st = &a.stats;
     let mut s = String::new();
@@ -140,7 +140,7 @@ pub fn grant_summary(p: &ProgramPlan, applied: Option<()>) -> String {
         .map(|o| format!("{} {}", o.as_str(), n(o.as_str())))
         .collect();
     let _ = writeln!(s, "    outcomes           {}", outcomes.join(", "));
-    let verb = if applied.is_some() { "made" } else { "to make" };
+    let verb = if applied { "made" } else { "to make" };
     for (what, t) in [
         ("grants to referrers", st.grants_referrer),
         ("grants to referred", st.grants_referred),

@@ -468,14 +468,8 @@ fn grant_programs_are_validated_and_run() {
 
 /// config.toml with its two example grant programs enabled, as `make demo` does.
 fn grants_config(dir: &Path) {
-    let text = include_str!("../config.toml");
-    let at = text.find("# [[grants]]").unwrap();
-    let enabled: String = text[..at].to_owned()
-        + &text[at..]
-            .lines()
-            .map(|l| l.strip_prefix("# ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
+    let enabled =
+        referral_rewards::config::enable_grant_examples(include_str!("../config.toml")).unwrap();
     std::fs::write(dir.join("config.toml"), enabled).unwrap();
 }
 

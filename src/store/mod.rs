@@ -683,11 +683,11 @@ impl LedgerRow {
     }
 
     pub fn days(&self) -> Option<i64> {
-        matches!(self.amount, crate::program::grants::Amount::Days(_)).then(|| self.amount.days())
+        self.amount.credit_days()
     }
 
     pub fn cents(&self) -> Option<i64> {
-        matches!(self.amount, crate::program::grants::Amount::Cents(_)).then(|| self.amount.cents())
+        self.amount.credit_cents()
     }
 }
 

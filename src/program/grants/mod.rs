@@ -100,6 +100,22 @@ impl Amount {
         }
     }
 
+    /// `credit_days` as stored and reported: `None` for a cents amount.
+    pub fn credit_days(self) -> Option<i64> {
+        match self {
+            Amount::Days(d) => Some(d),
+            Amount::Cents(_) => None,
+        }
+    }
+
+    /// `credit_cents` as stored and reported: `None` for a days amount.
+    pub fn credit_cents(self) -> Option<i64> {
+        match self {
+            Amount::Cents(c) => Some(c),
+            Amount::Days(_) => None,
+        }
+    }
+
     pub fn negated(self) -> Amount {
         match self {
             Amount::Days(d) => Amount::Days(-d),

@@ -154,10 +154,10 @@ pub fn referral_frame<'a>(
 
 /// An amount's days or cents column: the other kind reads as null.
 fn pick(a: Amount, days: bool) -> Option<i64> {
-    match (a, days) {
-        (Amount::Days(d), true) => Some(d),
-        (Amount::Cents(c), false) => Some(c),
-        _ => None,
+    if days {
+        a.credit_days()
+    } else {
+        a.credit_cents()
     }
 }
 
@@ -240,12 +240,12 @@ pub struct GrantView {
 }
 
 impl GrantView {
-    fn new(party: Party, credited_user_id: i64, amount: Amount) -> Self {
+    pub fn new(party: Party, credited_user_id: i64, amount: Amount) -> Self {
         GrantView {
             party: party.as_str(),
             credited_user_id,
-            credit_days: pick(amount, true),
-            credit_cents: pick(amount, false),
+            credit_days: amount.credit_days(),
+            credit_cents: amount.credit_cents(),
         }
     }
 }
