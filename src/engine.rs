@@ -74,12 +74,22 @@ pub(crate) async fn inside_write(progress: Option<&Progress>) {
     if fault("panic-in-write").is_some() {
         panic!("fault injected inside the write transaction");
     }
-    let Some(path) = std::env::var_os("REFERRAL_REWARDS_TEST_HOLD_FILE") else {
+    test_hold(
+        "REFERRAL_REWARDS_TEST_HOLD_FILE",
+        "inside the write transaction",
+    )
+    .await;
+}
+
+/// Where tests of the real binary hold a run: while the file named by the environment variable
+/// `var` exists, waits, having logged `test hold: waiting <at>` once.
+pub(crate) async fn test_hold(var: &str, at: &str) {
+    let Some(path) = std::env::var_os(var) else {
         return;
     };
     let path = std::path::PathBuf::from(path);
     if path.exists() {
-        tracing::info!(path = %path.display(), "test hold: waiting inside the write transaction");
+        tracing::info!(path = %path.display(), "test hold: waiting {at}");
     }
     while path.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -247,6 +257,19 @@ pub async fn plan(
 pub fn grants_read(cfg: &Config) -> Option<GrantsRead> {
     (!cfg.grants.is_empty()).then(|| GrantsRead {
         fraud: cfg.grants.iter().any(|g| g.fraud_checks),
+        statuses: cfg
+            .grants
+            .iter()
+            .flat_map(|g| g.payment_statuses.iter().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+        min_payment_cents: cfg
+            .grants
+            .iter()
+            .map(|g| g.min_payment_cents)
+            .min()
+            .unwrap_or(1),
     })
 }
 

@@ -155,15 +155,22 @@ pub struct Snapshot {
     pub timings: Vec<QueryTiming>,
     /// Whether the large queries were read with PostgreSQL's binary COPY.
     pub via_copy: bool,
+    /// Whether the grant programs' payments and ledger were read on a second PostgreSQL
+    /// connection sharing the snapshot (`pg_export_snapshot`).
+    pub side_read: bool,
     /// The grant programs' facts, when any is configured.
     pub grants: Option<crate::program::grants::GrantsSnapshot>,
 }
 
 /// What the grant programs need read, when any is configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrantsRead {
     /// Whether any grant program checks fraud (reads the IP facts).
     pub fraud: bool,
+    /// The payments worth reading: a status that some program counts and at least the
+    /// smallest minimum amount. Each program's own filter is applied again in Rust.
+    pub statuses: Vec<String>,
+    pub min_payment_cents: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

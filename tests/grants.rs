@@ -2082,3 +2082,160 @@ proptest! {
         rt().block_on(grant_property(Backend::PgTimestamp, c))?;
     }
 }
+
+// 9. PostgreSQL reads the payments and the ledger on a second connection sharing the snapshot.
+
+// The second connection imports the first one's snapshot: a payment committed after the
+// snapshot was taken and before the second connection started reading is not seen. The real
+// binary holds its second connection before the import (`REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE`)
+// and says so in its log; the payment is committed then.
+each_pg_backend!(
+    the_second_connection_reads_the_snapshot_not_a_later_commit,
+    |db: TestDb| async move {
+        use std::io::BufRead;
+        let n = now();
+        let mut f = Fixture::default();
+        f.users.push(user(1, None));
+        f.users.push(referred(2, 1));
+        db.load(&f).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            "[[grants]]\nname = \"g\"\nfraud_checks = false\nreferred = { credit_cents = 500 }\n",
+        )
+        .unwrap();
+        let report = dir.path().join("r.json");
+        let run = |hold: Option<&std::path::Path>| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"));
+            c.arg("--config")
+                .arg(&config)
+                .args([
+                    "--database-url",
+                    &db.url,
+                    "reconcile",
+                    "--dry-run",
+                    "--as-of",
+                ])
+                .arg(instant::to_rfc3339(n))
+                .arg("--report")
+                .arg(&report)
+                .arg("--per-referral")
+                .env("RUST_LOG", "referral_rewards=info")
+                .env_remove("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            if let Some(h) = hold {
+                c.env("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE", h);
+            }
+            c.spawn().unwrap()
+        };
+        let outcome_of_2 = || -> String {
+            let text = std::fs::read_to_string(dir.path().join("r.grants.json")).unwrap();
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+            let row = rows
+                .iter()
+                .find(|r| r["referred_user_id"] == 2)
+                .unwrap_or_else(|| panic!("no row of user 2 in {text}"));
+            row["outcome"].as_str().unwrap().to_owned()
+        };
+
+        let hold = dir.path().join("hold");
+        std::fs::write(&hold, "").unwrap();
+        let mut child = run(Some(&hold));
+        let (lines, log) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                let _ = lines.send(line);
+            }
+            all
+        });
+        loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the run reaches the hold of its second connection");
+            if line.contains("test hold") {
+                break;
+            }
+        }
+        pay(&db, &[p(1, 2, 1000, n - HOUR)]).await;
+        std::fs::remove_file(&hold).unwrap();
+        let status = child.wait().unwrap();
+        let log = reader.join().unwrap();
+        assert!(status.success(), "{log}");
+        assert_eq!(
+            outcome_of_2(),
+            "no_conversion",
+            "the payment committed after the snapshot is not in it"
+        );
+
+        // The next run's snapshot has it.
+        let status = run(None).wait().unwrap();
+        assert!(status.success());
+        assert_eq!(outcome_of_2(), "granted");
+    }
+);
+
+// A server that refuses to export a snapshot (here `pg_export_snapshot` is shadowed by a function
+// that raises feature_not_supported): the snapshot is read on one connection, with the same
+// results.
+each_pg_backend!(
+    a_refused_snapshot_export_reads_on_one_connection,
+    |db: TestDb| async move {
+        let n = now();
+        let cfg = family(&db).await;
+        let read = engine::grants_read(&cfg);
+        let window =
+            referral_rewards::program::slots::rules::ip_window(n, cfg.rules.ip_window_days);
+        let store = db.store().await;
+        let two = store
+            .snapshot(Scope::Full, window, read.clone())
+            .await
+            .unwrap();
+        assert!(
+            two.side_read,
+            "a full run reads beside the first connection"
+        );
+        let one_user = store
+            .snapshot(Scope::Referrer(1), window, read.clone())
+            .await
+            .unwrap();
+        assert!(
+            !one_user.side_read,
+            "a one-user run reads on one connection"
+        );
+        store.close().await;
+        let expected = dry(&db, &cfg, Scope::Full, n).await;
+
+        db.exec(
+            "CREATE FUNCTION public.pg_export_snapshot() RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'no snapshot export here' USING ERRCODE = '0A000'; END $$",
+        )
+        .await;
+        db.exec(&format!(
+            "ALTER DATABASE {} SET search_path = public, pg_catalog",
+            db.pg_name().unwrap()
+        ))
+        .await;
+        let store = db.store().await;
+        let one = store
+            .snapshot(Scope::Full, window, read.clone())
+            .await
+            .unwrap();
+        assert!(!one.side_read, "the export was refused");
+        let (a, b) = (two.grants.unwrap(), one.grants.unwrap());
+        assert!(!a.payments.is_empty() && !a.ledger.is_empty());
+        assert_eq!(a.payments, b.payments);
+        assert_eq!(a.ledger, b.ledger);
+        assert_eq!(a.referrals, b.referrals);
+        store.close().await;
+        let got = dry(&db, &cfg, Scope::Full, n).await;
+        assert_eq!(got.plan.digest, expected.plan.digest);
+        assert_eq!(all_referrals(&got), all_referrals(&expected));
+    }
+);

@@ -4,9 +4,10 @@
 //! and may put a rule of its own between rules 1 and 3 (the slots program's cooldown, rule 2).
 //! Pure: plain data in, verdicts out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::instant::{Instant, MICROS_PER_DAY};
+use crate::program::Fast;
 
 /// "An empty or blank `ip_hash` counts as missing. Blank means made only of Unicode
 /// White_Space characters (what Rust's `str::trim` removes)."
@@ -41,8 +42,9 @@ pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> HashSet
 }
 
 /// Each user's signup IP ([`signup_ip`] over its registration events), in one pass.
-pub fn signup_ips(registrations: &[(i64, String)]) -> HashMap<i64, &str> {
-    let mut by_user: HashMap<i64, &str> = HashMap::with_capacity(registrations.len());
+pub fn signup_ips(registrations: &[(i64, String)]) -> Fast<i64, &str> {
+    let mut by_user: Fast<i64, &str> =
+        Fast::with_capacity_and_hasher(registrations.len(), Default::default());
     for (user, ip) in registrations {
         if is_blank(ip) {
             continue;
@@ -60,8 +62,8 @@ pub fn signup_ips(registrations: &[(i64, String)]) -> HashMap<i64, &str> {
 }
 
 /// Each referrer's IPs in the window ([`referrer_ips`]).
-pub fn referrer_ips_by_referrer(events: &[(i64, String)]) -> HashMap<i64, HashSet<&str>> {
-    let mut by_referrer: HashMap<i64, Vec<&str>> = HashMap::new();
+pub fn referrer_ips_by_referrer(events: &[(i64, String)]) -> Fast<i64, HashSet<&str>> {
+    let mut by_referrer: Fast<i64, Vec<&str>> = Fast::default();
     for (referrer, ip) in events {
         by_referrer.entry(*referrer).or_default().push(ip);
     }

@@ -8,6 +8,7 @@ mod postgres;
 mod sqlite;
 mod sqlite_read;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::config::NewSubscriptionConfig;
@@ -332,7 +333,8 @@ pub(crate) enum Held {
 
 pub enum Store {
     Sqlite(SqliteStore),
-    Postgres(Box<PgStore>),
+    /// Shared with the snapshot's second connection, a task of its own (see `PgStore::snapshot`).
+    Postgres(std::sync::Arc<PgStore>),
 }
 
 impl Store {
@@ -340,7 +342,7 @@ impl Store {
         if url.starts_with("sqlite:") {
             Ok(Store::Sqlite(SqliteStore::connect(url, opts).await?))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Store::Postgres(Box::new(
+            Ok(Store::Postgres(std::sync::Arc::new(
                 PgStore::connect(url, opts).await?,
             )))
         } else {
@@ -599,6 +601,32 @@ pub(crate) const RUN_STATUS: &str = "SELECT status FROM reward_runs WHERE id = $
 /// Lowercase hex of bytes that are not text, for error messages.
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The ledger's grant rows, each marked `reversed` when a reversal row ends it (same program,
+/// referred user, party and `grant_seq`). `rows`: every ledger row read, with whether it is a
+/// reversal. Matched here rather than by a lookup per grant in SQL.
+pub(crate) fn live_ledger(
+    rows: Vec<(crate::program::grants::LedgerGrant, bool)>,
+) -> Vec<crate::program::grants::LedgerGrant> {
+    let reversed: Vec<bool> = {
+        let ended: HashSet<(&str, i64, crate::program::grants::Party, i64)> = rows
+            .iter()
+            .filter(|(_, reversal)| *reversal)
+            .map(|(g, _)| (&*g.program, g.user_id, g.party, g.seq))
+            .collect();
+        rows.iter()
+            .map(|(g, _)| ended.contains(&(&*g.program, g.user_id, g.party, g.seq)))
+            .collect()
+    };
+    rows.into_iter()
+        .zip(reversed)
+        .filter(|((_, reversal), _)| !reversal)
+        .map(|((mut g, _), ended)| {
+            g.reversed = ended;
+            g
+        })
+        .collect()
 }
 
 /// A ledger row as read, checked: the job writes it, so anything odd is a bug or a hand edit.

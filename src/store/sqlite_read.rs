@@ -401,14 +401,7 @@ fn read(
 
     if let Some(gr) = grants {
         let mut timings = vec![];
-        snap.grants = Some(read_grants(
-            conn,
-            scope,
-            window,
-            gr.fraud,
-            &snap,
-            &mut timings,
-        )?);
+        snap.grants = Some(read_grants(conn, scope, window, &gr, &snap, &mut timings)?);
         snap.timings.extend(timings);
     }
 
@@ -490,7 +483,7 @@ pub(super) fn read_grants(
     conn: &Connection,
     scope: Scope,
     window: (Instant, Instant),
-    fraud: bool,
+    read: &GrantsRead,
     slots: &Snapshot,
     timings: &mut Vec<crate::snapshot::QueryTiming>,
 ) -> Result<GrantsSnapshot, StoreError> {
@@ -574,9 +567,9 @@ pub(super) fn read_grants(
         super::share_slots_reads(&mut g, slots, Part::Referrals);
     }
     sw.lap(timings, "grants_referrals", g.referrals.len());
-    let referred: HashSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
+    let referred: crate::program::FastSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
 
-    if fraud {
+    if read.fraud {
         const REG: &str = "reading registration events";
         let mut st = conn
             .prepare(include_str!(
@@ -646,10 +639,11 @@ pub(super) fn read_grants(
             include_str!("../../sql/queries/sqlite/grants_payments_one.sql")
         })
         .map_err(sql_err(PAY))?;
+    let statuses = serde_json::to_string(&read.statuses).expect("strings");
     let mut rows = if complement {
-        st.query([])
+        st.query(named_params! {"$1": statuses, "$2": read.min_payment_cents})
     } else {
-        st.query(named_params! {"$1": referrers})
+        st.query(named_params! {"$1": statuses, "$2": read.min_payment_cents, "$3": referrers})
     }
     .map_err(sql_err(PAY))?;
     let mut interner = Interner::default();
@@ -697,7 +691,9 @@ pub(super) fn read_grants(
         st.query(named_params! {"$1": referrers})
     }
     .map_err(sql_err(LED))?;
+    let mut all = Vec::new();
     while let Some(r) = rows.next().map_err(sql_err(LED))? {
+        let reversal: bool = r.get(9).map_err(sql_err(LED))?;
         let grant = ledger_grant(
             r.get(0).map_err(sql_err(LED))?,
             r.get(1).map_err(sql_err(LED))?,
@@ -708,13 +704,14 @@ pub(super) fn read_grants(
             r.get(6).map_err(sql_err(LED))?,
             r.get(7).map_err(sql_err(LED))?,
             r.get(8).map_err(sql_err(LED))?,
-            r.get(9).map_err(sql_err(LED))?,
+            false,
             &mut interner,
         )?;
         if referred.contains(&grant.user_id) {
-            g.ledger.push(grant);
+            all.push((grant, reversal));
         }
     }
+    g.ledger = super::live_ledger(all);
     drop(rows);
     drop(st);
     sw.lap(timings, "grants_ledger", g.ledger.len());

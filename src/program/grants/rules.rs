@@ -8,6 +8,8 @@ use crate::config::{GrantProgramConfig, OnRefund, RulesConfig};
 use crate::instant::{Instant, MICROS_PER_DAY};
 use crate::program::fraud::{self, Claims, Verdict};
 
+use crate::program::Fast;
+
 use super::{Amount, GrantsSnapshot, LedgerGrant, Party, Payment, Referral};
 
 /// The outcome of one referral in one program, in the order they apply.
@@ -99,15 +101,11 @@ pub struct Decided {
     pub changes: Vec<GrantChange>,
 }
 
-/// Maps keyed by user id, hundreds of thousands of entries per run: foldhash, not SipHash.
-type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 /// The facts every grant program reads, indexed once per run.
 pub struct Facts<'a> {
-    signup_ips: HashMap<i64, &'a str>,
-    referrer_ips: HashMap<i64, HashSet<&'a str>>,
-    /// Each user's payments, by `created_at` then `id`.
-    payments: Fast<i64, Vec<&'a Payment>>,
+    signup_ips: Fast<i64, &'a str>,
+    referrer_ips: Fast<i64, HashSet<&'a str>>,
+    payments: &'a [Payment],
     /// Program → U → its ledger grants, live or reversed.
     ledger: HashMap<&'a str, Fast<i64, Vec<&'a LedgerGrant>>>,
     /// The referrals by `(R, U)`.
@@ -116,13 +114,6 @@ pub struct Facts<'a> {
 
 impl<'a> Facts<'a> {
     pub fn new(snap: &'a GrantsSnapshot) -> Self {
-        let mut payments: Fast<i64, Vec<&Payment>> = Fast::default();
-        for p in &snap.payments {
-            payments.entry(p.user_id).or_default().push(p);
-        }
-        for list in payments.values_mut() {
-            list.sort_by_key(|p| (p.created_at, p.id));
-        }
         let mut ledger: HashMap<&str, Fast<i64, Vec<&LedgerGrant>>> = HashMap::new();
         for g in &snap.ledger {
             ledger
@@ -133,15 +124,28 @@ impl<'a> Facts<'a> {
                 .push(g);
         }
         let mut referrals: Vec<&Referral> = snap.referrals.iter().collect();
-        referrals.sort_by_key(|r| (r.referrer_id, r.user_id));
+        referrals.sort_unstable_by_key(|r| (r.referrer_id, r.user_id));
         Facts {
             signup_ips: fraud::signup_ips(&snap.registrations),
             referrer_ips: fraud::referrer_ips_by_referrer(&snap.referrer_events),
-            payments,
+            payments: &snap.payments,
             ledger,
             referrals,
         }
     }
+}
+
+/// Whether a payment can be P's conversion: "`created_at <= now`, status in
+/// `payment_statuses`, `amount_cents >= min_payment_cents` and, when `currency` is set, that
+/// currency".
+pub fn counts(p: &Payment, program: &GrantProgramConfig, now: Instant) -> bool {
+    p.created_at <= now
+        && p.amount_cents >= program.min_payment_cents
+        && program.payment_statuses.iter().any(|s| **s == *p.status)
+        && program
+            .currency
+            .as_deref()
+            .is_none_or(|c| c == &*p.currency)
 }
 
 /// "U's conversion is U's earliest payment with `created_at <= now`, status in
@@ -154,20 +158,36 @@ pub fn conversion<'p>(
 ) -> Option<Conversion> {
     payments
         .into_iter()
-        .filter(|p| {
-            p.created_at <= now
-                && p.amount_cents >= program.min_payment_cents
-                && program.payment_statuses.iter().any(|s| **s == *p.status)
-                && program
-                    .currency
-                    .as_deref()
-                    .is_none_or(|c| c == &*p.currency)
-        })
+        .filter(|p| counts(p, program, now))
         .min_by_key(|p| (p.created_at, p.id))
         .map(|p| Conversion {
             payment_id: p.id,
             at: p.created_at,
         })
+}
+
+/// [`conversion`] of every user at once: one pass over the payments, whatever their order.
+pub fn conversions(
+    payments: &[Payment],
+    program: &GrantProgramConfig,
+    now: Instant,
+) -> Fast<i64, Conversion> {
+    let mut by_user: Fast<i64, Conversion> = Fast::default();
+    for p in payments.iter().filter(|p| counts(p, program, now)) {
+        let c = Conversion {
+            payment_id: p.id,
+            at: p.created_at,
+        };
+        by_user
+            .entry(p.user_id)
+            .and_modify(|best| {
+                if (c.at, c.payment_id) < (best.at, best.payment_id) {
+                    *best = c;
+                }
+            })
+            .or_insert(c);
+    }
+    by_user
 }
 
 /// `on_hold`: "the conversion time is later than `now - hold_days`".
@@ -189,6 +209,7 @@ pub fn decide(
     facts: &Facts<'_>,
     now: Instant,
 ) -> Vec<Decided> {
+    let conversions = conversions(facts.payments, program, now);
     let mut out = Vec::with_capacity(facts.referrals.len());
     let mut start = 0;
     while start < facts.referrals.len() {
@@ -202,6 +223,7 @@ pub fn decide(
             program,
             rules,
             facts,
+            &conversions,
             &facts.referrals[start..end],
             now,
             &mut out,
@@ -216,24 +238,21 @@ fn decide_referrer(
     program: &GrantProgramConfig,
     rules: &RulesConfig,
     facts: &Facts<'_>,
+    converted: &Fast<i64, Conversion>,
     referrals: &[&Referral],
     now: Instant,
     out: &mut Vec<Decided>,
 ) {
     let referrer = referrals[0].referrer_id;
-    let empty = Vec::new();
     let conversions: Vec<Option<Conversion>> = referrals
         .iter()
-        .map(|x| {
-            let payments = facts.payments.get(&x.user_id).unwrap_or(&empty);
-            conversion(payments.iter().copied(), program, now)
-        })
+        .map(|x| converted.get(&x.user_id).copied())
         .collect();
     // R's conversion order: conversion time, then payment id, then U's id.
     let mut order: Vec<usize> = (0..referrals.len())
         .filter(|&i| conversions[i].is_some())
         .collect();
-    order.sort_by_key(|&i| {
+    order.sort_unstable_by_key(|&i| {
         let c = conversions[i].expect("filtered");
         (c.at, c.payment_id, referrals[i].user_id)
     });
@@ -281,7 +300,7 @@ fn decide_referrer(
             Natural::Out(o) => o,
             Natural::Eligible => Outcome::CapReached,
         };
-        let (outcome, cause, changes) = if desired.contains(&i) {
+        let (outcome, cause, changes) = if desired[i] {
             let changes = if holds {
                 vec![]
             } else {
@@ -321,33 +340,35 @@ fn decide_referrer(
     }
 }
 
-/// R's desired set (indices into its referrals). `keep`: every referral that holds a grant,
-/// plus the eligible ones without, in conversion order, while the set is smaller than the cap.
-/// `reverse`: the first `cap` eligible referrals in conversion order. A cap of 0 is no limit.
+/// R's desired set (whether each of its referrals is in it). `keep`: every referral that holds
+/// a grant, plus the eligible ones without, in conversion order, while the set is smaller than
+/// the cap. `reverse`: the first `cap` eligible referrals in conversion order. A cap of 0 is no
+/// limit.
 fn desired_set(
     program: &GrantProgramConfig,
     order: &[usize],
     natural: &[Natural],
     held: &[Vec<Held>],
-) -> HashSet<usize> {
+) -> Vec<bool> {
     let cap = program.max_rewarded_per_referrer;
-    let room = |set: &HashSet<usize>| cap == 0 || (set.len() as i64) < cap;
-    let mut set = HashSet::new();
-    match program.on_refund {
-        OnRefund::Keep => {
-            set.extend((0..held.len()).filter(|&i| !held[i].is_empty()));
-            for &i in order {
-                if natural[i] == Natural::Eligible && held[i].is_empty() && room(&set) {
-                    set.insert(i);
-                }
+    let keep = matches!(program.on_refund, OnRefund::Keep);
+    let mut set = vec![false; held.len()];
+    let mut size = 0i64;
+    if keep {
+        // Holders first, whatever the cap: grants are final.
+        for (i, h) in held.iter().enumerate() {
+            if !h.is_empty() {
+                set[i] = true;
+                size += 1;
             }
         }
-        OnRefund::Reverse => {
-            for &i in order {
-                if natural[i] == Natural::Eligible && room(&set) {
-                    set.insert(i);
-                }
-            }
+    }
+    for &i in order {
+        // Under `keep` a holder is in already; under `reverse` holding changes nothing.
+        let wanted = natural[i] == Natural::Eligible && (!keep || held[i].is_empty());
+        if wanted && (cap == 0 || size < cap) {
+            set[i] = true;
+            size += 1;
         }
     }
     set

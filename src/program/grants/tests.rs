@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::plan::{self, ProgramPlan};
-use super::rules::{Facts, Outcome, conversion, is_on_hold};
+use super::rules::{Facts, Outcome, conversion, conversions, is_on_hold};
 use super::*;
 use crate::config::{Config, GrantProgramConfig, OnRefund};
 use crate::instant::MICROS_PER_DAY;
@@ -93,6 +93,36 @@ fn conversion_is_the_first_qualifying_payment_up_to_now() {
     // Exactly at now counts; one microsecond after does not.
     assert!(conversion(&[pay(7, 2, 1000, NOW)], &p, NOW).is_some());
     assert!(conversion(&[pay(7, 2, 1000, NOW + 1)], &p, NOW).is_none());
+}
+
+proptest::proptest! {
+    /// The one-pass conversions of a run equal each user's [`conversion`], whatever the order
+    /// of the payments (ties at one instant included).
+    #[test]
+    fn conversions_of_a_run_equal_each_users_conversion(
+        rows in proptest::collection::vec((1i64..5, 0i64..4, 990i64..1010, 0u8..3), 0..40),
+        rotate in 0usize..40,
+    ) {
+        let p = program(|p| p.min_payment_cents = 1000);
+        let mut payments: Vec<Payment> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &(user, at, cents, status))| {
+                let mut x = pay(i as i64 + 1, user, cents, NOW - 2 + at);
+                x.status = Arc::from(["succeeded", "refunded", "failed"][status as usize]);
+                x
+            })
+            .collect();
+        if !payments.is_empty() {
+            let k = rotate % payments.len();
+            payments.rotate_left(k);
+        }
+        let all = conversions(&payments, &p, NOW);
+        for user in 1..5 {
+            let one = conversion(payments.iter().filter(|x| x.user_id == user), &p, NOW);
+            proptest::prop_assert_eq!(all.get(&user).copied(), one, "user {}", user);
+        }
+    }
 }
 
 #[test]

@@ -73,6 +73,164 @@ impl Cells<'_, '_> {
     }
 }
 
+/// The payments and the ledger, read on a second connection that imported the snapshot's
+/// exported snapshot (`pg_export_snapshot`, as `pg_dump -j` does) while the first connection
+/// reads the rest: the same rows, in about the time of the longer of the two.
+pub(super) struct SideRead {
+    payments: Vec<Payment>,
+    ledger: Vec<(crate::program::grants::LedgerGrant, bool)>,
+    timings: Vec<QueryTiming>,
+}
+
+pub(super) enum SideError {
+    /// No connection, or the snapshot could not be imported: read on the snapshot's own
+    /// connection instead.
+    Import(StoreError),
+    /// A read failed: the snapshot fails, as it would on one connection.
+    Read(StoreError),
+}
+
+/// The side read's task, aborted if the snapshot ends without it (an error on the first
+/// connection): nothing waits for it then.
+pub(super) struct Side(tokio::task::JoinHandle<Result<SideRead, SideError>>);
+
+impl Drop for Side {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The second connection, closed rather than returned to the pool unless its read ended well
+/// (an aborted or failed read may leave it in the middle of a COPY).
+struct CloseUnlessDone {
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    done: bool,
+}
+
+impl Drop for CloseUnlessDone {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.close_on_drop();
+        }
+    }
+}
+
+impl PgStore {
+    /// Starts the side read of the snapshot exported as `snapshot_id`; `permit` keeps a second
+    /// side read from waiting for a connection that the first holds (see `side_reads`).
+    pub(super) fn spawn_side_read(
+        self: &std::sync::Arc<Self>,
+        snapshot_id: String,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        as_of: Instant,
+        read: GrantsRead,
+    ) -> Side {
+        let me = std::sync::Arc::clone(self);
+        Side(tokio::spawn(async move {
+            let _permit = permit;
+            let conn =
+                me.pool.acquire().await.map_err(|e| {
+                    SideError::Import(q("opening the second snapshot connection")(e))
+                })?;
+            let mut conn = CloseUnlessDone { conn, done: false };
+            let r = me
+                .side_read(&mut conn.conn, &snapshot_id, as_of, &read)
+                .await;
+            conn.done = r.is_ok();
+            r
+        }))
+    }
+
+    async fn side_read(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        snapshot_id: &str,
+        as_of: Instant,
+        read: &GrantsRead,
+    ) -> Result<SideRead, SideError> {
+        crate::engine::test_hold(
+            "REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE",
+            "before the second snapshot connection imports the snapshot",
+        )
+        .await;
+        let import = |e| SideError::Import(q("importing the snapshot")(e));
+        let mut sw = Stopwatch::start();
+        let mut tx = conn
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(import)?;
+        // The id is the server's own answer (hex digits and dashes), never user input.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET TRANSACTION SNAPSHOT '{snapshot_id}'"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(import)?;
+        utc(&mut tx, &self.timeouts)
+            .await
+            .map_err(SideError::Import)?;
+        let mut timings = vec![];
+        let payments = self
+            .read_payments(&mut tx, &None, as_of, read)
+            .await
+            .map_err(SideError::Read)?;
+        sw.lap(&mut timings, "grants_payments", payments.len());
+        let ledger = self
+            .read_ledger(&mut tx, &None)
+            .await
+            .map_err(SideError::Read)?;
+        sw.lap(&mut timings, "grants_ledger", ledger.len());
+        tx.commit()
+            .await
+            .map_err(|e| SideError::Read(q("ending the second snapshot connection")(e)))?;
+        Ok(SideRead {
+            payments,
+            ledger,
+            timings,
+        })
+    }
+}
+
+/// A text array for the COPY text of a query: each element a string constant with its quotes
+/// doubled (the server's standard_conforming_strings is on by default since 9.1).
+fn text_array_literal(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("'{}'", s.replace('\'', "''")))
+        .collect();
+    format!("ARRAY[{}]::text[]", quoted.join(","))
+}
+
+impl Cells<'_, '_> {
+    /// A text cell shared through `interner`: no allocation per row for a column of a few
+    /// distinct values.
+    fn interned(
+        &mut self,
+        table: &'static str,
+        column: &'static str,
+        row: Option<i64>,
+        interner: &mut Interner,
+    ) -> Result<Option<std::sync::Arc<str>>, Bad> {
+        match self {
+            Cells::Copy(t) => t
+                .field()?
+                .map(|b| {
+                    std::str::from_utf8(b)
+                        .map(|s| interner.intern(s))
+                        .map_err(|_| Bad::Cell {
+                            table,
+                            column,
+                            row,
+                            value: Some(format!("x'{}' (text that is not UTF-8)", hex(b))),
+                            expected: "UTF-8 text",
+                        })
+                })
+                .transpose(),
+            Cells::Row(..) => Ok(self.text(table, column, row)?.map(|s| interner.intern(&s))),
+        }
+    }
+}
+
 /// A bigint array for the COPY text of a query (NULL: every referrer).
 fn ids_literal(ids: &Option<Vec<i64>>) -> String {
     match ids {
@@ -124,16 +282,19 @@ impl PgStore {
         }
     }
 
-    /// The grant programs' part of the snapshot (see `sqlite_read::read_grants`).
+    /// The grant programs' part of the snapshot (see `sqlite_read::read_grants`), and whether
+    /// its payments and ledger came from the side read.
+    #[allow(clippy::too_many_arguments)] // the snapshot's transaction, scope and parts so far
     pub(super) async fn read_grants(
         &self,
         tx: &mut sqlx::PgConnection,
         scope: Scope,
         window: (Instant, Instant),
-        fraud: bool,
+        read: &GrantsRead,
         slots: &Snapshot,
         timings: &mut Vec<QueryTiming>,
-    ) -> Result<GrantsSnapshot, StoreError> {
+        side: Option<Side>,
+    ) -> Result<(GrantsSnapshot, bool), StoreError> {
         let mut sw = Stopwatch::start();
         let mut g = GrantsSnapshot::default();
         let as_of = window.1;
@@ -203,9 +364,10 @@ impl PgStore {
             share_slots_reads(&mut g, slots, Part::Referrals);
         }
         sw.lap(timings, "grants_referrals", g.referrals.len());
-        let referred: HashSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
+        let referred: crate::program::FastSet<i64> =
+            g.referrals.iter().map(|x| x.user_id).collect();
 
-        if fraud {
+        if read.fraud {
             let ids = referrers.clone();
             g.registrations = self
                 .rows(
@@ -259,60 +421,123 @@ impl PgStore {
             sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
         }
 
-        let ids = filter.clone();
-        let literals = [
-            ids_literal(&filter),
-            format!("'{}'::timestamptz", instant::to_rfc3339(as_of)),
-        ];
-        let mut interner = Interner::default();
-        g.payments = self
-            .rows(
-                tx,
-                include_str!("../../../sql/queries/postgres/grants_payments.sql"),
-                &literals,
-                move |qy| qy.bind(ids).bind(dt(as_of)),
-                6,
-                "reading payments",
-                |c| {
-                    let id = c
-                        .i64()?
-                        .ok_or_else(|| null("payments", "id", None, "an id"))?;
-                    let cell = |column, expected| null("payments", column, Some(id), expected);
-                    let user_id = c.i64()?.ok_or_else(|| cell("user_id", "a user id"))?;
-                    let amount_cents =
-                        c.i64()?.ok_or_else(|| cell("amount_cents", "an integer"))?;
-                    let currency = c
-                        .text("payments", "currency", Some(id))?
-                        .ok_or_else(|| cell("currency", "text"))?;
-                    let status = c
-                        .text("payments", "status", Some(id))?
-                        .ok_or_else(|| cell("status", "text"))?;
-                    let created_at = pg_time(c.i64()?, "payments", "created_at", id)?
-                        .ok_or_else(|| cell("created_at", "a time"))?;
-                    if !referred.contains(&user_id) || created_at > as_of {
-                        return Ok(None);
-                    }
-                    Ok(Some(Payment {
-                        id,
-                        user_id,
-                        amount_cents,
-                        currency: interner.intern(&currency),
-                        status: interner.intern(&status),
-                        created_at,
-                    }))
-                },
-            )
-            .await?;
-        sw.lap(timings, "grants_payments", g.payments.len());
+        // The payments and the ledger: from the side read started with the snapshot when there
+        // is one, else here.
+        let side = match side {
+            Some(mut handle) => match (&mut handle.0).await {
+                Ok(Ok(read)) => Some(read),
+                Ok(Err(SideError::Import(e))) => {
+                    tracing::warn!(error = %e, "the second snapshot connection is unavailable; reading payments and the ledger on the first");
+                    None
+                }
+                Ok(Err(SideError::Read(e))) => return Err(e),
+                Err(e) => {
+                    return Err(StoreError::Sql {
+                        what: "reading payments and the ledger",
+                        message: e.to_string(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let side_read = side.is_some();
+        let (payments, ledger) = match side {
+            Some(read) => {
+                timings.extend(read.timings);
+                (read.payments, read.ledger)
+            }
+            None => {
+                let payments = self.read_payments(tx, &filter, as_of, read).await?;
+                sw.lap(timings, "grants_payments", payments.len());
+                let ledger = self.read_ledger(tx, &filter).await?;
+                sw.lap(timings, "grants_ledger", ledger.len());
+                (payments, ledger)
+            }
+        };
+        // Only the referred users in scope (a shard's; every referred user's for a full run).
+        g.payments = payments;
+        g.payments.retain(|p| referred.contains(&p.user_id));
+        g.ledger = crate::store::live_ledger(
+            ledger
+                .into_iter()
+                .filter(|(x, _)| referred.contains(&x.user_id))
+                .collect(),
+        );
+        Ok((g, side_read))
+    }
 
+    /// The payments that can be a conversion (see grants_payments.sql) of the referred users
+    /// of `filter`'s referrers (`None`: every referred user).
+    pub(super) async fn read_payments(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        filter: &Option<Vec<i64>>,
+        as_of: Instant,
+        read: &GrantsRead,
+    ) -> Result<Vec<Payment>, StoreError> {
+        let literals = [
+            ids_literal(filter),
+            format!("'{}'::timestamptz", instant::to_rfc3339(as_of)),
+            text_array_literal(&read.statuses),
+            read.min_payment_cents.to_string(),
+        ];
+        let (ids, statuses, min_cents) = (
+            filter.clone(),
+            read.statuses.clone(),
+            read.min_payment_cents,
+        );
+        let mut interner = Interner::default();
+        self.rows(
+            tx,
+            include_str!("../../../sql/queries/postgres/grants_payments.sql"),
+            &literals,
+            move |qy| qy.bind(ids).bind(dt(as_of)).bind(statuses).bind(min_cents),
+            6,
+            "reading payments",
+            |c| {
+                let id = c
+                    .i64()?
+                    .ok_or_else(|| null("payments", "id", None, "an id"))?;
+                let cell = |column, expected| null("payments", column, Some(id), expected);
+                let user_id = c.i64()?.ok_or_else(|| cell("user_id", "a user id"))?;
+                let amount_cents = c.i64()?.ok_or_else(|| cell("amount_cents", "an integer"))?;
+                let currency = c
+                    .interned("payments", "currency", Some(id), &mut interner)?
+                    .ok_or_else(|| cell("currency", "text"))?;
+                let status = c
+                    .interned("payments", "status", Some(id), &mut interner)?
+                    .ok_or_else(|| cell("status", "text"))?;
+                let created_at = pg_time(c.i64()?, "payments", "created_at", id)?
+                    .ok_or_else(|| cell("created_at", "a time"))?;
+                Ok((created_at <= as_of).then_some(Payment {
+                    id,
+                    user_id,
+                    amount_cents,
+                    currency,
+                    status,
+                    created_at,
+                }))
+            },
+        )
+        .await
+    }
+
+    /// Every ledger row of the referred users of `filter`'s referrers (`None`: of every user),
+    /// with whether it is a reversal.
+    pub(super) async fn read_ledger(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        filter: &Option<Vec<i64>>,
+    ) -> Result<Vec<(crate::program::grants::LedgerGrant, bool)>, StoreError> {
         const LED: &str = "reading referral_grants";
         let ids = filter.clone();
         let mut interner = Interner::default();
-        let rows: Vec<Result<crate::program::grants::LedgerGrant, StoreError>> = self
+        type Row = (crate::program::grants::LedgerGrant, bool);
+        let rows: Vec<Result<Row, StoreError>> = self
             .rows(
                 tx,
                 include_str!("../../../sql/queries/postgres/grants_ledger.sql"),
-                &[ids_literal(&filter)],
+                &[ids_literal(filter)],
                 move |qy| qy.bind(ids),
                 10,
                 LED,
@@ -326,29 +551,27 @@ impl PgStore {
                     let (days, cents) = (c.i64()?, c.i64()?);
                     let seq = c.i64()?.unwrap_or_default();
                     let payment = c.i64()?;
-                    let reversed = c.bool()?.unwrap_or(false);
-                    if !referred.contains(&user) {
-                        return Ok(None);
-                    }
-                    Ok(Some(ledger_grant(
-                        program,
-                        referrer,
-                        user,
-                        party,
-                        credited,
-                        days,
-                        cents,
-                        seq,
-                        payment,
-                        reversed,
-                        &mut interner,
-                    )))
+                    let reversal = c.bool()?.unwrap_or(false);
+                    Ok(Some(
+                        ledger_grant(
+                            program,
+                            referrer,
+                            user,
+                            party,
+                            credited,
+                            days,
+                            cents,
+                            seq,
+                            payment,
+                            false,
+                            &mut interner,
+                        )
+                        .map(|g| (g, reversal)),
+                    ))
                 },
             )
             .await?;
-        g.ledger = rows.into_iter().collect::<Result<_, _>>()?;
-        sw.lap(timings, "grants_ledger", g.ledger.len());
-        Ok(g)
+        rows.into_iter().collect()
     }
 
     /// The grant programs' writes, inside the run's apply transaction: the ledger rows, then

@@ -47,6 +47,12 @@ pub struct PgStore {
     lock_conns: tokio::sync::Mutex<Vec<sqlx::PgConnection>>,
     /// `SET LOCAL` statements bounding lock waits and statements in the run's transactions.
     timeouts: String,
+    /// One snapshot at a time reads on a second connection: a snapshot holding one connection
+    /// and waiting for another cannot then starve others doing the same.
+    side_reads: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Cleared for good the first time the server refuses to export or import a snapshot;
+    /// every snapshot then reads on one connection.
+    side_ok: std::sync::atomic::AtomicBool,
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -110,6 +116,8 @@ impl PgStore {
             options,
             copy: std::sync::atomic::AtomicBool::new(opts.pg_binary_copy),
             lock_conns: tokio::sync::Mutex::new(Vec::new()),
+            side_reads: std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+            side_ok: std::sync::atomic::AtomicBool::new(true),
             timeouts: timeouts_sql(opts),
         })
     }

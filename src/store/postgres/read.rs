@@ -375,7 +375,7 @@ impl PgStore {
     /// returning it to the pool: a COPY statement refused outright leaves it out of step (see
     /// [`PgStore::copy_out`]).
     pub async fn snapshot(
-        &self,
+        self: &std::sync::Arc<Self>,
         scope: Scope,
         window: (Instant, Instant),
         grants: Option<GrantsRead>,
@@ -387,7 +387,10 @@ impl PgStore {
             .acquire()
             .await
             .map_err(q("starting the snapshot"))?;
-        match self.read_snapshot(&mut conn, scope, window, grants).await {
+        match self
+            .read_snapshot(&mut conn, scope, window, grants.as_ref())
+            .await
+        {
             Ok(snap) => Ok(snap),
             Err(e) => {
                 conn.close_on_drop();
@@ -401,7 +404,9 @@ impl PgStore {
                         .acquire()
                         .await
                         .map_err(q("starting the snapshot"))?;
-                    let r = self.read_snapshot(&mut conn, scope, window, grants).await;
+                    let r = self
+                        .read_snapshot(&mut conn, scope, window, grants.as_ref())
+                        .await;
                     if r.is_err() {
                         conn.close_on_drop();
                     }
@@ -413,17 +418,45 @@ impl PgStore {
     }
 
     async fn read_snapshot(
-        &self,
+        self: &std::sync::Arc<Self>,
         conn: &mut sqlx::PgConnection,
         scope: Scope,
         window: (Instant, Instant),
-        grants: Option<GrantsRead>,
+        grants: Option<&GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
         let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(q("starting the snapshot"))?;
         utc(&mut tx, &self.timeouts).await?;
+        use std::sync::atomic::Ordering;
+        // A full or shard run of grant programs reads the payments and the ledger on a second
+        // connection, on this transaction's snapshot, while this one reads the rest.
+        let mut side = None;
+        if let Some(gr) = grants
+            && !matches!(scope, Scope::Referrer(_))
+            && self.side_ok.load(Ordering::Relaxed)
+            && let Ok(permit) = self.side_reads.clone().try_acquire_owned()
+        {
+            let exported: Result<String, _> = sqlx::query_scalar("SELECT pg_export_snapshot()")
+                .fetch_one(&mut *tx)
+                .await;
+            match exported {
+                Ok(id) => {
+                    side = Some(self.spawn_side_read(id, permit, window.1, gr.clone()));
+                }
+                Err(e) => {
+                    // The transaction is aborted: start it again, before anything is read.
+                    self.refuse_side_reads(&e);
+                    tx.rollback().await.map_err(q("starting the snapshot"))?;
+                    tx = conn
+                        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        .await
+                        .map_err(q("starting the snapshot"))?;
+                    utc(&mut tx, &self.timeouts).await?;
+                }
+            }
+        }
         let mut snap = Snapshot::default();
         let mut sw = Stopwatch::start();
         let (from, to) = (dt(window.0), dt(window.1));
@@ -703,10 +736,11 @@ impl PgStore {
 
         if let Some(gr) = grants {
             let mut timings = vec![];
-            snap.grants = Some(
-                self.read_grants(&mut tx, scope, window, gr.fraud, &snap, &mut timings)
-                    .await?,
-            );
+            let (grants, side_read) = self
+                .read_grants(&mut tx, scope, window, gr, &snap, &mut timings, side)
+                .await?;
+            snap.grants = Some(grants);
+            snap.side_read = side_read;
             snap.timings.extend(timings);
         }
 
@@ -833,6 +867,17 @@ impl PgStore {
     fn refuse_copy(&self, e: &sqlx::Error) {
         if self.copy.swap(false, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(error = %e, "binary COPY refused; reading with SELECT from now on");
+        }
+    }
+
+    /// The server refused to export or import a snapshot: every snapshot reads on one
+    /// connection from now on (logged once).
+    pub(super) fn refuse_side_reads(&self, e: &dyn std::fmt::Display) {
+        if self
+            .side_ok
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, "snapshot export refused; reading each snapshot on one connection from now on");
         }
     }
 }
