@@ -184,7 +184,8 @@ pub enum Command {
     },
     /// Print the man page (roff) on stdout, or write one page per command into --dir
     Man {
-        /// Write referral-rewards.1 and a page per subcommand into this directory
+        /// Write referral-rewards.1 and a page per subcommand into this directory (created if
+        /// missing)
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },

@@ -334,10 +334,12 @@ pub fn generate(cli: &mut Cli) -> Result<(), Failure> {
             clap_complete::generate(*shell, &mut cmd, name, &mut buf);
         }
         Command::Man { dir: Some(dir) } => {
-            return clap_mangen::generate_to(cmd, dir).map_err(|e| Failure {
-                exit: Exit::RunFailed,
-                message: format!("writing the man pages into {}: {e}", dir.display()),
-            });
+            return std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(cmd, dir))
+                .map_err(|e| Failure {
+                    exit: Exit::RunFailed,
+                    message: format!("writing the man pages into {}: {e}", dir.display()),
+                });
         }
         Command::Man { dir: None } => {
             clap_mangen::Man::new(cmd)
