@@ -97,7 +97,7 @@ impl Store {
             for b in filter.binds() {
                 q = q.bind(b);
             }
-            q.bind(filter.limit + 1).fetch_all(pool).await
+            q.bind(filter.limit.saturating_add(1)).fetch_all(pool).await
         })
         .map_err(StoreError::sql("reading reward_changes"))
     }
@@ -117,7 +117,7 @@ impl Store {
             for b in filter.binds() {
                 q = q.bind(b);
             }
-            q.bind(filter.limit + 1).fetch_all(pool).await
+            q.bind(filter.limit.saturating_add(1)).fetch_all(pool).await
         })
         .map_err(StoreError::sql("reading referral_grants"))
     }
