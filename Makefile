@@ -2,23 +2,38 @@
 
 SHELL := /bin/bash
 CARGO ?= cargo
-BIN := target/debug/referral-rewards
+# Cargo's target directory: CARGO_TARGET_DIR when it is set, as for cargo itself.
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+BIN := $(TARGET_DIR)/debug/referral-rewards
 
 # PostgreSQL for the tests: every development and CI machine runs one here.
 export REFERRAL_REWARDS_TEST_PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-DEMO_DB := target/demo/referral-rewards.db
+DEMO_DB := $(TARGET_DIR)/demo/referral-rewards.db
 DEMO_URL := sqlite://$(DEMO_DB)
 DEMO_USERS ?= 100000
 DEMO_AS_OF := 2026-11-01T00:00:00Z
 # The demo's config: config.toml with its two example grant programs enabled.
-DEMO_CONFIG := target/demo/config.toml
+DEMO_CONFIG := $(TARGET_DIR)/demo/config.toml
 DEMO := $(BIN) --config $(DEMO_CONFIG) --database-url $(DEMO_URL)
 
 # The benchmark's PostgreSQL server (its datasets are databases rr_bench_<users>).
 export REFERRAL_REWARDS_BENCH_PG_URL ?= postgres://postgres@127.0.0.1:5432/test
 
-.PHONY: help build demo test lint fmt bench
+# make install: the binary, its man pages and its bash, zsh and fish completions under
+# $(DESTDIR)$(PREFIX), built with INSTALL_PROFILE (release; dev for a quick check).
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+DATADIR ?= $(PREFIX)/share
+MANDIR ?= $(DATADIR)/man
+INSTALL_PROFILE ?= release
+INSTALL_BIN := $(TARGET_DIR)/$(if $(filter dev,$(INSTALL_PROFILE)),debug,$(INSTALL_PROFILE))/referral-rewards
+BASH_COMPLETIONS := $(DATADIR)/bash-completion/completions/referral-rewards
+ZSH_COMPLETIONS := $(DATADIR)/zsh/site-functions/_referral-rewards
+FISH_COMPLETIONS := $(DATADIR)/fish/vendor_completions.d/referral-rewards.fish
+
+.PHONY: help build demo test lint fmt bench install uninstall
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,3 +69,18 @@ lint: ## cargo fmt --check and clippy with warnings as errors
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+install: ## Build (release) and install the binary, man pages and completions (PREFIX, DESTDIR)
+	$(CARGO) build --bin referral-rewards --profile $(INSTALL_PROFILE)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(dir $(DESTDIR)$(BASH_COMPLETIONS)) \
+	    $(dir $(DESTDIR)$(ZSH_COMPLETIONS)) $(dir $(DESTDIR)$(FISH_COMPLETIONS))
+	install -m 755 $(INSTALL_BIN) $(DESTDIR)$(BINDIR)/referral-rewards
+	$(INSTALL_BIN) man --dir $(DESTDIR)$(MANDIR)/man1
+	$(INSTALL_BIN) completions bash > $(DESTDIR)$(BASH_COMPLETIONS)
+	$(INSTALL_BIN) completions zsh > $(DESTDIR)$(ZSH_COMPLETIONS)
+	$(INSTALL_BIN) completions fish > $(DESTDIR)$(FISH_COMPLETIONS)
+
+uninstall: ## Remove what make install installed (same PREFIX, DESTDIR)
+	rm -f $(DESTDIR)$(BINDIR)/referral-rewards $(DESTDIR)$(MANDIR)/man1/referral-rewards.1 \
+	    $(DESTDIR)$(MANDIR)/man1/referral-rewards-*.1 $(DESTDIR)$(BASH_COMPLETIONS) \
+	    $(DESTDIR)$(ZSH_COMPLETIONS) $(DESTDIR)$(FISH_COMPLETIONS)

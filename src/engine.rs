@@ -14,7 +14,7 @@ use crate::program::slots::compute::{self, Computation};
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::program::slots::rules;
 use crate::snapshot::{GrantsRead, QueryTiming, Scope};
-use crate::store::{ApplyOutcome, RunFinish, Store, StoreError, Writes};
+use crate::store::{ApplyOutcome, RunFinish, Store, StoreError, Trigger, Writes};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RunRequest {
@@ -299,6 +299,8 @@ pub struct RunControl {
     /// refuse before writing anything, not even a run row.
     pub expect_digest: Option<String>,
     pub progress: Option<Progress>,
+    /// What started the run, recorded in its row (`None`: not said, recorded as unknown).
+    pub trigger: Option<Trigger>,
 }
 
 impl std::fmt::Debug for RunControl {
@@ -306,6 +308,7 @@ impl std::fmt::Debug for RunControl {
         f.debug_struct("RunControl")
             .field("expect_digest", &self.expect_digest)
             .field("progress", &self.progress.is_some())
+            .field("trigger", &self.trigger)
             .finish_non_exhaustive()
     }
 }
@@ -375,7 +378,9 @@ pub async fn run_controlled(
         }
     };
     let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
-    let run_id = store.start_run(req.scope, req.as_of, now()).await?;
+    let run_id = store
+        .start_run(req.scope, req.as_of, now(), ctl.trigger)
+        .await?;
     let work = async {
         let Planned {
             plan,

@@ -3,40 +3,29 @@
 
 mod cli;
 
+use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use referral_rewards::engine;
 
 use cli::args::{Cli, Command, LogFormat};
-use cli::exit::Exit;
+use cli::exit::{Exit, Failure};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match parse() {
         Ok(cli) => cli,
+        // clap's own message, whole: the problem, the usage line and its tips ("a similar
+        // argument exists: '--dry-run'"); `--help` and `--version` go to stdout and exit 0.
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return ExitCode::from(
-                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                        2
-                    } else {
-                        0
-                    },
-                );
-            }
-            // One line: clap's first line names the argument and the problem.
-            let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: bad usage"));
-            return ExitCode::from(Exit::Usage as u8);
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(Exit::Usage as u8));
         }
     };
+    if let Command::Completions { .. } | Command::Man { .. } = cli.command {
+        // Generated from the definitions alone: no configuration, logging or runtime.
+        return finish(cli::commands::generate(&mut cli));
+    }
     init_logging(&cli);
     install_panic_hook(matches!(cli.command, Command::Serve));
     // Now, while threads and descriptors are plentiful (see Cargo.toml).
@@ -45,27 +34,49 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(Exit::RunFailed as u8);
+            return finish(Err(Failure {
+                exit: Exit::RunFailed,
+                message: format!("cannot start the async runtime: {e}"),
+            }));
         }
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(cli::commands::dispatch(cli))
     }));
     match outcome {
-        Ok(Ok(())) => ExitCode::from(Exit::Success as u8),
-        Ok(Err(f)) => {
-            eprintln!("error: {}", f.message.replace('\n', " "));
-            ExitCode::from(f.exit as u8)
-        }
+        Ok(result) => finish(result),
         Err(payload) => {
             let message = LAST_PANIC
                 .lock()
                 .ok()
                 .and_then(|mut p| p.take())
                 .unwrap_or_else(|| engine::panic_message(&*payload));
-            eprintln!("error: internal error (a bug; please report it): {message}");
-            ExitCode::from(Exit::RunFailed as u8)
+            finish(Err(Failure {
+                exit: Exit::RunFailed,
+                message: format!("internal error (a bug; please report it): {message}"),
+            }))
+        }
+    }
+}
+
+/// The arguments, and whether the database URL came from `DATABASE_URL` (an error about it
+/// names the variable, not the flag).
+fn parse() -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    cli.database_url_from_env =
+        matches.value_source("database_url") == Some(clap::parser::ValueSource::EnvVariable);
+    Ok(cli)
+}
+
+/// The exit code of an outcome, its error as one line on stderr (never a panic, even when
+/// stderr itself is closed or full).
+fn finish(result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::from(Exit::Success as u8),
+        Err(f) => {
+            let _ = writeln!(std::io::stderr(), "error: {}", f.message.replace('\n', " "));
+            ExitCode::from(f.exit as u8)
         }
     }
 }

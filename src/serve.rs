@@ -26,11 +26,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::engine::{self, EngineError, RunControl, RunReport, RunRequest};
+use crate::history;
 use crate::instant;
 use crate::program::slots::plan::HostChange;
 use crate::program::slots::rules::Outcome;
 use crate::snapshot::Scope;
-use crate::store::{RunRow, Store};
+use crate::store::{ChangeFilter, RunRow, Store, Trigger};
 
 /// Request bodies are never needed: anything larger than this is refused.
 const MAX_BODY_BYTES: usize = 1024;
@@ -38,6 +39,9 @@ const MAX_BODY_BYTES: usize = 1024;
 const MAX_URI_BYTES: usize = 2048;
 /// `GET /v1/runs?limit=` at most.
 const MAX_RUNS_LIMIT: i64 = 1000;
+/// `GET /v1/runs/{id}` and `GET /v1/changes`: ledger rows per ledger by default, and at most.
+const DEFAULT_LEDGER_PAGE: i64 = 100;
+const MAX_LEDGER_PAGE: i64 = 1000;
 /// `GET /v1/referrers/{id}`: referrals per page by default, and at most.
 const DEFAULT_REFERRALS_PAGE: usize = 100;
 const MAX_REFERRALS_PAGE: usize = 1000;
@@ -82,9 +86,10 @@ struct TickOutcome {
 }
 
 impl App {
-    fn control(&self) -> RunControl {
+    fn control(&self, trigger: Trigger) -> RunControl {
         RunControl {
             abort: self.abort.clone(),
+            trigger: Some(trigger),
             ..RunControl::default()
         }
     }
@@ -254,7 +259,7 @@ async fn tick(app: &App) {
         as_of: instant::from_datetime(chrono::Utc::now()),
         dry_run: false,
     };
-    let control = app.control();
+    let control = app.control(Trigger::Schedule);
     let run = engine::run_controlled(&app.store, &app.config, req, &control);
     let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run))
         .await
@@ -408,6 +413,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/referrers/{id}/reconcile", post(reconcile_referrer))
         .route("/v1/referrers/{id}", get(explain_referrer))
         .route("/v1/runs", get(list_runs))
+        .route("/v1/runs/{id}", get(show_run))
+        .route("/v1/changes", get(list_changes))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -528,7 +535,7 @@ async fn reconcile_referrer(
     // does not cut a run short, and shutdown gives it the same grace period.
     let task = app.clone();
     let run = app.runs.spawn(async move {
-        engine::run_controlled(&task.store, &task.config, req, &task.control()).await
+        engine::run_controlled(&task.store, &task.config, req, &task.control(Trigger::Http)).await
     });
     match run.await {
         // The referrer's values cannot be stored: 422, with what would have been written.
@@ -747,25 +754,80 @@ async fn list_runs(
             format!("limit must be between 1 and {MAX_RUNS_LIMIT}"),
         );
     }
-    match app.store.runs(limit).await {
-        Ok(runs) => {
-            Json(json!({ "runs": runs.iter().map(run_json).collect::<Vec<_>>() })).into_response()
-        }
+    match history::runs(&app.store, limit).await {
+        Ok(list) => Json(list).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
-fn run_json(r: &RunRow) -> Value {
-    let mut v = serde_json::to_value(r).expect("plain data");
-    v["as_of"] = instant::to_rfc3339(r.as_of).into();
-    v["started_at"] = instant::to_rfc3339(r.started_at).into();
-    v["finished_at"] = r.finished_at.map(instant::to_rfc3339).into();
-    v["outcome_counts"] = r
-        .outcome_counts
-        .as_deref()
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or(Value::Null);
-    v
+/// `GET /v1/runs/{id}?limit=`: the run, its ledger counts and its newest ledger rows.
+async fn show_run(
+    State(app): State<Arc<App>>,
+    Path(raw): Path<String>,
+    params: Result<Query<RunsParams>, QueryRejection>,
+) -> Response {
+    let Ok(id) = raw.parse::<i64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("run id must be an integer, got {raw:?}"),
+        );
+    };
+    let Ok(Query(params)) = params else {
+        return error(StatusCode::BAD_REQUEST, "limit must be an integer");
+    };
+    let Some(limit) = ledger_limit(params.limit) else {
+        return ledger_limit_error();
+    };
+    match history::run_detail(&app.store, id, limit).await {
+        Ok(Some(detail)) => Json(detail).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no run with id {id}")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ChangesParams {
+    run: Option<i64>,
+    referrer: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/changes?run=&referrer=&limit=`: both ledgers, newest first.
+async fn list_changes(
+    State(app): State<Arc<App>>,
+    params: Result<Query<ChangesParams>, QueryRejection>,
+) -> Response {
+    let Ok(Query(params)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "run, referrer and limit must be integers",
+        );
+    };
+    let Some(limit) = ledger_limit(params.limit) else {
+        return ledger_limit_error();
+    };
+    let filter = ChangeFilter {
+        run: params.run,
+        referrer: params.referrer,
+        limit,
+    };
+    match history::changes(&app.store, filter).await {
+        Ok(changes) => Json(changes).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Ledger rows per ledger in one answer: `limit`, by default 100, at most 1000.
+fn ledger_limit(given: Option<i64>) -> Option<i64> {
+    let limit = given.unwrap_or(DEFAULT_LEDGER_PAGE);
+    (1..=MAX_LEDGER_PAGE).contains(&limit).then_some(limit)
+}
+
+fn ledger_limit_error() -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        format!("limit must be between 1 and {MAX_LEDGER_PAGE}"),
+    )
 }
 
 /// 200 while the database answers and the last scheduled run did not fail; 503 when the
@@ -1061,6 +1123,8 @@ mod tests {
             digest: None,
             error: None,
             programs: Some(json!({ "grants": [stats] }).to_string()),
+            shard: None,
+            trigger: None,
         };
         let text = render_metrics(&[], Some(&row));
         for line in [

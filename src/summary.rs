@@ -9,7 +9,6 @@ use crate::program::slots::compute::ReferralOutcome;
 use crate::program::slots::plan::PlanEntry;
 use crate::program::slots::rules::Outcome;
 use crate::snapshot::Scope;
-use crate::store::RunRow;
 
 /// The summary a run prints: referrers processed, rewards up / down, total bonus delta, counts
 /// per outcome, conflicts, the digest and the elapsed time.
@@ -285,48 +284,6 @@ pub fn reason(o: Outcome) -> &'static str {
     }
 }
 
-/// `runs`: the run history, newest first.
-pub fn runs_table(runs: &[RunRow]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:>6}  {:<9}  {:<10}  {:<27}  {:<27}  {:>9}  {:>5}  {:>5}  {:>7}  {:>9}  error",
-        "id",
-        "mode",
-        "status",
-        "as_of",
-        "started_at",
-        "referrers",
-        "up",
-        "down",
-        "delta",
-        "conflicts"
-    );
-    let n = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-    for r in runs {
-        let mode = match r.referrer_user_id {
-            Some(id) => format!("{}:{id}", r.mode),
-            None => r.mode.clone(),
-        };
-        let _ = writeln!(
-            s,
-            "{:>6}  {:<9}  {:<10}  {:<27}  {:<27}  {:>9}  {:>5}  {:>5}  {:>7}  {:>9}  {}",
-            r.id,
-            mode,
-            r.status,
-            instant::to_rfc3339(r.as_of),
-            instant::to_rfc3339(r.started_at),
-            n(r.referrers_processed),
-            n(r.rewards_up),
-            n(r.rewards_down),
-            n(r.bonus_delta),
-            n(r.conflicts),
-            r.error.as_deref().unwrap_or("")
-        );
-    }
-    s
-}
-
 /// What a program owner asks of a full run: who refers best, what the rules catch, what the
 /// program grants.
 pub fn program_analytics(r: &RunReport) -> String {
@@ -405,4 +362,118 @@ pub fn program_analytics(r: &RunReport) -> String {
         }
     }
     s
+}
+
+/// `reconcile --output json`: the run summary as one JSON object on stdout, for scripts (the
+/// text summary is not printed then).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunJson {
+    /// `null` for a dry run.
+    pub run_id: Option<i64>,
+    pub dry_run: bool,
+    /// `full` (also for a shard) or `referrer`.
+    pub mode: &'static str,
+    pub referrer_user_id: Option<i64>,
+    /// `K/N` for a shard run.
+    pub shard: Option<String>,
+    pub backend: &'static str,
+    pub as_of: String,
+    pub digest: String,
+    pub elapsed_seconds: f64,
+    /// Referrers, rewards up / down, bonus delta, what an apply writes, unwritable referrers.
+    pub stats: crate::program::slots::plan::PlanStats,
+    /// Referred users by outcome (or reason for not being a candidate).
+    pub outcomes: std::collections::BTreeMap<&'static str, u64>,
+    /// Referrers whose values the host cannot store (exit code 4), with why.
+    pub unwritable: Vec<Unwritable>,
+    /// What the apply wrote; `null` for a dry run.
+    pub written: Option<Written>,
+    /// Each grant program's counts (docs/rules.md §7.5).
+    pub grant_programs: Vec<grants::plan::GrantStats>,
+    pub abandoned_runs: u64,
+    /// A one-referrer run: the referrer's report row (docs/rules.md §5).
+    pub referrers: Vec<crate::report::ReportRow>,
+    /// The reports and plan written (by the command line).
+    pub files: Vec<WrittenFile>,
+    /// What could not be written after the run committed (exit code 5).
+    pub output_errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Unwritable {
+    pub referrer_user_id: i64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Written {
+    pub reward_rows: u64,
+    pub host_values: u64,
+    pub ledger_rows: u64,
+    /// Users whose host value changed under the run, left for the next one.
+    pub conflicts: Vec<i64>,
+    pub grants: crate::store::GrantsApplied,
+}
+
+/// A file a run left behind: `report`, `per_referral`, `grants`, `programs` or `plan`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WrittenFile {
+    pub kind: &'static str,
+    pub path: String,
+    /// Rows written (the plan: its referrers).
+    pub rows: usize,
+    pub seconds: f64,
+}
+
+impl RunJson {
+    pub fn of(r: &RunReport) -> RunJson {
+        let req = &r.request;
+        RunJson {
+            run_id: r.run_id,
+            dry_run: req.dry_run,
+            mode: req.scope.mode(),
+            referrer_user_id: req.scope.referrer(),
+            shard: req.scope.shard().map(|s| s.to_string()),
+            backend: r.backend,
+            as_of: instant::to_rfc3339(req.as_of),
+            digest: r.plan.digest.clone(),
+            elapsed_seconds: r.elapsed.as_secs_f64(),
+            stats: r.stats.clone(),
+            outcomes: r
+                .computation
+                .outcome_counts()
+                .into_iter()
+                .map(|(o, n)| (o.as_str(), n))
+                .collect(),
+            unwritable: r
+                .plan
+                .write_errors()
+                .into_iter()
+                .map(|(referrer_user_id, error)| Unwritable {
+                    referrer_user_id,
+                    error,
+                })
+                .collect(),
+            written: r.applied.as_ref().map(|a| Written {
+                reward_rows: a.reward_rows_written,
+                host_values: a.host_values_written,
+                ledger_rows: a.ledger_rows_written,
+                conflicts: a.conflicts.clone(),
+                grants: a.grants,
+            }),
+            grant_programs: r.grants.iter().map(|p| p.stats()).collect(),
+            abandoned_runs: r.abandoned_runs,
+            referrers: match req.scope {
+                Scope::Referrer(_) => r
+                    .plan
+                    .entries
+                    .iter()
+                    .map(crate::report::ReportRow::of)
+                    .collect(),
+                _ => vec![],
+            },
+            files: vec![],
+            output_errors: vec![],
+        }
+    }
 }

@@ -31,6 +31,19 @@ fn assert_one_line_error(o: &Output, code: i32, needle: &str) {
     );
 }
 
+/// A usage error clap found: its whole message (the problem, tips, where to read more), exit 2.
+fn assert_usage_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err:?}");
+    assert!(err.contains("For more information, try '--help'"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
 fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("rr.db").display())
 }
@@ -111,14 +124,14 @@ fn malformed_database_url_exits_2() {
 fn non_numeric_referrer_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(dir.path(), &["reconcile", "--referrer", "abc"]);
-    assert_one_line_error(&o, 2, "--referrer");
+    assert_usage_error(&o, "--referrer");
 }
 
 #[test]
 fn as_of_that_is_not_a_time_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let o = run(dir.path(), &["reconcile", "--as-of", "next tuesday"]);
-    assert_one_line_error(&o, 2, "--as-of");
+    assert_usage_error(&o, "--as-of");
 }
 
 #[test]
@@ -295,7 +308,7 @@ fn as_of_beyond_the_year_9999_exits_2_before_anything_is_written() {
             let mut all = vec!["--database-url", url.as_str()];
             all.extend_from_slice(args);
             let o = run(dir.path(), &all);
-            assert_one_line_error(&o, 2, "--as-of");
+            assert_usage_error(&o, "--as-of");
         }
     }
     assert_eq!(

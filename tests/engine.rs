@@ -215,7 +215,10 @@ each_backend!(
             .await;
 
         let mut lock = store.try_lock(Scope::Full).await.unwrap().expect("lock");
-        let run_id = store.start_run(Scope::Full, now(), now()).await.unwrap();
+        let run_id = store
+            .start_run(Scope::Full, now(), now(), None)
+            .await
+            .unwrap();
         let finish = RunFinish {
             stats: plan.stats(),
             outcome_counts: "{}".into(),
@@ -285,7 +288,10 @@ each_backend!(
     |db: TestDb| async move {
         db.load(&every_outcome()).await;
         let store = db.store().await;
-        store.start_run(Scope::Full, now(), now()).await.unwrap();
+        store
+            .start_run(Scope::Full, now(), now(), None)
+            .await
+            .unwrap();
         store.close().await;
         let r = db.reconcile(Scope::Full, now(), false).await.unwrap();
         assert_eq!(r.abandoned_runs, 1);

@@ -1453,7 +1453,7 @@ async fn apply_planned(
     as_of: Instant,
     progress: Option<&Progress>,
 ) -> Result<ApplyOutcome, StoreError> {
-    let run_id = store.start_run(Scope::Full, as_of, as_of).await?;
+    let run_id = store.start_run(Scope::Full, as_of, as_of, None).await?;
     let finish = RunFinish {
         stats: planned.plan.stats(),
         outcome_counts: engine::outcome_counts_json(&planned.computation),

@@ -327,7 +327,10 @@ async fn stale_expected_digest_exits_3_and_changes_nothing() {
     db.exec("UPDATE users SET is_active = 0 WHERE id IN (2, 30)")
         .await;
     let store = db.store().await;
-    store.start_run(Scope::Full, now(), now()).await.unwrap();
+    store
+        .start_run(Scope::Full, now(), now(), None)
+        .await
+        .unwrap();
     store.close().await;
     let before = db.state().await;
     let o = cli(&db.url, &["reconcile", "--plan", plan.to_str().unwrap()]);
@@ -430,7 +433,7 @@ async fn dry_run_on_a_read_only_sqlite_connection_writes_nothing() {
     .await
     .unwrap();
     let e = store
-        .start_run(Scope::Full, now(), now())
+        .start_run(Scope::Full, now(), now(), None)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("readonly"), "{e}");

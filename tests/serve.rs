@@ -39,11 +39,12 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// More for a server: `http` is appended to the `[http]` table, `nofile` caps the process's
-/// descriptors, `env` adds environment variables.
+/// More for a server: `http` is appended to the `[http]` table, `config` after it (more
+/// tables), `nofile` caps the process's descriptors, `env` adds environment variables.
 #[derive(Default)]
 struct Extra {
     http: &'static str,
+    config: &'static str,
     nofile: Option<u64>,
     env: Vec<(&'static str, String)>,
 }
@@ -67,14 +68,19 @@ impl Server {
         grace_secs: u64,
         extra: Extra,
     ) -> Server {
-        let Extra { http, nofile, env } = extra;
+        let Extra {
+            http,
+            config: more,
+            nofile,
+            env,
+        } = extra;
         let port = free_port();
         let config = dir.join(format!("serve-{port}.toml"));
         std::fs::write(
             &config,
             format!(
                 "[database]\nurl = \"{}\"\n[schedule]\ncron = \"{cron}\"\nrun_on_start = {run_on_start}\n\
-                 shutdown_grace_secs = {grace_secs}\n[http]\nbind = \"127.0.0.1:{port}\"\n{http}\n",
+                 shutdown_grace_secs = {grace_secs}\n[http]\nbind = \"127.0.0.1:{port}\"\n{http}\n{more}\n",
                 db.url
             ),
         )
@@ -542,6 +548,164 @@ each_backend!(
             db.rows("SELECT status FROM reward_runs ORDER BY id").await,
             [[Some("abandoned".into())], [Some("succeeded".into())]]
         );
+    }
+);
+
+each_backend!(
+    run_history_and_ledgers_over_http_match_the_cli_and_each_run_records_its_trigger,
+    |db: TestDb| async move {
+        let Some(db) = demo_db(db.backend).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start_with(
+            &db,
+            dir.path(),
+            "0 0 0 1 1 *",
+            true,
+            5,
+            Extra {
+                config: "[[grants]]\nname = \"paid_access\"\nreferrer = { credit_days = 45 }\n",
+                ..Extra::default()
+            },
+        );
+        // Run 1: the scheduler's (run_on_start); run 2: an HTTP recompute; run 3: the CLI's.
+        wait_for(
+            &db,
+            "SELECT COUNT(*) FROM reward_runs WHERE status = 'succeeded'",
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
+        let referrer = db
+            .scalar("SELECT MIN(referrer_user_id) FROM referral_grants WHERE run_id = 1")
+            .await;
+        let http = client();
+        let get = |path: String| {
+            let (http, url) = (http.clone(), format!("{}{path}", server.base));
+            async move {
+                let r = http.get(url).bearer_auth(TOKEN).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<serde_json::Value>().await.unwrap())
+            }
+        };
+        let r = http
+            .post(format!("{}/v1/referrers/{referrer}/reconcile", server.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let cli = |args: &[&str]| {
+            let o = Command::new(BIN)
+                .args(["--database-url", &db.url])
+                .args(args)
+                .current_dir(dir.path())
+                .env_remove("DATABASE_URL")
+                .output()
+                .unwrap();
+            assert_eq!(
+                o.status.code(),
+                Some(0),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            o.stdout
+        };
+        let r = referrer.to_string();
+        cli(&["reconcile", "--referrer", &r]);
+        assert_eq!(
+            db.rows("SELECT CAST(trigger AS TEXT) FROM reward_runs ORDER BY id")
+                .await,
+            [
+                [Some("schedule".to_owned())],
+                [Some("http".to_owned())],
+                [Some("cli".to_owned())]
+            ]
+        );
+        let (status, runs) = get("/v1/runs".into()).await;
+        assert_eq!(status, 200);
+        let triggers: Vec<&str> = runs["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["trigger"].as_str().unwrap())
+            .collect();
+        assert_eq!(triggers, ["cli", "http", "schedule"]);
+        assert_eq!(runs["runs"][1]["referrer_user_id"], referrer);
+        let json = |bytes: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&bytes).unwrap();
+        assert_eq!(
+            runs,
+            json(cli(&["runs", "--format", "json"])),
+            "one structure"
+        );
+
+        // One run: the same answer as `runs show`, with the ledger counts.
+        let (status, show) = get("/v1/runs/1".into()).await;
+        assert_eq!(status, 200);
+        assert_eq!(show, json(cli(&["runs", "show", "1", "--format", "json"])));
+        assert_eq!(show["run"]["trigger"], "schedule");
+        assert_eq!(
+            show["ledger"]["reward_changes"],
+            db.scalar("SELECT COUNT(*) FROM reward_changes WHERE run_id = 1")
+                .await
+        );
+        let grants = db
+            .scalar("SELECT COUNT(*) FROM referral_grants WHERE run_id = 1 AND kind = 'grant'")
+            .await;
+        assert!(grants > 0);
+        assert_eq!(show["ledger"]["grants"], grants);
+
+        // The ledgers by run and referrer: the same as `changes`.
+        let path = format!("/v1/changes?run=1&referrer={referrer}");
+        let (status, changes) = get(path).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            changes,
+            json(cli(&[
+                "changes",
+                "--run",
+                "1",
+                "--referrer",
+                &r,
+                "--format",
+                "json"
+            ]))
+        );
+        let rows = changes["grants"].as_array().unwrap();
+        assert!(!rows.is_empty());
+        assert!(rows.iter().all(|g| g["run_id"] == 1
+            && g["referrer_user_id"] == referrer
+            && g["program"] == "paid_access"));
+        let (_, page) = get("/v1/changes?limit=2".into()).await;
+        assert_eq!(page["reward_changes"].as_array().unwrap().len(), 2);
+        assert_eq!(page["reward_changes_more"], true);
+        assert_eq!(page["grants"].as_array().unwrap().len(), 2);
+        assert_eq!(page["grants_more"], true);
+
+        // Bad input is 400, an unknown run 404, no token 401: each with a JSON error.
+        for (path, want) in [
+            ("/v1/runs/abc", 400),
+            ("/v1/runs/1?limit=0", 400),
+            ("/v1/runs/999999", 404),
+            ("/v1/changes?run=x", 400),
+            ("/v1/changes?referrer=1.5", 400),
+            ("/v1/changes?limit=1001", 400),
+        ] {
+            let (status, body) = get(path.into()).await;
+            assert_eq!(status, want, "{path}");
+            assert!(body["error"].is_string(), "{path}: {body}");
+        }
+        for path in ["/v1/runs/1", "/v1/changes"] {
+            let r = http
+                .get(format!("{}{path}", server.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401, "{path}");
+        }
+        server.signal("-TERM");
+        assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
     }
 );
 

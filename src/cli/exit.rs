@@ -1,4 +1,4 @@
-//! SPEC section 6's exit codes, in one place, and how each error maps to one.
+//! The exit codes (README "Commands"), in one place, and how each error maps to one.
 
 use referral_rewards::config::ConfigError;
 use referral_rewards::engine::EngineError;
@@ -6,7 +6,7 @@ use referral_rewards::report::ReportError;
 use referral_rewards::serve::ServeError;
 use referral_rewards::store::StoreError;
 
-/// SPEC section 6's exit codes, in one place.
+/// The exit codes, in one place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     Success = 0,
@@ -16,6 +16,10 @@ pub enum Exit {
     /// Every referrer was written but some, whose values cannot be stored (the summary lists
     /// them); for a dry run, an apply would leave them unwritten.
     Partial = 4,
+    /// The run committed (its row says succeeded), but what it was to leave behind afterwards
+    /// (its report, its saved plan, its summary on stdout) could not be written. Not 1: that
+    /// says nothing was written.
+    CommittedOutputFailed = 5,
 }
 
 /// An error on its way out: one line on stderr and an exit code.

@@ -3,6 +3,7 @@
 //! One implementation per backend, chosen once from the URL scheme. The store knows nothing
 //! of the rules: it reads rows and writes what a [`Plan`] says.
 
+mod history;
 mod pgcopy;
 mod postgres;
 mod sqlite;
@@ -17,6 +18,7 @@ use crate::instant::Instant;
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::snapshot::{GrantsRead, Scope, Shard, Snapshot};
 
+pub use history::{ChangeFilter, GrantRow, RewardChangeRow, RunLedgerCounts};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -269,6 +271,39 @@ pub struct RunRow {
     pub error: Option<String>,
     /// JSON: the grant programs' counts and what the run wrote of them (see [`RunFinish`]).
     pub programs: Option<String>,
+    /// `K/N` for a shard run.
+    pub shard: Option<String>,
+    /// What started the run ([`Trigger`]); `None` for runs recorded before it was.
+    pub trigger: Option<String>,
+}
+
+/// The columns of [`RunRow`], in its order, for the backends' queries.
+/// (Names are cast to text, whatever type the column has.)
+pub(crate) const RUN_COLUMNS: &str = "id, CAST(mode AS TEXT), referrer_user_id, as_of, \
+     started_at, finished_at, CAST(status AS TEXT), referrers_processed, rewards_up, \
+     rewards_down, bonus_delta, reward_rows_written, host_values_written, conflicts, \
+     outcome_counts, digest, error, programs, shard, CAST(trigger AS TEXT)";
+
+/// What started a run, recorded in its row (`reward_runs.trigger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The command line (`reconcile`).
+    Cli,
+    /// `serve`'s cron schedule (and `schedule.run_on_start`).
+    Schedule,
+    /// `serve`'s HTTP API (`POST /v1/referrers/{id}/reconcile`).
+    Http,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Cli => "cli",
+            Trigger::Schedule => "schedule",
+            Trigger::Http => "http",
+        }
+    }
 }
 
 /// What a run records in its row when it succeeds. Its `finished_at` is stamped by the job's
@@ -414,15 +449,17 @@ impl Store {
         }
     }
 
+    /// Inserts the run's `running` row; `trigger` says what started it (`None`: not said).
     pub async fn start_run(
         &self,
         scope: Scope,
         as_of: Instant,
         now: Instant,
+        trigger: Option<Trigger>,
     ) -> Result<i64, StoreError> {
         match self {
-            Store::Sqlite(s) => s.start_run(scope, as_of, now).await,
-            Store::Postgres(s) => s.start_run(scope, as_of, now).await,
+            Store::Sqlite(s) => s.start_run(scope, as_of, now, trigger).await,
+            Store::Postgres(s) => s.start_run(scope, as_of, now, trigger).await,
         }
     }
 
@@ -483,11 +520,21 @@ impl Store {
         .map_err(StoreError::sql("reading reward_runs"))
     }
 
+    /// The newest `limit` runs, newest first.
     pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.runs(limit).await,
-            Store::Postgres(s) => s.runs(limit).await,
+            Store::Sqlite(s) => s.runs(None, limit).await,
+            Store::Postgres(s) => s.runs(None, limit).await,
         }
+    }
+
+    /// One run's row (`None`: no such run).
+    pub async fn run(&self, id: i64) -> Result<Option<RunRow>, StoreError> {
+        let rows = match self {
+            Store::Sqlite(s) => s.runs(Some(id), 1).await,
+            Store::Postgres(s) => s.runs(Some(id), 1).await,
+        }?;
+        Ok(rows.into_iter().next())
     }
 
     /// How many runs there are in each status.

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection, Row};
 
 use super::{
-    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, GrantsApplied, Held, RunLock, RunRow,
-    StoreError, Writes, host_int,
+    ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, GrantsApplied, Held, RUN_COLUMNS,
+    RunLock, RunRow, StoreError, Trigger, Writes, host_int,
 };
 use crate::demo::{DemoChunk, DemoCounts, DemoSpec};
 use crate::instant::{self, Instant};
@@ -275,6 +275,7 @@ impl SqliteStore {
         scope: Scope,
         as_of: Instant,
         now: Instant,
+        trigger: Option<Trigger>,
     ) -> Result<i64, StoreError> {
         sqlx::query_scalar(include_str!("../../sql/queries/start_run.sql"))
             .bind(scope.mode())
@@ -282,6 +283,7 @@ impl SqliteStore {
             .bind(scope.shard().map(|s| s.to_string()))
             .bind(instant::to_sql_text(as_of))
             .bind(instant::to_sql_text(now))
+            .bind(trigger.map(Trigger::as_str))
             .fetch_one(&self.pool)
             .await
             .map_err(q("recording the run"))
@@ -448,12 +450,13 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
-             referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, outcome_counts, digest, error, programs FROM reward_runs ORDER BY id DESC LIMIT $1",
-        )
+    /// The newest `limit` runs, or the one run `id`.
+    pub async fn runs(&self, id: Option<i64>, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM reward_runs WHERE ($1 IS NULL OR id = $1) \
+             ORDER BY id DESC LIMIT $2"
+        )))
+        .bind(id)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
@@ -488,6 +491,8 @@ impl SqliteStore {
                     digest: r.get(15),
                     error: r.get(16),
                     programs: r.get(17),
+                    shard: r.get(18),
+                    trigger: r.get(19),
                 })
             })
             .collect()

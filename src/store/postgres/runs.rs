@@ -1,6 +1,7 @@
 //! The run lock (advisory locks on a dedicated connection) and the run history rows.
 
 use super::*;
+use crate::store::{RUN_COLUMNS, Trigger};
 
 impl PgStore {
     /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full
@@ -148,6 +149,7 @@ impl PgStore {
         scope: Scope,
         as_of: Instant,
         now: Instant,
+        trigger: Option<Trigger>,
     ) -> Result<i64, StoreError> {
         sqlx::query_scalar(include_str!("../../../sql/queries/start_run.sql"))
             .bind(scope.mode())
@@ -155,6 +157,7 @@ impl PgStore {
             .bind(scope.shard().map(|s| s.to_string()))
             .bind(dt(as_of))
             .bind(dt(now))
+            .bind(trigger.map(Trigger::as_str))
             .fetch_one(&self.pool)
             .await
             .map_err(q("recording the run"))
@@ -185,12 +188,13 @@ impl PgStore {
         Ok(r.rows_affected() == 1)
     }
 
-    pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
-             referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, outcome_counts, digest, error, programs FROM reward_runs ORDER BY id DESC LIMIT $1",
-        )
+    /// The newest `limit` runs, or the one run `id`.
+    pub async fn runs(&self, id: Option<i64>, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM reward_runs WHERE ($1::bigint IS NULL OR id = $1) \
+             ORDER BY id DESC LIMIT $2"
+        )))
+        .bind(id)
         .bind(limit)
         .fetch_all(&self.pool)
         .await
@@ -220,6 +224,8 @@ impl PgStore {
                     digest: r.try_get(15)?,
                     error: r.try_get(16)?,
                     programs: r.try_get(17)?,
+                    shard: r.try_get(18)?,
+                    trigger: r.try_get(19)?,
                 })
             })
             .collect::<Result<_, _>>()
