@@ -46,6 +46,9 @@ pub enum Command {
         /// Also create the reference host schema of SPEC section 2
         #[arg(long)]
         with_reference_schema: bool,
+        /// List the job's migrations, applied (when) or pending, and change nothing
+        #[arg(long, conflicts_with = "with_reference_schema")]
+        info: bool,
     },
     /// Fill the host tables with a deterministic synthetic population
     DemoData {

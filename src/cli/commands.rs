@@ -12,7 +12,7 @@ use referral_rewards::program::grants::report as grant_report;
 use referral_rewards::report::{self, ReportFormat};
 use referral_rewards::serve;
 use referral_rewards::snapshot::Scope;
-use referral_rewards::store::{ConnectOptions, Store};
+use referral_rewards::store::{ConnectOptions, Store, migrations};
 use referral_rewards::summary;
 
 use super::args::{Cli, Command, ExplainFormat};
@@ -166,8 +166,15 @@ fn now() -> instant::Instant {
 pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let config = load_config(&cli)?;
     match cli.command {
+        Command::Migrate { info: true, .. } => {
+            let store = connect(&config, Access::ReadOnly).await?;
+            let info = store.migration_info().await;
+            store.close().await;
+            print!("{}", migrations::info_text(&info?));
+        }
         Command::Migrate {
             with_reference_schema,
+            info: false,
         } => {
             let store = connect(&config, Access::Create).await?;
             store.migrate(with_reference_schema).await?;

@@ -3,6 +3,7 @@
 //! One implementation per backend, chosen once from the URL scheme. The store knows nothing
 //! of the rules: it reads rows and writes what a [`Plan`] says.
 
+pub mod migrations;
 mod pgcopy;
 mod postgres;
 mod sqlite;
@@ -362,6 +363,14 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.migrate(with_reference_schema).await,
             Store::Postgres(s) => s.migrate(with_reference_schema).await,
+        }
+    }
+
+    /// Each of the job's migrations, applied or pending (`migrate --info`); reads only.
+    pub async fn migration_info(&self) -> Result<Vec<migrations::MigrationStatus>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.migration_info().await,
+            Store::Postgres(s) => s.migration_info().await,
         }
     }
 

@@ -1,0 +1,358 @@
+//! Operating the job on a real host database: host schemas that are not the reference one
+//! (enums, views in another schema), the job's migration history beside the host app's,
+//! `check`, environment overrides. Over real databases and the real binary.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use referral_rewards::config::Config;
+use referral_rewards::snapshot::Scope;
+
+const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
+
+/// The binary with `args`, in `dir`, with `env` set and nothing inherited that steers it.
+fn bin(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("REFERRAL_REWARDS_") && k.contains("__") {
+            c.env_remove(k);
+        }
+    }
+    c.envs(env.iter().copied());
+    c.output().expect("run the binary")
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A host whose `subscriptions.tier` and `.status` are PostgreSQL enums, its tables in schema
+/// `app`, exposed to the job through views in schema `rr` (the job's `search_path`, set in its
+/// URL): full runs (COPY and the SELECT fallback), dry runs, one-referrer runs (explain, and an
+/// apply that creates a subscription through the view) all read and write it as a text column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enum_host_columns_through_views_in_another_schema() {
+    use referral_rewards::engine::{self, RunRequest};
+    use referral_rewards::store::{ConnectOptions, Store};
+    let Some(reference) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    let db = TestDb::empty(Backend::PgTimestamp).await.unwrap();
+    let fixture = every_outcome();
+    reference.load(&fixture).await;
+    let expected = reference.reconcile(Scope::Full, now(), true).await.unwrap();
+    let expected_one = reference
+        .reconcile(Scope::Referrer(1), now(), true)
+        .await
+        .unwrap();
+
+    db.exec(&format!(
+        "CREATE SCHEMA app; CREATE SCHEMA rr;
+         CREATE TYPE app.tier AS ENUM ('scout', 'trader', 'Trader', 'tycoon');
+         CREATE TYPE app.sub_status AS ENUM ('active', 'past_due', 'canceled');
+         SET search_path = app;
+         {}
+         {}
+         ALTER TABLE subscriptions ALTER tier TYPE app.tier USING tier::app.tier,
+                                   ALTER status TYPE app.sub_status USING status::app.sub_status;
+         RESET search_path;
+         CREATE VIEW rr.users AS SELECT * FROM app.users;
+         CREATE VIEW rr.subscriptions AS SELECT * FROM app.subscriptions;
+         CREATE VIEW rr.telemetry_events AS SELECT * FROM app.telemetry_events;
+         CREATE VIEW rr.payments AS SELECT * FROM app.payments;",
+        include_str!("../sql/reference/postgres.sql"),
+        include_str!("../sql/reference/postgres_indexes.sql"),
+    ))
+    .await;
+    let load = db.load_sql(&fixture, &mut |t| db.ts(t));
+    db.exec(&format!("SET search_path = rr; {load} RESET search_path;"))
+        .await;
+
+    let url = format!("{}?options=-c%20search_path%3Drr", db.url);
+    let copy = Store::connect(&url, &db.opts()).await.unwrap();
+    let select = Store::connect(
+        &url,
+        &ConnectOptions {
+            pg_binary_copy: false,
+            ..db.opts()
+        },
+    )
+    .await
+    .unwrap();
+    copy.migrate(false).await.unwrap();
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'rr' AND tablename = 'reward_runs'"
+        )
+        .await,
+        1,
+        "the job's tables go to the first schema of its search_path"
+    );
+    let cfg = Config::default();
+    let run = |store: &'static Store, scope: Scope, dry_run: bool| {
+        let cfg = cfg.clone();
+        async move {
+            engine::run(
+                store,
+                &cfg,
+                RunRequest {
+                    scope,
+                    as_of: now(),
+                    dry_run,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{scope:?} dry_run={dry_run}: {e}"))
+        }
+    };
+    let copy: &'static Store = Box::leak(Box::new(copy));
+    let select: &'static Store = Box::leak(Box::new(select));
+
+    let dry = run(copy, Scope::Full, true).await;
+    assert!(dry.computation.results.len() > 1);
+    assert_eq!(dry.plan.digest, expected.plan.digest, "full dry run, COPY");
+    let dry = run(select, Scope::Full, true).await;
+    assert_eq!(
+        dry.plan.digest, expected.plan.digest,
+        "full dry run, SELECT"
+    );
+    // explain: one referrer's referrals and outcomes.
+    let one = run(copy, Scope::Referrer(1), true).await;
+    assert_eq!(
+        one.computation.referrals,
+        expected_one.computation.referrals
+    );
+    assert_eq!(one.plan.digest, expected_one.plan.digest);
+    // A one-referrer apply that creates referrer 1's subscription through the view.
+    let applied = run(select, Scope::Referrer(1), false).await;
+    assert_eq!(applied.applied.unwrap().host_values_written, 1);
+    assert_eq!(
+        db.rows("SELECT tier::text, status::text, referral_bonus_domains::text FROM app.subscriptions WHERE user_id = 1")
+            .await,
+        [[Some("scout".into()), Some("active".into()), Some("15".into())]]
+    );
+    // The full apply, through the SELECT fallback, then COPY: nothing left to write.
+    let full = run(select, Scope::Full, false).await;
+    assert!(full.applied.unwrap().reward_rows_written > 0);
+    let again = run(copy, Scope::Full, false).await;
+    let a = again.applied.unwrap();
+    assert_eq!((a.reward_rows_written, a.host_values_written), (0, 0));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM rr.reward_runs WHERE status = 'succeeded'")
+            .await,
+        3
+    );
+}
+
+/// Runs the body on an empty SQLite database and an empty PostgreSQL one (nothing migrated).
+macro_rules! sqlite_and_pg {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                if let Some(db) = TestDb::empty(Backend::Sqlite).await {
+                    ($body)(db).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn pg() {
+                if let Some(db) = TestDb::empty(Backend::PgTimestamp).await {
+                    ($body)(db).await;
+                }
+            }
+        }
+    };
+}
+
+/// A host application's own sqlx migrator, with its first `n` migrations.
+fn app_migrator(n: usize) -> sqlx::migrate::Migrator {
+    use sqlx::SqlSafeStr;
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let all = [
+        (
+            20240101000000,
+            "app things",
+            "CREATE TABLE app_things (id BIGINT)",
+        ),
+        (
+            20240201000000,
+            "app more",
+            "CREATE TABLE app_more (id BIGINT)",
+        ),
+    ];
+    Migrator::with_migrations(
+        all[..n]
+            .iter()
+            .map(|(v, d, sql)| {
+                Migration::new(
+                    *v,
+                    (*d).into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The job's migrations as versions before this one recorded them: in `_sqlx_migrations`.
+fn legacy_job_migrator(db: &TestDb) -> sqlx::migrate::Migrator {
+    match db.backend {
+        Backend::Sqlite => sqlx::migrate!("sql/migrations/sqlite"),
+        _ => sqlx::migrate!("sql/migrations/postgres"),
+    }
+}
+
+async fn run_migrator(db: &TestDb, m: &sqlx::migrate::Migrator) -> Result<(), String> {
+    match &db.admin {
+        Admin::Sqlite(p) => m.run(p).await,
+        Admin::Pg(p) => m.run(p).await,
+    }
+    .map_err(|e| e.to_string())
+}
+
+async fn versions(db: &TestDb, table: &str) -> Vec<i64> {
+    db.rows(&format!(
+        "SELECT CAST(version AS TEXT) FROM {table} ORDER BY version"
+    ))
+    .await
+    .into_iter()
+    .map(|r| r[0].as_ref().unwrap().parse().unwrap())
+    .collect()
+}
+
+fn job_versions(db: &TestDb) -> Vec<i64> {
+    legacy_job_migrator(db).iter().map(|m| m.version).collect()
+}
+
+sqlite_and_pg!(
+    the_job_and_the_host_app_keep_separate_migration_histories,
+    |db: TestDb| async move {
+        run_migrator(&db, &app_migrator(1)).await.unwrap();
+        let store = db.store().await;
+        store.migrate(true).await.expect("ours after the app's");
+        run_migrator(&db, &app_migrator(2))
+            .await
+            .expect("the app's after ours");
+        store.migrate(false).await.expect("ours again");
+        assert_eq!(
+            versions(&db, "_sqlx_migrations").await,
+            [20240101000000, 20240201000000]
+        );
+        assert_eq!(
+            versions(&db, "referral_rewards_migrations").await,
+            job_versions(&db)
+        );
+        let info = store.migration_info().await.unwrap();
+        assert!(
+            info.iter().all(|m| m.status == "applied"
+                && m.recorded_in == Some("referral_rewards_migrations")
+                && m.applied_at.is_some()),
+            "{info:?}"
+        );
+        // The job works on it.
+        db.load(&every_outcome()).await;
+        db.reconcile(Scope::Full, now(), false).await.unwrap();
+    }
+);
+
+sqlite_and_pg!(
+    migrate_moves_the_jobs_rows_out_of_sqlx_migrations,
+    |db: TestDb| async move {
+        // An older job recorded its migrations in _sqlx_migrations; the app got along with
+        // them only by ignoring what it did not know.
+        run_migrator(&db, &legacy_job_migrator(&db)).await.unwrap();
+        let mut app = app_migrator(1);
+        app.set_ignore_missing(true);
+        run_migrator(&db, &app).await.unwrap();
+        let before = db
+            .rows("SELECT CAST(version AS TEXT), CAST(installed_on AS TEXT) FROM _sqlx_migrations WHERE version < 1000 ORDER BY version")
+            .await;
+        assert_eq!(before.len(), job_versions(&db).len());
+
+        let store = db.store().await;
+        let info = store.migration_info().await.unwrap();
+        assert!(
+            info.iter()
+                .all(|m| m.status == "applied" && m.recorded_in == Some("_sqlx_migrations")),
+            "{info:?}"
+        );
+        store.migrate(false).await.expect("ours, moving its rows");
+        assert_eq!(versions(&db, "_sqlx_migrations").await, [20240101000000]);
+        assert_eq!(
+            db.rows("SELECT CAST(version AS TEXT), CAST(installed_on AS TEXT) FROM referral_rewards_migrations ORDER BY version")
+                .await,
+            before,
+            "moved as they were, with when they were applied"
+        );
+        // Each migrator now runs on its own history, without ignoring anything.
+        run_migrator(&db, &app_migrator(2))
+            .await
+            .expect("the app's after ours");
+        store.migrate(false).await.expect("ours again");
+        assert_eq!(
+            versions(&db, "_sqlx_migrations").await,
+            [20240101000000, 20240201000000]
+        );
+        let info = store.migration_info().await.unwrap();
+        assert!(
+            info.iter()
+                .all(|m| m.recorded_in == Some("referral_rewards_migrations")),
+            "{info:?}"
+        );
+    }
+);
+
+#[test]
+fn migrate_info_lists_pending_then_applied_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("rr.db").display());
+    // An empty file is an empty SQLite database: nothing applied.
+    std::fs::write(dir.path().join("rr.db"), b"").unwrap();
+    let o = bin(
+        dir.path(),
+        &["--database-url", &url, "migrate", "--info"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let text = out(&o);
+    assert!(text.contains("job tables"), "{text}");
+    assert!(
+        text.lines().skip(1).all(|l| l.contains("pending")),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.path().join("rr.db")).unwrap().len(),
+        0,
+        "--info changes nothing"
+    );
+    let o = bin(dir.path(), &["--database-url", &url, "migrate"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let o = bin(
+        dir.path(),
+        &["--database-url", &url, "migrate", "--info"],
+        &[],
+    );
+    let text = out(&o);
+    let lines: Vec<&str> = text.lines().skip(1).collect();
+    assert!(lines.len() >= 3, "{text}");
+    for l in lines {
+        assert!(
+            l.contains("applied") && l.contains("referral_rewards_migrations") && l.contains('T'),
+            "{l}"
+        );
+    }
+}
