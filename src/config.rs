@@ -163,6 +163,9 @@ pub struct ScheduleConfig {
     pub cron: String,
     pub run_on_start: bool,
     pub shutdown_grace_secs: i64,
+    /// `/healthz` is 503 (`stale`) once the last successful full run is older than this; 0:
+    /// never stale.
+    pub stale_after_secs: i64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -237,6 +240,8 @@ impl Default for ScheduleConfig {
             cron: "0 0 * * * *".into(),
             run_on_start: false,
             shutdown_grace_secs: 30,
+            // Three periods of the default hourly schedule: one missed tick is no alarm.
+            stale_after_secs: 3 * 3600,
         }
     }
 }
@@ -438,6 +443,16 @@ impl Config {
             return Err(invalid(
                 "schedule.shutdown_grace_secs",
                 format!("must be >= 0, got {}", self.schedule.shutdown_grace_secs),
+            ));
+        }
+        if !(0..=MAX_DAYS * 86_400).contains(&self.schedule.stale_after_secs) {
+            return Err(invalid(
+                "schedule.stale_after_secs",
+                format!(
+                    "must be between 0 (never stale) and {}, got {}",
+                    MAX_DAYS * 86_400,
+                    self.schedule.stale_after_secs
+                ),
             ));
         }
         if !(1..=65_536).contains(&self.http.max_connections) {

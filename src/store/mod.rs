@@ -271,6 +271,55 @@ pub struct RunRow {
     pub programs: Option<String>,
 }
 
+/// The kinds of applying runs, as the metrics label them (`mode`): a full run, a shard of
+/// one (`reconcile --shard`), a one-referrer run. Dry runs leave no run row, so no figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Full,
+    Shard,
+    Referrer,
+}
+
+impl RunKind {
+    pub const ALL: [RunKind; 3] = [RunKind::Full, RunKind::Shard, RunKind::Referrer];
+    const FULL_SUCCEEDED: &'static str = "mode = 'full' AND shard IS NULL AND status = 'succeeded'";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Full => "full",
+            RunKind::Shard => "shard",
+            RunKind::Referrer => "referrer",
+        }
+    }
+
+    /// The finished runs of this kind (a running one has no figures yet).
+    fn finished(self) -> &'static str {
+        match self {
+            RunKind::Full => "mode = 'full' AND shard IS NULL AND status <> 'running'",
+            RunKind::Shard => "mode = 'full' AND shard IS NOT NULL AND status <> 'running'",
+            RunKind::Referrer => "mode = 'referrer' AND status <> 'running'",
+        }
+    }
+}
+
+/// What the metrics and `/healthz` read of the run history.
+#[derive(Debug, Clone, Default)]
+pub struct LastRuns {
+    /// The newest finished run of each kind, in [`RunKind::ALL`]'s order.
+    pub finished: Vec<(RunKind, Option<RunRow>)>,
+    /// The newest successful full run.
+    pub full_success: Option<RunRow>,
+}
+
+impl LastRuns {
+    pub fn of(&self, kind: RunKind) -> Option<&RunRow> {
+        self.finished
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, r)| r.as_ref())
+    }
+}
+
 /// What a run records in its row when it succeeds. Its `finished_at` is stamped by the job's
 /// clock (like `started_at`) just before the row is updated in the apply transaction.
 #[derive(Debug, Clone)]
@@ -497,9 +546,29 @@ impl Store {
         }
     }
 
-    /// How many runs there are in each status.
-    pub async fn run_status_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let sql = "SELECT status, COUNT(*) FROM reward_runs GROUP BY status ORDER BY status";
+    /// The newest finished run of each kind, and the newest successful full run (metrics and
+    /// `/healthz`: a one-referrer or shard run says nothing about the full runs).
+    pub async fn last_runs(&self) -> Result<LastRuns, StoreError> {
+        let last = |filter: &'static str| async move {
+            let rows = match self {
+                Store::Sqlite(s) => s.runs_where(filter, 1).await,
+                Store::Postgres(s) => s.runs_where(filter, 1).await,
+            }?;
+            Ok::<_, StoreError>(rows.into_iter().next())
+        };
+        let mut out = LastRuns::default();
+        for kind in RunKind::ALL {
+            let row = last(kind.finished()).await?;
+            out.finished.push((kind, row));
+        }
+        out.full_success = last(RunKind::FULL_SUCCEEDED).await?;
+        Ok(out)
+    }
+
+    /// How many runs there are of each kind (`full`, `shard`, `referrer`) in each status.
+    pub async fn run_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let sql = "SELECT CASE WHEN mode = 'referrer' THEN 'referrer' WHEN shard IS NULL THEN 'full' \
+                   ELSE 'shard' END, status, COUNT(*) FROM reward_runs GROUP BY 1, 2 ORDER BY 1, 2";
         match self {
             Store::Sqlite(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,
             Store::Postgres(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,

@@ -186,15 +186,27 @@ impl PgStore {
     }
 
     pub async fn runs(&self, limit: i64) -> Result<Vec<RunRow>, StoreError> {
-        let rows = sqlx::query(
+        self.runs_where("TRUE", limit).await
+    }
+
+    /// The newest `limit` runs whose row matches `filter` (one of the job's constant SQL
+    /// conditions, [`crate::store::RunKind`]).
+    pub async fn runs_where(
+        &self,
+        filter: &'static str,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        let sql = format!(
             "SELECT id, mode, referrer_user_id, as_of, started_at, finished_at, status, \
              referrers_processed, rewards_up, rewards_down, bonus_delta, reward_rows_written, \
-             host_values_written, conflicts, outcome_counts, digest, error, programs FROM reward_runs ORDER BY id DESC LIMIT $1",
-        )
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(q("reading reward_runs"))?;
+             host_values_written, conflicts, outcome_counts, digest, error, programs FROM reward_runs \
+             WHERE {filter} ORDER BY id DESC LIMIT $1"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("reading reward_runs"))?;
         rows.iter()
             .map(|r| -> Result<RunRow, sqlx::Error> {
                 let t = |i: usize| -> Result<Option<Instant>, sqlx::Error> {
