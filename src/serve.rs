@@ -667,7 +667,7 @@ fn explanation(report: &RunReport, id: i64, page: Option<Page>) -> Value {
                 .expect("plain data")
         })
         .collect();
-    let all = &report.computation.referrals;
+    let all = report.computation.listed();
     match page {
         None => v["referrals"] = all.iter().map(referral).collect(),
         Some(Page { limit, cursor }) => {

@@ -356,3 +356,87 @@ fn migrate_info_lists_pending_then_applied_migrations() {
         );
     }
 }
+
+each_backend!(
+    referrals_of_a_user_without_invite_code_are_listed_with_their_reason,
+    |db: TestDb| async move {
+        use referral_rewards::program::slots::rules::Outcome;
+        db.load(&every_outcome()).await;
+        // User 40 holds no invite code and referred user 41.
+        let one = db
+            .reconcile(Scope::Referrer(40), now(), true)
+            .await
+            .unwrap();
+        let listed = one.computation.listed();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(
+            (
+                listed[0].referrer_user_id,
+                listed[0].referred_user_id,
+                listed[0].outcome
+            ),
+            (40, 41, Outcome::ReferrerWithoutInviteCode)
+        );
+        assert!(one.computation.referrals.is_empty(), "counted nowhere");
+        let text = referral_rewards::summary::explain(None, false, &listed, 40);
+        assert!(
+            text.contains("referrer_without_invite_code") && !text.contains("no referred users"),
+            "{text}"
+        );
+
+        // The binary: explain, and the per-referral report of a full dry run.
+        let dir = tempfile::tempdir().unwrap();
+        let as_of = "2026-11-01T12:00:00Z";
+        let o = bin(
+            dir.path(),
+            &[
+                "--database-url",
+                &db.url,
+                "explain",
+                "--referrer",
+                "40",
+                "--as-of",
+                as_of,
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        let text = out(&o);
+        assert!(
+            text.lines()
+                .any(|l| l.contains("41") && l.contains("referrer_without_invite_code")),
+            "{text}"
+        );
+        let o = bin(
+            dir.path(),
+            &[
+                "--database-url",
+                &db.url,
+                "reconcile",
+                "--dry-run",
+                "--as-of",
+                as_of,
+                "--report",
+                "audit.csv",
+                "--per-referral",
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        let rows = std::fs::read_to_string(dir.path().join("audit.referrals.csv")).unwrap();
+        assert!(
+            rows.lines()
+                .any(|l| l.starts_with("40,41,referrer_without_invite_code,")),
+            "{rows}"
+        );
+        // Listing them changes no count: the digest is the one of a run that does not.
+        let full = db.reconcile(Scope::Full, now(), true).await.unwrap();
+        assert!(full.computation.uncounted.is_empty());
+        assert!(out(&o).contains(&full.plan.digest), "{}", out(&o));
+        assert_eq!(
+            rows.lines().count() - 1,
+            full.computation.referrals.len() + 1,
+            "every counted referral and the uncounted one"
+        );
+    }
+);

@@ -107,7 +107,7 @@ async fn write_reports(
                     .map(|e| e.referrer_user_id())
                     .collect()
             });
-            let mut rows = report::referral_frame(&run.computation.referrals, keep.as_ref())
+            let mut rows = report::referral_frame(&run.computation.listed(), keep.as_ref())
                 .map_err(polars_failure)?;
             let beside = report::per_referral_path(&path, format);
             report::write(&mut rows, &beside, format)?;
@@ -248,6 +248,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     std::sync::Arc::new(move |what: &str| bar.set_message(what.to_owned()))
                         as engine::Progress
                 }),
+                list_uncounted: per_referral,
                 ..RunControl::default()
             };
             let access = if dry_run {
@@ -348,7 +349,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 summary::explain(
                     entry,
                     !report.computation.results.is_empty(),
-                    &report.computation.referrals,
+                    &report.computation.listed(),
                     referrer
                 )
             );

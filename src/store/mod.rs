@@ -431,9 +431,21 @@ impl Store {
         window: (Instant, Instant),
         grants: Option<GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
+        self.snapshot_listing(scope, window, grants, false).await
+    }
+
+    /// [`Store::snapshot`], with `uncounted`: a full or shard run also reads the referrals whose
+    /// referrer holds no invite code ([`Snapshot::uncounted`]; a one-user run always does).
+    pub async fn snapshot_listing(
+        &self,
+        scope: Scope,
+        window: (Instant, Instant),
+        grants: Option<GrantsRead>,
+        uncounted: bool,
+    ) -> Result<Snapshot, StoreError> {
         match self {
-            Store::Sqlite(s) => s.snapshot(scope, window, grants).await,
-            Store::Postgres(s) => s.snapshot(scope, window, grants).await,
+            Store::Sqlite(s) => s.snapshot(scope, window, grants, uncounted).await,
+            Store::Postgres(s) => s.snapshot(scope, window, grants, uncounted).await,
         }
     }
 

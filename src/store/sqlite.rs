@@ -245,6 +245,7 @@ impl SqliteStore {
         scope: Scope,
         window: (Instant, Instant),
         grants: Option<GrantsRead>,
+        uncounted: bool,
     ) -> Result<Snapshot, StoreError> {
         let Some(path) = self.path.clone() else {
             return Err(StoreError::Invalid(
@@ -253,7 +254,7 @@ impl SqliteStore {
         };
         let busy = self.busy_timeout;
         tokio::task::spawn_blocking(move || {
-            super::sqlite_read::snapshot(&path, busy, scope, window, grants)
+            super::sqlite_read::snapshot(&path, busy, scope, window, grants, uncounted)
         })
         .await
         .map_err(|e| StoreError::Runtime(format!("reading the snapshot: {e}")))?
