@@ -440,3 +440,48 @@ each_backend!(
         );
     }
 );
+
+/// `REFERRAL_REWARDS_<TABLE>__<KEY>` overrides a config key for the binary, and a bad value is
+/// refused like a bad file value, naming the variable.
+#[test]
+fn environment_overrides_reach_the_binary_and_bad_values_name_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[database]\nurl = \"sqlite://from-file.db\"\n",
+    )
+    .unwrap();
+    let url = format!("sqlite://{}", dir.path().join("from-env.db").display());
+    let o = bin(
+        dir.path(),
+        &["migrate"],
+        &[("REFERRAL_REWARDS_DATABASE__URL", &url)],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(dir.path().join("from-env.db").exists());
+    assert!(!dir.path().join("from-file.db").exists());
+
+    let o = bin(
+        dir.path(),
+        &["runs"],
+        &[("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS", "-3")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = err(&o);
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(
+        e.contains("rules.cooldown_days") && e.contains("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS"),
+        "{e}"
+    );
+    let o = bin(
+        dir.path(),
+        &["runs"],
+        &[("REFERRAL_REWARDS_HTTP__MAX_CONNECTION", "3")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).contains("REFERRAL_REWARDS_HTTP__MAX_CONNECTION"),
+        "{}",
+        err(&o)
+    );
+}

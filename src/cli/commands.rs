@@ -23,7 +23,15 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("config.toml"), false),
     };
-    let mut config = Config::load(&path, required)?;
+    // REFERRAL_REWARDS_<TABLE>__<KEY> overrides (a value that is not UTF-8 arrives mangled,
+    // and is refused by its key's validation, naming the variable).
+    let vars = std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    });
+    let mut config = Config::load_with_env(&path, required, vars)?;
     if let Ok(url) = std::env::var("DATABASE_URL")
         && !url.is_empty()
     {
