@@ -179,6 +179,8 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
         app.runs.spawn(async move { tick(&task).await });
     }
     tracing::info!(%local, cron = %cron, auth = app.token_hash.is_some(), "serving");
+    sd_notify("READY=1\nSTATUS=serving");
+    let watchdog = tokio::spawn(watchdog());
 
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
@@ -195,6 +197,8 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
     ));
 
     stop.cancelled().await;
+    sd_notify("STOPPING=1\nSTATUS=shutting down");
+    watchdog.abort();
     app.stopping.cancel();
     tracing::info!("shutting down: no more ticks or requests");
     if let Err(e) = scheduler.shutdown().await {
@@ -217,6 +221,53 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// systemd's readiness protocol (`Type=notify`): one datagram to `$NOTIFY_SOCKET`, a path or an
+/// abstract socket (`@name`). Nothing without the variable; a failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let sent = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = target.as_bytes();
+        match bytes.strip_prefix(b"@") {
+            #[cfg(target_os = "linux")]
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            _ => sock.send_to(state.as_bytes(), &target),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = ?target, "sd_notify failed");
+    }
+}
+
+/// With `WatchdogSec=` set, systemd passes `WATCHDOG_USEC` (and `WATCHDOG_PID`): ping it at half
+/// that period from the async runtime, so that a wedged runtime gets the service restarted.
+async fn watchdog() {
+    let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|u| *u > 0)
+    else {
+        return;
+    };
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return;
+    }
+    let mut every = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        every.tick().await;
+        sd_notify("WATCHDOG=1");
+    }
 }
 
 async fn shutdown_signal(stop: CancellationToken) {

@@ -1292,3 +1292,47 @@ async fn healthz_judges_the_last_full_run_and_its_age() {
     server.signal("-TERM");
     assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
 }
+
+/// Under systemd's `Type=notify`: READY=1 once serving, WATCHDOG=1 at half of `WATCHDOG_USEC`,
+/// STOPPING=1 at SIGTERM, each a datagram to `$NOTIFY_SOCKET`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_notifies_systemd_ready_watchdog_and_stopping() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        false,
+        5,
+        Extra {
+            env: vec![
+                ("NOTIFY_SOCKET", socket_path.display().to_string()),
+                ("WATCHDOG_USEC", "200000".into()),
+            ],
+            ..Extra::default()
+        },
+    );
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("a datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert_eq!(recv(), "WATCHDOG=1");
+    server.signal("-TERM");
+    loop {
+        let m = recv();
+        if m.lines().any(|l| l == "STOPPING=1") {
+            break;
+        }
+        assert_eq!(m, "WATCHDOG=1");
+    }
+    assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
+}
