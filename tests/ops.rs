@@ -153,6 +153,16 @@ async fn enum_host_columns_through_views_in_another_schema() {
             .await,
         3
     );
+    // `check` sees the views, their enum columns, and says it cannot see their indexes.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, v, e) = check_json(dir.path(), &url, &[]);
+    assert_eq!(code, 0, "{v} {e}");
+    assert_eq!(v["tables"][1]["kind"], "view", "{v}");
+    assert_eq!(v["tables"][1]["columns"][2]["data_type"], "app.tier", "{v}");
+    assert!(
+        v["indexes"][0]["note"].as_str().unwrap().contains("view"),
+        "{v}"
+    );
 }
 
 /// Runs the body on an empty SQLite database and an empty PostgreSQL one (nothing migrated).
@@ -484,4 +494,232 @@ fn environment_overrides_reach_the_binary_and_bad_values_name_the_variable() {
         "{}",
         err(&o)
     );
+}
+
+/// `check --format json` on `url` with `extra` global arguments (and `--audit`, put after the
+/// command): the exit code, the report and stderr.
+fn check_json(dir: &Path, url: &str, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut args = vec!["--database-url", url];
+    args.extend(extra.iter().filter(|a| **a != "--audit"));
+    args.extend(["check", "--format", "json"]);
+    args.extend(extra.iter().filter(|a| **a == "--audit"));
+    let o = bin(dir, &args, &[]);
+    let v = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} {}", out(&o), err(&o)));
+    (o.status.code().unwrap(), v, err(&o))
+}
+
+/// config.toml with its two example grant programs enabled, in `dir`.
+fn grants_config(dir: &Path) -> String {
+    let text =
+        referral_rewards::config::enable_grant_examples(include_str!("../config.toml")).unwrap();
+    let path = dir.join("grants.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+sqlite_and_pg!(
+    check_reports_a_healthy_database_a_missing_index_and_missing_payments,
+    |db: TestDb| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let o = bin(
+            dir.path(),
+            &[
+                "--database-url",
+                &db.url,
+                "migrate",
+                "--with-reference-schema",
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        let (code, v, e) = check_json(dir.path(), &db.url, &[]);
+        assert_eq!(code, 0, "{v} {e}");
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["warnings"], serde_json::json!([]), "{v}");
+        assert!(
+            v["indexes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["present"].is_string()),
+            "{v}"
+        );
+        let users = &v["tables"][0];
+        assert_eq!(users["name"], "users");
+        assert!(
+            users["columns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["verdict"] == "ok"),
+            "{v}"
+        );
+        assert!(
+            v["migrations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["status"] == "applied")
+        );
+        if db.is_pg() {
+            assert_eq!(users["columns"][0]["data_type"], "bigint", "{v}");
+        }
+
+        // A missing recommended index is a warning: still exit 0.
+        db.exec("DROP INDEX users_referred_by").await;
+        let (code, v, _) = check_json(dir.path(), &db.url, &[]);
+        assert_eq!(code, 0, "{v}");
+        let warnings = v["warnings"].to_string();
+        assert!(
+            warnings.contains("CREATE INDEX ON users (referred_by_user_id)"),
+            "{v}"
+        );
+        let o = bin(dir.path(), &["--database-url", &db.url, "check"], &[]);
+        assert_eq!(o.status.code(), Some(0));
+        assert!(
+            out(&o).contains("MISSING: CREATE INDEX ON users (referred_by_user_id);"),
+            "{}",
+            out(&o)
+        );
+
+        // A grant program reads payments: without the table, no run can succeed.
+        let config = grants_config(dir.path());
+        let (code, v, _) = check_json(dir.path(), &db.url, &["--config", &config]);
+        assert_eq!(code, 0, "{v}");
+        db.exec("DROP TABLE payments").await;
+        let (code, v, e) = check_json(dir.path(), &db.url, &["--config", &config]);
+        assert_eq!(code, 1, "{v}");
+        assert_eq!(v["ok"], false);
+        assert!(e.contains("payments: no such table"), "{e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+        let (code, _, e) = check_json(dir.path(), &db.url, &[]);
+        assert_eq!(
+            code, 0,
+            "the slots program alone does not read payments: {e}"
+        );
+    }
+);
+
+/// The README's GRANT statements, run as they stand (with role names of this test): the job
+/// role migrates, passes `check` and applies with grant programs; the read-only role passes
+/// `check --audit`, fails `check` (it may not write), and runs dry runs and `runs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_grants_are_what_check_wants_and_what_runs_need() {
+    let Some(db) = TestDb::empty(Backend::PgTimestamp).await else {
+        return;
+    };
+    let readme = include_str!("../README.md");
+    let block = readme
+        .split("<!-- grants:begin -->")
+        .nth(1)
+        .and_then(|r| r.split("<!-- grants:end -->").next())
+        .expect("the README's grants block");
+    let sql = block
+        .trim()
+        .trim_start_matches("```sql")
+        .trim_end_matches("```");
+    let tag = db
+        .pg_name()
+        .unwrap()
+        .trim_start_matches("rr_test_")
+        .to_owned();
+    let (job, audit) = (format!("rr_job_{tag}"), format!("rr_audit_{tag}"));
+    let sql = sql.replace("rr_job", &job).replace("rr_audit", &audit);
+    let _roles = DropRoles {
+        url: db.url.clone(),
+        roles: [audit.clone(), job.clone()],
+    };
+    db.exec(&format!(
+        "{}\n{}",
+        include_str!("../sql/reference/postgres.sql"),
+        include_str!("../sql/reference/postgres_indexes.sql")
+    ))
+    .await;
+    db.exec(&sql).await;
+    db.load(&every_outcome()).await;
+    let as_role = |role: &str| {
+        let mut u = url::Url::parse(&db.url).unwrap();
+        u.set_username(role).unwrap();
+        u.to_string()
+    };
+    let (job_url, audit_url) = (as_role(&job), as_role(&audit));
+    let dir = tempfile::tempdir().unwrap();
+    let config = grants_config(dir.path());
+    let as_of = "2026-11-01T12:00:00Z";
+    let run = |url: &str, args: &[&str]| {
+        let mut all = vec!["--database-url", url, "--config", &config];
+        all.extend_from_slice(args);
+        bin(dir.path(), &all, &[])
+    };
+
+    let (code, v, e) = check_json(dir.path(), &job_url, &["--config", &config]);
+    assert_eq!(code, 1, "not migrated yet: {v}");
+    assert!(e.contains("run `referral-rewards migrate`"), "{e}");
+    let o = run(&job_url, &["migrate"]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'rewards' AND tablename = 'reward_runs'")
+            .await,
+        1
+    );
+    let (code, v, e) = check_json(dir.path(), &job_url, &["--config", &config]);
+    assert_eq!(code, 0, "{v} {e}");
+    assert!(v["connection"].as_str().unwrap().contains(&job), "{v}");
+    let (code, v, e) = check_json(dir.path(), &audit_url, &["--config", &config]);
+    assert_eq!(code, 1, "{v}");
+    assert!(
+        e.contains("UPDATE on subscriptions.referral_bonus_domains"),
+        "{e}"
+    );
+    assert_eq!(v["audit_problems"], serde_json::json!([]), "{v}");
+    let (code, v, e) = check_json(dir.path(), &audit_url, &["--config", &config, "--audit"]);
+    assert_eq!(code, 0, "{v} {e}");
+
+    let o = run(&audit_url, &["reconcile", "--dry-run", "--as-of", as_of]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let o = run(&job_url, &["reconcile", "--as-of", as_of]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let o = run(&audit_url, &["reconcile", "--as-of", as_of]);
+    assert_eq!(o.status.code(), Some(1), "the auditor cannot apply");
+    let o = run(&audit_url, &["runs"]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(out(&o).contains("succeeded"), "{}", out(&o));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM public.subscriptions WHERE user_id = 1 AND tier = 'scout'")
+            .await,
+        1,
+        "the job role created referrer 1's subscription"
+    );
+}
+
+/// Drops the test's roles (cluster-wide objects) when the test ends, however it ends; declared
+/// after the database, so that it runs while the database still exists.
+struct DropRoles {
+    url: String,
+    roles: [String; 2],
+}
+
+impl Drop for DropRoles {
+    fn drop(&mut self) {
+        let (url, [a, b]) = (self.url.clone(), self.roles.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut c) = sqlx::PgConnection::connect(&url).await {
+                    let sql = format!(
+                        "DROP OWNED BY {a}; DROP OWNED BY {b}; DROP ROLE {a}; DROP ROLE {b};"
+                    );
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
 }

@@ -104,6 +104,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = ExplainFormat::Text)]
         format: ExplainFormat,
     },
+    /// Whether a run can succeed here: host tables and columns, the role's rights, the
+    /// recommended indexes, the job's migrations (exit 0 only if it can)
+    Check {
+        /// Judge a read-only audit (dry runs, explain) instead of an applying run
+        #[arg(long)]
+        audit: bool,
+        #[arg(long, value_enum, default_value_t = ExplainFormat::Text)]
+        format: ExplainFormat,
+    },
     /// The scheduler and the HTTP API: a full run at each cron tick, until SIGINT/SIGTERM
     Serve,
     /// The run history, newest first

@@ -12,7 +12,7 @@ use referral_rewards::program::grants::report as grant_report;
 use referral_rewards::report::{self, ReportFormat};
 use referral_rewards::serve;
 use referral_rewards::snapshot::Scope;
-use referral_rewards::store::{ConnectOptions, Store, migrations};
+use referral_rewards::store::{ConnectOptions, Store, check, migrations};
 use referral_rewards::summary;
 
 use super::args::{Cli, Command, ExplainFormat};
@@ -366,6 +366,38 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                     "{}",
                     grant_report::referrer_text(&grant_report::referrer_view(p, referrer))
                 );
+            }
+        }
+        Command::Check { audit, format } => {
+            let store = connect(&config, Access::ReadOnly).await?;
+            let report = check::check(&store, &config).await;
+            store.close().await;
+            let report = report?;
+            if format == ExplainFormat::Json {
+                let mut v = serde_json::to_value(&report).expect("plain data");
+                v["ok"] = report.ok(audit).into();
+                println!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
+            } else {
+                print!("{}", check::text(&report, audit));
+            }
+            if !report.ok(audit) {
+                let problems = if audit {
+                    &report.audit_problems
+                } else {
+                    &report.apply_problems
+                };
+                return Err(Failure {
+                    exit: Exit::RunFailed,
+                    message: format!(
+                        "check: {} cannot succeed here: {}",
+                        if audit {
+                            "a dry run"
+                        } else {
+                            "an applying run"
+                        },
+                        problems.join("; ")
+                    ),
+                });
             }
         }
         Command::Serve => {

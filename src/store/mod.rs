@@ -3,6 +3,7 @@
 //! One implementation per backend, chosen once from the URL scheme. The store knows nothing
 //! of the rules: it reads rows and writes what a [`Plan`] says.
 
+pub mod check;
 pub mod migrations;
 mod pgcopy;
 mod postgres;

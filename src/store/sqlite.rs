@@ -24,7 +24,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
     /// `None` for an in-memory database (no lock file is possible; one process only).
-    path: Option<PathBuf>,
+    pub(super) path: Option<PathBuf>,
     busy_timeout: std::time::Duration,
 }
 
