@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem: the message always names the offending key.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub database: DatabaseConfig,
@@ -43,7 +43,7 @@ pub struct Config {
 
 /// One grant program: a one-time grant to the referrer and/or the referred user when the
 /// referred user first pays.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GrantProgramConfig {
     /// `[a-z][a-z0-9_]{0,39}`, unique; stored in the ledger.
@@ -72,7 +72,7 @@ pub struct GrantProgramConfig {
 }
 
 /// What a referral that no longer qualifies keeps.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OnRefund {
     /// Grants are final.
@@ -83,7 +83,7 @@ pub enum OnRefund {
 }
 
 /// One party's grant: days of paid access or cents of account credit (exactly one).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PartyGrant {
     pub credit_days: Option<i64>,
@@ -102,13 +102,16 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `sqlite://PATH` or `postgres://…`; `DATABASE_URL` and `--database-url` override it.
     pub url: String,
     /// Seconds a SQLite writer waits for a busy database before giving up.
     pub busy_timeout_secs: i64,
+    /// SQLite: MiB of the database file the snapshot reads through a read-only memory map
+    /// (`PRAGMA mmap_size`) instead of a system call and a copy per page; 0 turns it off.
+    pub sqlite_mmap_mb: i64,
     /// PostgreSQL: read the snapshot's large queries with binary COPY (faster); the job falls
     /// back to SELECTs by itself where COPY is refused. `false` forces SELECTs.
     pub pg_binary_copy: bool,
@@ -120,7 +123,7 @@ pub struct DatabaseConfig {
 }
 
 /// SPEC section 3: the qualification rules.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
     pub cooldown_days: i64,
@@ -131,7 +134,7 @@ pub struct RulesConfig {
 }
 
 /// SPEC section 3: bonus slots and badges.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardsConfig {
     pub batch_size: i64,
@@ -140,7 +143,7 @@ pub struct RewardsConfig {
     pub badges: Vec<Badge>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Badge {
     pub name: String,
@@ -148,7 +151,7 @@ pub struct Badge {
 }
 
 /// SPEC section 4: the subscription row created for a referrer without one who earns a bonus.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct NewSubscriptionConfig {
     pub tier: String,
@@ -156,16 +159,19 @@ pub struct NewSubscriptionConfig {
     pub max_domains: i64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
     /// 6-field cron expression with seconds, UTC.
     pub cron: String,
     pub run_on_start: bool,
     pub shutdown_grace_secs: i64,
+    /// `/healthz` is 503 (`stale`) once the last successful full run is older than this; 0:
+    /// never stale.
+    pub stale_after_secs: i64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub bind: String,
@@ -183,6 +189,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "sqlite://referral-rewards.db".into(),
             busy_timeout_secs: 30,
+            sqlite_mmap_mb: 2048,
             pg_binary_copy: true,
             lock_timeout_secs: 30,
             statement_timeout_secs: 600,
@@ -237,6 +244,8 @@ impl Default for ScheduleConfig {
             cron: "0 0 * * * *".into(),
             run_on_start: false,
             shutdown_grace_secs: 30,
+            // Three periods of the default hourly schedule: one missed tick is no alarm.
+            stale_after_secs: 3 * 3600,
         }
     }
 }
@@ -281,6 +290,85 @@ impl Config {
             },
             other => other,
         })
+    }
+
+    /// [`Config::load`], then the environment's overrides: `REFERRAL_REWARDS_<TABLE>__<KEY>`
+    /// (sections and keys joined by `__`, any case, an array entry by its index:
+    /// `REFERRAL_REWARDS_GRANTS__0__HOLD_DAYS`) sets that key over the file's value or the
+    /// default. The value is TOML (`3`, `true`, `["trader", "tycoon"]`), or the text itself for
+    /// a key that holds text. Validated like the file's values; an error names the variable.
+    pub fn load_with_env(
+        path: &Path,
+        required: bool,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let shown = path.display().to_string();
+        Self::parse_with_env(&text, vars).map_err(|e| match e {
+            ConfigError::Parse { path, message } if path.is_empty() => ConfigError::Parse {
+                path: shown,
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// [`Config::parse`] with environment overrides (see [`Config::load_with_env`]).
+    pub fn parse_with_env(
+        text: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut overrides: Vec<EnvOverride> = vars
+            .into_iter()
+            .filter_map(|(k, v)| EnvOverride::of(k, v))
+            .collect();
+        if overrides.is_empty() {
+            return Self::parse(text);
+        }
+        overrides.sort_by(|a, b| a.var.cmp(&b.var));
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
+            path: String::new(),
+            message: one_line(&e.to_string()),
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        // The file alone first, so that its own mistakes are named as the file's.
+        toml::Value::Table(table.clone())
+            .try_into::<Config>()
+            .map_err(parse_error)?;
+        let defaults = match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        for o in &overrides {
+            o.apply(&mut table, &defaults)?;
+            // One at a time: a value that does not fit is named by its variable.
+            toml::Value::Table(table.clone())
+                .try_into::<Config>()
+                .map_err(|e| invalid(o.named(), one_line(&e.to_string())))?;
+        }
+        let config: Config = toml::Value::Table(table).try_into().map_err(parse_error)?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, message } => {
+                match overrides.iter().rev().find(|o| o.covers(&key)) {
+                    Some(o) => ConfigError::Invalid {
+                        key: format!("{key} (from {})", o.var),
+                        message,
+                    },
+                    None => ConfigError::Invalid { key, message },
+                }
+            }
+            other => other,
+        })?;
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
@@ -349,6 +437,16 @@ impl Config {
                     format!("must be between 0 and 2000000, got {v}"),
                 ));
             }
+        }
+        // Up to 1 TiB: SQLite caps it at its own limit anyway.
+        if !(0..=1 << 20).contains(&self.database.sqlite_mmap_mb) {
+            return Err(invalid(
+                "database.sqlite_mmap_mb",
+                format!(
+                    "must be between 0 and 1048576, got {}",
+                    self.database.sqlite_mmap_mb
+                ),
+            ));
         }
         let r = &self.rules;
         if !(0..=MAX_DAYS).contains(&r.cooldown_days) {
@@ -438,6 +536,16 @@ impl Config {
             return Err(invalid(
                 "schedule.shutdown_grace_secs",
                 format!("must be >= 0, got {}", self.schedule.shutdown_grace_secs),
+            ));
+        }
+        if !(0..=MAX_DAYS * 86_400).contains(&self.schedule.stale_after_secs) {
+            return Err(invalid(
+                "schedule.stale_after_secs",
+                format!(
+                    "must be between 0 (never stale) and {}, got {}",
+                    MAX_DAYS * 86_400,
+                    self.schedule.stale_after_secs
+                ),
             ));
         }
         if !(1..=65_536).contains(&self.http.max_connections) {
@@ -571,6 +679,145 @@ impl Config {
     }
 }
 
+/// Environment variables that override config keys start with this (and hold a `__`).
+pub const ENV_PREFIX: &str = "REFERRAL_REWARDS_";
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// One `REFERRAL_REWARDS_<TABLE>__<KEY>=value`.
+struct EnvOverride {
+    var: String,
+    /// Lowercase path segments: `["grants", "0", "hold_days"]`.
+    path: Vec<String>,
+    value: String,
+}
+
+impl EnvOverride {
+    /// `None` for a variable that is not an override: other prefixes, and the job's own
+    /// single-word variables (`REFERRAL_REWARDS_API_TOKEN`, `REFERRAL_REWARDS_FAULT`, …).
+    fn of(var: String, value: String) -> Option<EnvOverride> {
+        let rest = var.strip_prefix(ENV_PREFIX)?;
+        if !rest.contains("__") {
+            return None;
+        }
+        let path = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        Some(EnvOverride { var, path, value })
+    }
+
+    /// The key as validation errors name it: `grants[0].hold_days`.
+    fn key(&self) -> String {
+        let mut k = String::new();
+        for p in &self.path {
+            if p.parse::<usize>().is_ok() {
+                k.push_str(&format!("[{p}]"));
+            } else {
+                if !k.is_empty() {
+                    k.push('.');
+                }
+                k.push_str(p);
+            }
+        }
+        k
+    }
+
+    fn named(&self) -> String {
+        format!("{} (from {})", self.key(), self.var)
+    }
+
+    /// Whether a validation error about `key` may be this override's doing.
+    fn covers(&self, key: &str) -> bool {
+        let mine = self.key();
+        key == mine
+            || key.starts_with(&format!("{mine}."))
+            || key.starts_with(&format!("{mine}["))
+            || mine.starts_with(&format!("{key}."))
+    }
+
+    fn apply(&self, table: &mut toml::Table, defaults: &toml::Table) -> Result<(), ConfigError> {
+        let bad = |message: String| invalid(self.named(), message);
+        if self.path.iter().any(|p| p.is_empty()) {
+            return Err(bad("an empty section or key between the `__`s".into()));
+        }
+        // A key that holds text takes the variable's text as it is; any other is TOML.
+        let text = matches!(
+            lookup(table, &self.path).or_else(|| lookup(defaults, &self.path)),
+            Some(toml::Value::String(_))
+        );
+        let value = if text {
+            toml::Value::String(self.value.clone())
+        } else {
+            toml::from_str::<toml::Table>(&format!("v = {}", self.value))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(self.value.clone()))
+        };
+        let (last, parents) = self.path.split_last().expect("at least two segments");
+        let mut at = table;
+        for (i, p) in parents.iter().enumerate() {
+            let next = self.path.get(i + 1);
+            // Absent from the file: start from the default (`rewards.badges`), else a table.
+            let default = lookup(defaults, &self.path[..=i]).cloned();
+            at = match at.entry(p.clone()).or_insert_with(|| {
+                default.unwrap_or_else(|| toml::Value::Table(toml::Table::new()))
+            }) {
+                toml::Value::Table(t) => t,
+                toml::Value::Array(a) => {
+                    // `grants__0__…`: an entry of an array of tables, which must exist.
+                    let n = next
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .ok_or_else(|| bad(format!("{p} is a list: name an entry by its index")))?;
+                    let len = a.len();
+                    match a.get_mut(n) {
+                        Some(toml::Value::Table(t)) => {
+                            // Skip the index segment: continue below the entry.
+                            return set_below(t, &self.path[i + 2..], value).map_err(&bad);
+                        }
+                        _ => return Err(bad(format!("{p} has {len} entries, no entry {n}"))),
+                    }
+                }
+                _ => return Err(bad(format!("{p} is not a table"))),
+            };
+        }
+        at.insert(last.clone(), value);
+        Ok(())
+    }
+}
+
+/// Sets `path` (no more array indexes) below `table` to `value`.
+fn set_below(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("names an entry, not a key of it".into());
+    };
+    let mut at = table;
+    for p in parents {
+        at = match at
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("{p} is not a table")),
+        };
+    }
+    at.insert(last.clone(), value);
+    Ok(())
+}
+
+/// The value at `path` (table keys and array indexes), if any.
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let mut v = table.get(first)?;
+    for p in rest {
+        v = match v {
+            toml::Value::Table(t) => t.get(p)?,
+            toml::Value::Array(a) => a.get(p.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
 /// A config text with its commented `[[grants]]` examples enabled: everything from the first
 /// `# [[grants]]` line on loses its `# ` (what `make demo` does to config.toml with `sed`).
 /// `None` when the text has no such examples.
@@ -689,6 +936,8 @@ mod tests {
     fn busy_timeout_beyond_the_drivers_range_is_refused() {
         let e = err("[database]\nbusy_timeout_secs = 9999999999");
         assert!(e.contains("database.busy_timeout_secs"), "{e}");
+        let e = err("[database]\nsqlite_mmap_mb = -1");
+        assert!(e.contains("database.sqlite_mmap_mb"), "{e}");
     }
 
     #[test]
@@ -798,6 +1047,102 @@ badges = [{ name = "a", threshold = 5 }, { name = "b", threshold = 5 }]"#);
         );
         let e = err("[schedule]\ncron = \"99 * * * * *\"");
         assert!(e.contains("schedule.cron"), "{e}");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_every_kind_of_key() {
+        let c = Config::parse_with_env(
+            "[rules]\ncooldown_days = 5\n",
+            env(&[
+                ("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS", "3"),
+                ("REFERRAL_REWARDS_RULES__REQUIRE_IP_HASH", "false"),
+                ("REFERRAL_REWARDS_RULES__QUALIFYING_TIERS", "[\"gold\"]"),
+                ("referral_rewards_x", "ignored"),
+                ("REFERRAL_REWARDS_API_TOKEN", "not an override"),
+                ("REFERRAL_REWARDS_NEW_SUBSCRIPTION__TIER", "123"),
+                ("REFERRAL_REWARDS_HTTP__BIND", "0.0.0.0:9000"),
+                ("REFERRAL_REWARDS_SCHEDULE__CRON", "0 */5 * * * *"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.rules.cooldown_days, 3, "over the file's value");
+        assert!(!c.rules.require_ip_hash);
+        assert_eq!(c.rules.qualifying_tiers, ["gold"]);
+        assert_eq!(c.new_subscription.tier, "123", "a text key takes the text");
+        assert_eq!(c.http.bind, "0.0.0.0:9000");
+        assert_eq!(c.schedule.cron, "0 */5 * * * *");
+        // An entry of [[grants]] by index, and a whole list as TOML.
+        let c = Config::parse_with_env(
+            GRANTS,
+            env(&[
+                ("REFERRAL_REWARDS_GRANTS__1__HOLD_DAYS", "14"),
+                ("REFERRAL_REWARDS_GRANTS__0__REFERRER__CREDIT_DAYS", "30"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.grants[1].hold_days, 14);
+        assert_eq!(c.grants[0].referrer.as_ref().unwrap().credit_days, Some(30));
+        let c = Config::parse_with_env(
+            "",
+            env(&[
+                ("REFERRAL_REWARDS_GRANTS", "ignored: no __"),
+                (
+                    "REFERRAL_REWARDS_REWARDS__BADGES",
+                    "[{ name = \"star\", threshold = 2 }]",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.rewards.badges.len(), 1);
+        assert_eq!(c.rewards.badges[0].name, "star");
+    }
+
+    #[test]
+    fn a_bad_environment_value_names_the_variable() {
+        let bad = |k: &str, v: &str| {
+            Config::parse_with_env("", env(&[(k, v)]))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS", "-1");
+        assert!(
+            e.contains("rules.cooldown_days")
+                && e.contains("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS"),
+            "{e}"
+        );
+        let e = bad("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS", "three");
+        assert!(e.contains("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS"), "{e}");
+        let e = bad("REFERRAL_REWARDS_RULES__COOLDOWN_DAYZ", "3");
+        assert!(
+            e.contains("REFERRAL_REWARDS_RULES__COOLDOWN_DAYZ") && e.contains("cooldown_dayz"),
+            "{e}"
+        );
+        let e = bad("REFERRAL_REWARDS_GRANTS__0__HOLD_DAYS", "3");
+        assert!(
+            e.contains("REFERRAL_REWARDS_GRANTS__0__HOLD_DAYS") && e.contains("no entry 0"),
+            "{e}"
+        );
+        let e = bad("REFERRAL_REWARDS_SCHEDULE__STALE_AFTER_SECS", "-5");
+        assert!(
+            e.contains(
+                "schedule.stale_after_secs (from REFERRAL_REWARDS_SCHEDULE__STALE_AFTER_SECS)"
+            ),
+            "{e}"
+        );
+        // A file mistake is still the file's.
+        let e = Config::parse_with_env(
+            "[rules]\ncooldown_dayz = 1\n",
+            env(&[("REFERRAL_REWARDS_RULES__COOLDOWN_DAYS", "3")]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
     }
 
     #[test]

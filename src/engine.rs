@@ -168,6 +168,18 @@ pub async fn plan(
     req: RunRequest,
     progress: Option<&Progress>,
 ) -> Result<Planned, EngineError> {
+    plan_listing(store, cfg, req, progress, false).await
+}
+
+/// [`plan`], with `uncounted`: a full or shard run also reads the referrals whose referrer holds
+/// no invite code, for the per-referral report ([`Computation::uncounted`]).
+async fn plan_listing(
+    store: &Store,
+    cfg: &Config,
+    req: RunRequest,
+    progress: Option<&Progress>,
+    uncounted: bool,
+) -> Result<Planned, EngineError> {
     let say = |what: &str| {
         if let Some(p) = progress {
             p(what)
@@ -176,7 +188,9 @@ pub async fn plan(
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let started = Clock::now();
     say("reading the snapshot");
-    let mut snapshot = store.snapshot(req.scope, window, grants_read(cfg)).await?;
+    let mut snapshot = store
+        .snapshot_listing(req.scope, window, grants_read(cfg), uncounted)
+        .await?;
     let mut stages = Stages {
         snapshot: started.elapsed(),
         queries: std::mem::take(&mut snapshot.timings),
@@ -301,6 +315,9 @@ pub struct RunControl {
     pub progress: Option<Progress>,
     /// What started the run, recorded in its row (`None`: not said, recorded as unknown).
     pub trigger: Option<Trigger>,
+    /// Also read the referrals whose referrer holds no invite code (one more query in a full or
+    /// shard run), for the per-referral report; a one-user run reads them anyway.
+    pub list_uncounted: bool,
 }
 
 impl std::fmt::Debug for RunControl {
@@ -329,7 +346,7 @@ pub async fn run_controlled(
             grants,
             computation,
             stages,
-        } = plan(store, cfg, req, ctl.progress.as_ref()).await?;
+        } = plan_listing(store, cfg, req, ctl.progress.as_ref(), ctl.list_uncounted).await?;
         if let Some(expected) = &ctl.expect_digest
             && plan.digest != *expected
         {
@@ -367,7 +384,8 @@ pub async fn run_controlled(
     let planned = match &ctl.expect_digest {
         None => None,
         Some(expected) => {
-            let planned = plan(store, cfg, req, ctl.progress.as_ref()).await?;
+            let planned =
+                plan_listing(store, cfg, req, ctl.progress.as_ref(), ctl.list_uncounted).await?;
             if planned.plan.digest != *expected {
                 return Err(EngineError::DigestMismatch {
                     expected: expected.clone(),
@@ -389,7 +407,9 @@ pub async fn run_controlled(
             mut stages,
         } = match planned {
             Some(p) => p,
-            None => plan(store, cfg, req, ctl.progress.as_ref()).await?,
+            None => {
+                plan_listing(store, cfg, req, ctl.progress.as_ref(), ctl.list_uncounted).await?
+            }
         };
         let stats = plan.stats();
         let finish = RunFinish {

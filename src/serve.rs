@@ -31,7 +31,7 @@ use crate::instant;
 use crate::program::slots::plan::HostChange;
 use crate::program::slots::rules::Outcome;
 use crate::snapshot::Scope;
-use crate::store::{ChangeFilter, RunRow, Store, Trigger};
+use crate::store::{ChangeFilter, LastRuns, RunKind, RunRow, Store, Trigger};
 
 /// Request bodies are never needed: anything larger than this is refused.
 const MAX_BODY_BYTES: usize = 1024;
@@ -77,6 +77,9 @@ struct App {
     last_tick: std::sync::Mutex<Option<TickOutcome>>,
     /// HTTP connections open now.
     http_open: AtomicU64,
+    /// When this process started serving: `/healthz`'s staleness counts from here until the
+    /// first successful full run.
+    started: instant::Instant,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +155,7 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
         tick_failures: AtomicU64::new(0),
         last_tick: std::sync::Mutex::new(None),
         http_open: AtomicU64::new(0),
+        started: instant::from_datetime(chrono::Utc::now()),
         config,
     });
 
@@ -180,6 +184,8 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
         app.runs.spawn(async move { tick(&task).await });
     }
     tracing::info!(%local, cron = %cron, auth = app.token_hash.is_some(), "serving");
+    sd_notify("READY=1\nSTATUS=serving");
+    let watchdog = tokio::spawn(watchdog());
 
     let stop = CancellationToken::new();
     tokio::spawn(shutdown_signal(stop.clone()));
@@ -196,6 +202,8 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
     ));
 
     stop.cancelled().await;
+    sd_notify("STOPPING=1\nSTATUS=shutting down");
+    watchdog.abort();
     app.stopping.cancel();
     tracing::info!("shutting down: no more ticks or requests");
     if let Err(e) = scheduler.shutdown().await {
@@ -218,6 +226,53 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// systemd's readiness protocol (`Type=notify`): one datagram to `$NOTIFY_SOCKET`, a path or an
+/// abstract socket (`@name`). Nothing without the variable; a failure is logged, never fatal.
+fn sd_notify(state: &str) {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::UnixDatagram;
+    let sent = UnixDatagram::unbound().and_then(|sock| {
+        let bytes = target.as_bytes();
+        match bytes.strip_prefix(b"@") {
+            #[cfg(target_os = "linux")]
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(state.as_bytes(), &addr)
+            }
+            _ => sock.send_to(state.as_bytes(), &target),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, socket = ?target, "sd_notify failed");
+    }
+}
+
+/// With `WatchdogSec=` set, systemd passes `WATCHDOG_USEC` (and `WATCHDOG_PID`): ping it at half
+/// that period from the async runtime, so that a wedged runtime gets the service restarted.
+async fn watchdog() {
+    let Some(usec) = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|u| *u > 0)
+    else {
+        return;
+    };
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return;
+    }
+    let mut every = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        every.tick().await;
+        sd_notify("WATCHDOG=1");
+    }
 }
 
 async fn shutdown_signal(stop: CancellationToken) {
@@ -670,7 +725,7 @@ fn explanation(report: &RunReport, id: i64, page: Option<Page>) -> Value {
                 .expect("plain data")
         })
         .collect();
-    let all = &report.computation.referrals;
+    let all = report.computation.listed();
     match page {
         None => v["referrals"] = all.iter().map(referral).collect(),
         Some(Page { limit, cursor }) => {
@@ -830,10 +885,14 @@ fn ledger_limit_error() -> Response {
     )
 }
 
-/// 200 while the database answers and the last scheduled run did not fail; 503 when the
-/// database cannot be reached or full runs stopped succeeding. A database that is only busy
-/// (SQLite locked by a writer, every pooled PostgreSQL connection in use) is `busy`, still 200:
-/// busy is not down.
+/// 200 while the database answers and the full runs are healthy; 503 when the database cannot
+/// be reached, the last scheduled run of this process failed (also before its run row could
+/// exist), the last finished full run failed, or the last successful full run is older than
+/// `schedule.stale_after_secs` (with no successful full run yet, this process's own start
+/// counts, so that a new deployment has one period to make its first). One-referrer and shard
+/// runs are not full runs: they neither fail nor refresh it. A database that is only busy (SQLite
+/// locked by a writer, every pooled PostgreSQL connection in use) is `busy`, still 200: busy is
+/// not down.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let unavailable = |error: String| {
         (
@@ -854,7 +913,6 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         Err(_) => return unavailable("the database did not answer within 3 s".into()),
     };
     let last_tick = app.last_tick.lock().ok().and_then(|t| t.clone());
-    let failing = last_tick.as_ref().is_some_and(|t| t.error.is_some());
     let failures = app.tick_failures.load(Ordering::Relaxed);
     let tick = last_tick.as_ref().map(|t| {
         json!({
@@ -864,30 +922,44 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         })
     });
     let last = match status {
-        "ok" => app
-            .store
-            .runs(1)
-            .await
-            .ok()
-            .and_then(|r| r.into_iter().next()),
+        "ok" => app.store.last_runs().await.ok(),
         _ => None,
     };
     let now = instant::from_datetime(chrono::Utc::now());
-    let last = last.map(|r| {
+    let full = last.as_ref().and_then(|l| l.of(RunKind::Full));
+    let success = last.as_ref().and_then(|l| l.full_success.as_ref());
+    let success_at = success.map(|r| r.finished_at.unwrap_or(r.started_at));
+    let limit = app.config.schedule.stale_after_secs;
+    // Without a successful full run yet, the time since this process started.
+    let age_secs = (now - success_at.unwrap_or(app.started)) as f64 / 1e6;
+    let verdict = if last_tick.as_ref().is_some_and(|t| t.error.is_some())
+        || full.is_some_and(|r| r.status != "succeeded")
+    {
+        "failing"
+    } else if last.is_some() && limit > 0 && age_secs > limit as f64 {
+        "stale"
+    } else {
+        status
+    };
+    let full_json = full.map(|r| {
         json!({
             "id": r.id,
             "status": r.status,
             "started_at": instant::to_rfc3339(r.started_at),
+            "error": r.error,
             "age_seconds": (now - r.finished_at.unwrap_or(r.started_at)) as f64 / 1e6,
         })
     });
     let body = json!({
-        "status": if failing { "failing" } else { status },
-        "last_run": last,
+        "status": verdict,
+        "last_full_run": full_json,
+        "last_success_at": success_at.map(instant::to_rfc3339),
+        "last_success_age_seconds": success_at.map(|t| (now - t) as f64 / 1e6),
+        "stale_after_seconds": limit,
         "last_scheduled_run": tick,
         "tick_failures_total": failures,
     });
-    if failing {
+    if matches!(verdict, "failing" | "stale") {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     Json(body).into_response()
@@ -896,12 +968,8 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 /// Prometheus text exposition format, read from the run history at scrape time so that every
 /// replica reports the same figures.
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    // The last finished run: one still running has no figures yet.
-    let (counts, last) = match (
-        app.store.run_status_counts().await,
-        app.store.runs(10).await,
-    ) {
-        (Ok(c), Ok(l)) => (c, l.into_iter().find(|r| r.status != "running")),
+    let (counts, last) = match (app.store.run_counts().await, app.store.last_runs().await) {
+        (Ok(c), Ok(l)) => (c, l),
         (Err(e), _) | (_, Err(e)) => {
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -910,7 +978,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
                 .into_response();
         }
     };
-    let mut body = render_metrics(&counts, last.as_ref());
+    let mut body = render_metrics(&counts, &last);
     body.push_str(&render_process_metrics(
         app.tick_failures.load(Ordering::Relaxed),
         app.http_open.load(Ordering::Relaxed),
@@ -938,125 +1006,185 @@ pub fn render_process_metrics(tick_failures: u64, http_open: u64) -> String {
     )
 }
 
-pub fn render_metrics(counts: &[(String, i64)], last: Option<&RunRow>) -> String {
+/// One figure of a run row, for a labelled metric family.
+type RunFigure = fn(&RunRow) -> Option<i64>;
+
+/// The run-history metrics, following Prometheus's practice for batch jobs: the last-run gauges
+/// carry the kind of run (`mode`: `full`, `shard`, `referrer`), so that a one-referrer recompute
+/// never stands in for the scheduled full runs; `referral_rewards_last_success_timestamp_seconds`
+/// is the last successful full run's end, the figure to alert on; counts of runs are counters.
+pub fn render_metrics(counts: &[(String, String, i64)], last: &LastRuns) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        if samples.is_empty() {
+            return;
+        }
         let _ = writeln!(s, "# HELP {name} {help}");
         let _ = writeln!(s, "# TYPE {name} {kind}");
         for (labels, v) in samples {
-            let _ = writeln!(s, "{name}{labels} {v}");
+            if labels.is_empty() {
+                let _ = writeln!(s, "{name} {v}");
+            } else {
+                let _ = writeln!(s, "{name}{{{labels}}} {v}");
+            }
         }
     };
-    let mut by_status: Vec<(String, f64)> = ["running", "succeeded", "failed", "abandoned"]
-        .iter()
-        .map(|st| {
-            let n = counts.iter().find(|(s, _)| s == st).map_or(0, |(_, n)| *n);
-            (format!("{{status=\"{st}\"}}"), n as f64)
-        })
-        .collect();
-    by_status.sort_by(|a, b| a.0.cmp(&b.0));
     family(
-        "referral_rewards_runs",
+        "referral_rewards_build_info",
         "gauge",
-        "Applying runs recorded in reward_runs, by status.",
-        &by_status,
+        "Always 1; the version of the running binary is its label.",
+        &[(format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
     );
-    let Some(r) = last else { return s };
-    let one = |v: f64| vec![(String::new(), v)];
-    let duration = r
-        .finished_at
-        .map(|f| (f - r.started_at) as f64 / 1e6)
-        .unwrap_or(0.0);
+    let count = |kind: RunKind, status: &str| {
+        counts
+            .iter()
+            .find(|(k, s, _)| k == kind.as_str() && s == status)
+            .map_or(0.0, |(_, _, n)| *n as f64)
+    };
+    let mut finished = vec![];
+    let mut running = vec![];
+    for kind in RunKind::ALL {
+        let mode = kind.as_str();
+        for status in ["succeeded", "failed", "abandoned"] {
+            finished.push((
+                format!("mode=\"{mode}\",status=\"{status}\""),
+                count(kind, status),
+            ));
+        }
+        running.push((format!("mode=\"{mode}\""), count(kind, "running")));
+    }
+    family(
+        "referral_rewards_runs_total",
+        "counter",
+        "Applying runs recorded in reward_runs that finished, by kind and status.",
+        &finished,
+    );
+    family(
+        "referral_rewards_runs_running",
+        "gauge",
+        "Applying runs recorded as running now, by kind.",
+        &running,
+    );
+    if let Some(r) = &last.full_success {
+        family(
+            "referral_rewards_last_success_timestamp_seconds",
+            "gauge",
+            "When the last successful full run finished, Unix time.",
+            &[(
+                String::new(),
+                r.finished_at.unwrap_or(r.started_at) as f64 / 1e6,
+            )],
+        );
+    }
+
+    // One sample per kind of run that has a finished run, labelled by it.
+    let runs: Vec<(&str, &RunRow)> = RunKind::ALL
+        .iter()
+        .filter_map(|k| last.of(*k).map(|r| (k.as_str(), r)))
+        .collect();
+    let per = |f: &dyn Fn(&RunRow) -> f64| -> Vec<(String, f64)> {
+        runs.iter()
+            .map(|(mode, r)| (format!("mode=\"{mode}\""), f(r)))
+            .collect()
+    };
+    let per_labelled = |labels: &[(&str, RunFigure)], key: &str| {
+        let mut v = vec![];
+        for (mode, r) in &runs {
+            for (label, f) in labels {
+                v.push((
+                    format!("mode=\"{mode}\",{key}=\"{label}\""),
+                    f(r).unwrap_or(0) as f64,
+                ));
+            }
+        }
+        v
+    };
+    let n = |v: Option<i64>| v.unwrap_or(0) as f64;
     family(
         "referral_rewards_last_run_duration_seconds",
         "gauge",
-        "Wall time of the last run (0 while it runs).",
-        &one(duration),
+        "Wall time of the last finished run of each kind.",
+        &per(&|r| {
+            r.finished_at
+                .map(|f| (f - r.started_at) as f64 / 1e6)
+                .unwrap_or(0.0)
+        }),
     );
     family(
         "referral_rewards_last_run_timestamp_seconds",
         "gauge",
-        "When the last run started, Unix time.",
-        &one(r.started_at as f64 / 1e6),
+        "When the last finished run of each kind started, Unix time.",
+        &per(&|r| r.started_at as f64 / 1e6),
     );
     family(
         "referral_rewards_last_run_succeeded",
         "gauge",
-        "1 if the last run succeeded, else 0.",
-        &one(if r.status == "succeeded" { 1.0 } else { 0.0 }),
+        "1 if the last finished run of each kind succeeded, else 0.",
+        &per(&|r| if r.status == "succeeded" { 1.0 } else { 0.0 }),
     );
-    let n = |v: Option<i64>| v.unwrap_or(0) as f64;
     family(
         "referral_rewards_last_run_referrers_processed",
         "gauge",
-        "Referrers (and revoked non-referrers) the last run computed.",
-        &one(n(r.referrers_processed)),
+        "Referrers (and revoked non-referrers) the last run of each kind computed.",
+        &per(&|r| n(r.referrers_processed)),
     );
     family(
         "referral_rewards_last_run_rewards_changed",
         "gauge",
-        "Referrers whose bonus slots the last run moved, by direction.",
-        &[
-            ("{direction=\"up\"}".into(), n(r.rewards_up)),
-            ("{direction=\"down\"}".into(), n(r.rewards_down)),
-        ],
+        "Referrers whose bonus slots the last run of each kind moved, by direction.",
+        &per_labelled(
+            &[("up", |r| r.rewards_up), ("down", |r| r.rewards_down)],
+            "direction",
+        ),
     );
     family(
         "referral_rewards_last_run_rows_written",
         "gauge",
-        "Rows the last run wrote, by table.",
-        &[
-            (
-                "{table=\"referral_rewards\"}".into(),
-                n(r.reward_rows_written),
-            ),
-            ("{table=\"subscriptions\"}".into(), n(r.host_values_written)),
-        ],
+        "Rows the last run of each kind wrote, by table.",
+        &per_labelled(
+            &[
+                ("referral_rewards", |r| r.reward_rows_written),
+                ("subscriptions", |r| r.host_values_written),
+            ],
+            "table",
+        ),
     );
     family(
         "referral_rewards_last_run_conflicts",
         "gauge",
-        "Host values changed between snapshot and write in the last run, left for the next.",
-        &one(n(r.conflicts)),
+        "Host values changed between snapshot and write in the last run of each kind, left for the next.",
+        &per(&|r| n(r.conflicts)),
     );
-    let outcomes: serde_json::Map<String, Value> = r
-        .outcome_counts
-        .as_deref()
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or_default();
-    if !outcomes.is_empty() {
-        let samples: Vec<(String, f64)> = Outcome::ALL
-            .iter()
-            .map(|o| {
-                let v = outcomes
+    let mut outcomes = vec![];
+    let mut grant_outcomes = vec![];
+    let mut grants = vec![];
+    for (mode, r) in &runs {
+        let counted: serde_json::Map<String, Value> = r
+            .outcome_counts
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        if !counted.is_empty() {
+            for o in Outcome::ALL {
+                let v = counted
                     .get(o.as_str())
                     .and_then(Value::as_f64)
                     .unwrap_or(0.0);
-                (format!("{{outcome=\"{}\"}}", o.as_str()), v)
-            })
-            .collect();
-        family(
-            "referral_rewards_last_run_outcomes",
-            "gauge",
-            "Referred users of the last run by outcome (or reason for not being a candidate).",
-            &samples,
-        );
-    }
-    let programs: Value = r
-        .programs
-        .as_deref()
-        .and_then(|s| serde_json::from_str(s).ok())
-        .unwrap_or(Value::Null);
-    if let Some(list) = programs["grants"].as_array() {
-        let mut outcomes = vec![];
-        let mut grants = vec![];
-        for p in list {
+                outcomes.push((format!("mode=\"{mode}\",outcome=\"{}\"", o.as_str()), v));
+            }
+        }
+        let programs: Value = r
+            .programs
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(Value::Null);
+        for p in programs["grants"].as_array().into_iter().flatten() {
             let name = p["program"].as_str().unwrap_or_default();
             if let Some(map) = p["outcomes"].as_object() {
                 for (o, v) in map {
-                    outcomes.push((
-                        format!("{{program=\"{name}\",outcome=\"{o}\"}}"),
+                    grant_outcomes.push((
+                        format!("mode=\"{mode}\",program=\"{name}\",outcome=\"{o}\""),
                         v.as_f64().unwrap_or(0.0),
                     ));
                 }
@@ -1068,24 +1196,30 @@ pub fn render_metrics(counts: &[(String, i64)], last: Option<&RunRow>) -> String
                 ("reversals_referred", "reversal", "referred"),
             ] {
                 grants.push((
-                    format!("{{program=\"{name}\",kind=\"{kind}\",party=\"{party}\"}}"),
+                    format!("mode=\"{mode}\",program=\"{name}\",kind=\"{kind}\",party=\"{party}\""),
                     p[key]["count"].as_f64().unwrap_or(0.0),
                 ));
             }
         }
-        family(
-            "referral_rewards_last_run_grant_outcomes",
-            "gauge",
-            "Referrals of the last run by grant program and outcome.",
-            &outcomes,
-        );
-        family(
-            "referral_rewards_last_run_grants",
-            "gauge",
-            "Grants and reversals the last run planned, by grant program, kind and party.",
-            &grants,
-        );
     }
+    family(
+        "referral_rewards_last_run_outcomes",
+        "gauge",
+        "Referred users of the last run of each kind by outcome (or reason for not being a candidate).",
+        &outcomes,
+    );
+    family(
+        "referral_rewards_last_run_grant_outcomes",
+        "gauge",
+        "Referrals of the last run of each kind by grant program and outcome.",
+        &grant_outcomes,
+    );
+    family(
+        "referral_rewards_last_run_grants",
+        "gauge",
+        "Grants and reversals the last run of each kind planned, by grant program, kind and party.",
+        &grants,
+    );
     s
 }
 
@@ -1126,12 +1260,16 @@ mod tests {
             shard: None,
             trigger: None,
         };
-        let text = render_metrics(&[], Some(&row));
+        let last = |row: &RunRow| LastRuns {
+            finished: vec![(RunKind::Full, Some(row.clone()))],
+            full_success: Some(row.clone()),
+        };
+        let text = render_metrics(&[], &last(&row));
         for line in [
-            "referral_rewards_last_run_grant_outcomes{program=\"paid_access\",outcome=\"granted\"} 7",
-            "referral_rewards_last_run_grant_outcomes{program=\"paid_access\",outcome=\"on_hold\"} 2",
-            "referral_rewards_last_run_grants{program=\"paid_access\",kind=\"grant\",party=\"referred\"} 5",
-            "referral_rewards_last_run_grants{program=\"paid_access\",kind=\"reversal\",party=\"referrer\"} 1",
+            "referral_rewards_last_run_grant_outcomes{mode=\"full\",program=\"paid_access\",outcome=\"granted\"} 7",
+            "referral_rewards_last_run_grant_outcomes{mode=\"full\",program=\"paid_access\",outcome=\"on_hold\"} 2",
+            "referral_rewards_last_run_grants{mode=\"full\",program=\"paid_access\",kind=\"grant\",party=\"referred\"} 5",
+            "referral_rewards_last_run_grants{mode=\"full\",program=\"paid_access\",kind=\"reversal\",party=\"referrer\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
@@ -1140,6 +1278,6 @@ mod tests {
             programs: None,
             ..row
         };
-        assert!(!render_metrics(&[], Some(&slots_only)).contains("grant"));
+        assert!(!render_metrics(&[], &last(&slots_only)).contains("grant"));
     }
 }

@@ -160,6 +160,10 @@ pub struct Snapshot {
     pub side_read: bool,
     /// The grant programs' facts, when any is configured.
     pub grants: Option<crate::program::grants::GrantsSnapshot>,
+    /// `(referrer_id, referred_id)` of the referrals whose referrer exists but holds no invite
+    /// code: they count for nobody in the slots program. Read for a one-user run on such a user
+    /// (`explain`), and for full and shard runs only when asked (the per-referral report).
+    pub uncounted: Vec<(i64, i64)>,
 }
 
 /// What the grant programs need read, when any is configured.

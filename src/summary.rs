@@ -252,6 +252,7 @@ pub fn explain(
     }
     let why: Vec<&str> = Outcome::ALL
         .iter()
+        .chain([Outcome::ReferrerWithoutInviteCode].iter())
         .filter(|o| **o != Outcome::Qualified && referrals.iter().any(|r| r.outcome == **o))
         .map(|o| reason(*o))
         .collect();
@@ -281,6 +282,9 @@ pub fn reason(o: Outcome) -> &'static str {
         Outcome::Tier => "tier: the subscription tier does not qualify",
         Outcome::Status => "status: the subscription status does not qualify",
         Outcome::Expired => "expired: the subscription expired before the as-of time",
+        Outcome::ReferrerWithoutInviteCode => {
+            "referrer_without_invite_code: the referrer holds no invite code, so the referral counts for nobody in the slots program (grant programs may still reward it)"
+        }
     }
 }
 

@@ -45,6 +45,8 @@ fn free_port() -> u16 {
 struct Extra {
     http: &'static str,
     config: &'static str,
+    /// Appended to the `[schedule]` table.
+    schedule: &'static str,
     nofile: Option<u64>,
     env: Vec<(&'static str, String)>,
 }
@@ -71,6 +73,7 @@ impl Server {
         let Extra {
             http,
             config: more,
+            schedule,
             nofile,
             env,
         } = extra;
@@ -80,7 +83,7 @@ impl Server {
             &config,
             format!(
                 "[database]\nurl = \"{}\"\n[schedule]\ncron = \"{cron}\"\nrun_on_start = {run_on_start}\n\
-                 shutdown_grace_secs = {grace_secs}\n[http]\nbind = \"127.0.0.1:{port}\"\n{http}\n{more}\n",
+                 shutdown_grace_secs = {grace_secs}\n{schedule}\n[http]\nbind = \"127.0.0.1:{port}\"\n{http}\n{more}\n",
                 db.url
             ),
         )
@@ -383,11 +386,13 @@ each_backend!(
             .samples
             .iter()
             .find(|s| {
-                s.metric == "referral_rewards_runs" && s.labels.get("status") == Some("succeeded")
+                s.metric == "referral_rewards_runs_total"
+                    && s.labels.get("status") == Some("succeeded")
+                    && s.labels.get("mode") == Some("referrer")
             })
-            .expect("runs by status");
+            .expect("runs by kind and status");
         assert!(
-            matches!(succeeded.value, prometheus_parse::Value::Gauge(v) if v >= 5.0),
+            matches!(succeeded.value, prometheus_parse::Value::Counter(v) if v >= 5.0),
             "{text}"
         );
         for name in [
@@ -1185,4 +1190,309 @@ async fn a_tick_that_panics_before_its_run_is_counted_and_unhealthy() {
             .contains("fault injected")
     );
     assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
+}
+
+/// `/metrics` as (metric, sorted labels) -> value.
+async fn scrape(server: &Server) -> std::collections::BTreeMap<(String, String), f64> {
+    let text = client()
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let mut labels: Vec<String> =
+                s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            labels.sort();
+            let v = match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                other => panic!("{other:?}"),
+            };
+            ((s.metric, labels.join(",")), v)
+        })
+        .collect()
+}
+
+fn utc_now() -> referral_rewards::instant::Instant {
+    referral_rewards::instant::from_datetime(chrono::Utc::now())
+}
+
+/// A referrer with referred users, from a full dry run.
+async fn some_referrer(db: &TestDb) -> i64 {
+    let full = db.reconcile(Scope::Full, utc_now(), true).await.unwrap();
+    full.computation
+        .results
+        .iter()
+        .find(|r| r.referred_users_total > 2)
+        .unwrap()
+        .referrer_user_id
+}
+
+/// The last-run gauges are per kind of run: a one-referrer recompute sets the `referrer` ones
+/// and leaves every `full` one (and the last success of the full runs) as it was.
+async fn one_referrer_run_leaves_the_full_run_metrics(backend: Backend) {
+    let Some(db) = demo_db(backend).await else {
+        return;
+    };
+    db.reconcile(Scope::Full, utc_now(), false).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+    let before = scrape(&server).await;
+    let get = |m: &std::collections::BTreeMap<(String, String), f64>, name: &str, labels: &str| {
+        m.get(&(name.to_owned(), labels.to_owned())).copied()
+    };
+    assert_eq!(
+        get(
+            &before,
+            "referral_rewards_build_info",
+            &format!("version={}", env!("CARGO_PKG_VERSION"))
+        ),
+        Some(1.0)
+    );
+    assert!(
+        get(
+            &before,
+            "referral_rewards_last_run_referrers_processed",
+            "mode=full"
+        )
+        .unwrap()
+            > 10.0
+    );
+    assert_eq!(
+        get(&before, "referral_rewards_last_run_succeeded", "mode=full"),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            &before,
+            "referral_rewards_runs_total",
+            "mode=full,status=succeeded"
+        ),
+        Some(1.0)
+    );
+    let success = get(
+        &before,
+        "referral_rewards_last_success_timestamp_seconds",
+        "",
+    )
+    .unwrap();
+    assert!(
+        (success - utc_now() as f64 / 1e6).abs() < 600.0,
+        "{success}"
+    );
+    assert!(
+        !before
+            .keys()
+            .any(|(n, l)| n.starts_with("referral_rewards_last_run") && l.contains("mode=referrer")),
+        "no referrer run yet: {before:?}"
+    );
+
+    let id = some_referrer(&db).await;
+    let r = client()
+        .post(format!("{}/v1/referrers/{id}/reconcile", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = scrape(&server).await;
+    for ((name, labels), v) in &before {
+        if labels.contains("mode=full") || name.contains("last_success") {
+            assert_eq!(
+                after.get(&(name.clone(), labels.clone())),
+                Some(v),
+                "{name}{{{labels}}}"
+            );
+        }
+    }
+    assert_eq!(
+        get(
+            &after,
+            "referral_rewards_last_run_referrers_processed",
+            "mode=referrer"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            &after,
+            "referral_rewards_last_run_succeeded",
+            "mode=referrer"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(
+            &after,
+            "referral_rewards_runs_total",
+            "mode=referrer,status=succeeded"
+        ),
+        Some(1.0)
+    );
+    assert!(
+        get(
+            &after,
+            "referral_rewards_last_run_timestamp_seconds",
+            "mode=referrer"
+        )
+        .unwrap()
+            >= get(
+                &after,
+                "referral_rewards_last_run_timestamp_seconds",
+                "mode=full"
+            )
+            .unwrap()
+    );
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_referrer_run_leaves_the_full_run_metrics_sqlite() {
+    one_referrer_run_leaves_the_full_run_metrics(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_referrer_run_leaves_the_full_run_metrics_pg() {
+    one_referrer_run_leaves_the_full_run_metrics(Backend::PgTimestamp).await;
+}
+
+/// `/healthz` judges the full runs: stale once the last successful one is older than
+/// `schedule.stale_after_secs`, failing when the last one failed; a one-referrer run changes
+/// neither; a fresh successful full run makes it healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_judges_the_last_full_run_and_its_age() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    db.reconcile(Scope::Full, utc_now(), false).await.unwrap();
+    db.exec("UPDATE reward_runs SET started_at = '2020-01-01 00:00:00', finished_at = '2020-01-01 00:01:00'")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        false,
+        5,
+        Extra {
+            schedule: "stale_after_secs = 3600",
+            ..Extra::default()
+        },
+    );
+    let http = client();
+    let health = || async {
+        let r = http
+            .get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        (code, r.json::<serde_json::Value>().await.unwrap())
+    };
+    let (code, body) = health().await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (503, Some("stale")),
+        "{body}"
+    );
+    assert!(
+        body["last_success_age_seconds"].as_f64().unwrap() > 3600.0,
+        "{body}"
+    );
+    assert_eq!(body["stale_after_seconds"], 3600);
+
+    let id = some_referrer(&db).await;
+    let r = http
+        .post(format!("{}/v1/referrers/{id}/reconcile", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (code, body) = health().await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (503, Some("stale")),
+        "a one-referrer run is no full run: {body}"
+    );
+
+    db.reconcile(Scope::Full, utc_now(), false).await.unwrap();
+    let (code, body) = health().await;
+    assert_eq!((code, body["status"].as_str()), (200, Some("ok")), "{body}");
+    assert!(
+        body["last_success_age_seconds"].as_f64().unwrap() < 600.0,
+        "{body}"
+    );
+
+    // A failed full run after it: failing, whatever the one-referrer runs do.
+    db.exec("INSERT INTO reward_runs (mode, as_of, started_at, finished_at, status, error) \
+             VALUES ('full', '2026-01-01 00:00:00', '2026-01-01 00:00:00', '2026-01-01 00:00:01', 'failed', 'boom')")
+        .await;
+    let r = http
+        .post(format!("{}/v1/referrers/{id}/reconcile", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (code, body) = health().await;
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (503, Some("failing")),
+        "{body}"
+    );
+    assert_eq!(body["last_full_run"]["error"], "boom");
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
+}
+
+/// Under systemd's `Type=notify`: READY=1 once serving, WATCHDOG=1 at half of `WATCHDOG_USEC`,
+/// STOPPING=1 at SIGTERM, each a datagram to `$NOTIFY_SOCKET`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_notifies_systemd_ready_watchdog_and_stopping() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let server = Server::start_with(
+        &db,
+        dir.path(),
+        "0 0 0 1 1 *",
+        false,
+        5,
+        Extra {
+            env: vec![
+                ("NOTIFY_SOCKET", socket_path.display().to_string()),
+                ("WATCHDOG_USEC", "200000".into()),
+            ],
+            ..Extra::default()
+        },
+    );
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = socket.recv(&mut buf).expect("a datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    assert_eq!(recv(), "WATCHDOG=1");
+    server.signal("-TERM");
+    loop {
+        let m = recv();
+        if m.lines().any(|l| l == "STOPPING=1") {
+            break;
+        }
+        assert_eq!(m, "WATCHDOG=1");
+    }
+    assert_eq!(server.wait(Duration::from_secs(20)), Some(0));
 }

@@ -81,6 +81,9 @@ pub enum Command {
         /// Also create the reference host schema (docs/rules.md §2) and its indexes
         #[arg(long)]
         with_reference_schema: bool,
+        /// List the job's migrations, applied (when) or pending, and change nothing
+        #[arg(long, conflicts_with = "with_reference_schema")]
+        info: bool,
     },
     /// Fill the host tables with a deterministic synthetic population
     DemoData {
@@ -144,6 +147,16 @@ pub enum Command {
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         as_of: Option<Instant>,
         /// Text, or JSON (the same as GET /v1/referrers/{id}, not paged)
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Whether a run can succeed here: host tables and columns, the role's rights, the
+    /// recommended indexes, the job's migrations (exit 0 only if it can)
+    Check {
+        /// Judge a read-only audit (dry runs, explain) instead of an applying run
+        #[arg(long)]
+        audit: bool,
+        /// Text for a person, or JSON for tools
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },

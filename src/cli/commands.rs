@@ -14,7 +14,7 @@ use referral_rewards::program::grants::report as grant_report;
 use referral_rewards::report::{self, ReportFormat};
 use referral_rewards::serve;
 use referral_rewards::snapshot::Scope;
-use referral_rewards::store::{ChangeFilter, ConnectOptions, Store, Trigger};
+use referral_rewards::store::{ChangeFilter, ConnectOptions, Store, Trigger, check, migrations};
 use referral_rewards::summary::{self, RunJson, WrittenFile};
 
 use super::args::{Cli, Command, Format, RunsCommand};
@@ -25,8 +25,17 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from("config.toml"), false),
     };
-    let mut config = Config::load(&path, required)?;
-    // `--database-url`, else `DATABASE_URL` (clap reads it; an empty one is no URL).
+    // REFERRAL_REWARDS_<TABLE>__<KEY> overrides (a value that is not UTF-8 arrives mangled,
+    // and is refused by its key's validation, naming the variable).
+    let vars = std::env::vars_os().map(|(k, v)| {
+        (
+            k.to_string_lossy().into_owned(),
+            v.to_string_lossy().into_owned(),
+        )
+    });
+    let mut config = Config::load_with_env(&path, required, vars)?;
+    // `--database-url`, else `DATABASE_URL` (clap reads it; an empty one is no URL); either
+    // wins over REFERRAL_REWARDS_DATABASE__URL.
     if let Some(url) = cli.database_url.as_ref().filter(|u| !u.is_empty()) {
         let source = if cli.database_url_from_env {
             "DATABASE_URL"
@@ -57,6 +66,7 @@ async fn connect(config: &Config, access: Access) -> Result<Store, Failure> {
     let opts = ConnectOptions {
         read_only: access == Access::ReadOnly,
         busy_timeout: secs(d.busy_timeout_secs),
+        sqlite_mmap_bytes: d.sqlite_mmap_mb.saturating_mul(1 << 20),
         pg_binary_copy: d.pg_binary_copy,
         lock_timeout: secs(d.lock_timeout_secs),
         statement_timeout: secs(d.statement_timeout_secs),
@@ -240,7 +250,7 @@ async fn write_outputs(
                         .map(|e| e.referrer_user_id())
                         .collect()
                 });
-                let mut rows = report::referral_frame(&run.computation.referrals, keep.as_ref())
+                let mut rows = report::referral_frame(&run.computation.listed(), keep.as_ref())
                     .map_err(polars_failure)?;
                 let beside = report::per_referral_path(path, format);
                 report::write(&mut rows, &beside, format)?;
@@ -358,8 +368,15 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
     let config = load_config(&cli)?;
     let mut out = Stdout::default();
     match cli.command {
+        Command::Migrate { info: true, .. } => {
+            let store = connect(&config, Access::ReadOnly).await?;
+            let info = store.migration_info().await;
+            store.close().await;
+            print!("{}", migrations::info_text(&info?));
+        }
         Command::Migrate {
             with_reference_schema,
+            info: false,
         } => {
             let store = connect(&config, Access::Create).await?;
             store.migrate(with_reference_schema).await?;
@@ -440,6 +457,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                         as engine::Progress
                 }),
                 trigger: Some(Trigger::Cli),
+                list_uncounted: per_referral,
                 ..RunControl::default()
             };
             let access = if dry_run {
@@ -564,7 +582,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let mut text = summary::explain(
                 entry,
                 !report.computation.results.is_empty(),
-                &report.computation.referrals,
+                &report.computation.listed(),
                 referrer,
             );
             for p in &report.grants {
@@ -573,6 +591,38 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 )));
             }
             out.print(&text)?;
+        }
+        Command::Check { audit, format } => {
+            let store = connect(&config, Access::ReadOnly).await?;
+            let report = check::check(&store, &config).await;
+            store.close().await;
+            let report = report?;
+            if format == Format::Json {
+                let mut v = serde_json::to_value(&report).expect("plain data");
+                v["ok"] = report.ok(audit).into();
+                println!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
+            } else {
+                print!("{}", check::text(&report, audit));
+            }
+            if !report.ok(audit) {
+                let problems = if audit {
+                    &report.audit_problems
+                } else {
+                    &report.apply_problems
+                };
+                return Err(Failure {
+                    exit: Exit::RunFailed,
+                    message: format!(
+                        "check: {} cannot succeed here: {}",
+                        if audit {
+                            "a dry run"
+                        } else {
+                            "an applying run"
+                        },
+                        problems.join("; ")
+                    ),
+                });
+            }
         }
         Command::Serve => {
             let settings = serve::settings(&config)?;

@@ -3,7 +3,9 @@
 //! One implementation per backend, chosen once from the URL scheme. The store knows nothing
 //! of the rules: it reads rows and writes what a [`Plan`] says.
 
+pub mod check;
 mod history;
+pub mod migrations;
 mod pgcopy;
 mod postgres;
 mod sqlite;
@@ -224,6 +226,8 @@ pub struct ConnectOptions {
     /// A dry run opens SQLite with `mode=ro` and never writes on PostgreSQL.
     pub read_only: bool,
     pub busy_timeout: Duration,
+    /// SQLite: bytes of the file the snapshot reads through a memory map (0: none).
+    pub sqlite_mmap_bytes: i64,
     /// PostgreSQL: read the large snapshot queries through binary COPY (falling back to plain
     /// SELECTs where the server refuses it); `false` always uses SELECTs.
     pub pg_binary_copy: bool,
@@ -240,6 +244,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             read_only: false,
             busy_timeout: Duration::from_secs(30),
+            sqlite_mmap_bytes: 2048 << 20,
             pg_binary_copy: true,
             lock_timeout: Duration::from_secs(30),
             statement_timeout: Duration::from_secs(600),
@@ -303,6 +308,55 @@ impl Trigger {
             Trigger::Schedule => "schedule",
             Trigger::Http => "http",
         }
+    }
+}
+
+/// The kinds of applying runs, as the metrics label them (`mode`): a full run, a shard of
+/// one (`reconcile --shard`), a one-referrer run. Dry runs leave no run row, so no figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    Full,
+    Shard,
+    Referrer,
+}
+
+impl RunKind {
+    pub const ALL: [RunKind; 3] = [RunKind::Full, RunKind::Shard, RunKind::Referrer];
+    const FULL_SUCCEEDED: &'static str = "mode = 'full' AND shard IS NULL AND status = 'succeeded'";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Full => "full",
+            RunKind::Shard => "shard",
+            RunKind::Referrer => "referrer",
+        }
+    }
+
+    /// The finished runs of this kind (a running one has no figures yet).
+    fn finished(self) -> &'static str {
+        match self {
+            RunKind::Full => "mode = 'full' AND shard IS NULL AND status <> 'running'",
+            RunKind::Shard => "mode = 'full' AND shard IS NOT NULL AND status <> 'running'",
+            RunKind::Referrer => "mode = 'referrer' AND status <> 'running'",
+        }
+    }
+}
+
+/// What the metrics and `/healthz` read of the run history.
+#[derive(Debug, Clone, Default)]
+pub struct LastRuns {
+    /// The newest finished run of each kind, in [`RunKind::ALL`]'s order.
+    pub finished: Vec<(RunKind, Option<RunRow>)>,
+    /// The newest successful full run.
+    pub full_success: Option<RunRow>,
+}
+
+impl LastRuns {
+    pub fn of(&self, kind: RunKind) -> Option<&RunRow> {
+        self.finished
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, r)| r.as_ref())
     }
 }
 
@@ -402,6 +456,14 @@ impl Store {
         }
     }
 
+    /// Each of the job's migrations, applied or pending (`migrate --info`); reads only.
+    pub async fn migration_info(&self) -> Result<Vec<migrations::MigrationStatus>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.migration_info().await,
+            Store::Postgres(s) => s.migration_info().await,
+        }
+    }
+
     /// One consistent read of everything a run computes from. `window` is the inclusive IP
     /// window of the rules.
     pub async fn snapshot(
@@ -410,9 +472,21 @@ impl Store {
         window: (Instant, Instant),
         grants: Option<GrantsRead>,
     ) -> Result<Snapshot, StoreError> {
+        self.snapshot_listing(scope, window, grants, false).await
+    }
+
+    /// [`Store::snapshot`], with `uncounted`: a full or shard run also reads the referrals whose
+    /// referrer holds no invite code ([`Snapshot::uncounted`]; a one-user run always does).
+    pub async fn snapshot_listing(
+        &self,
+        scope: Scope,
+        window: (Instant, Instant),
+        grants: Option<GrantsRead>,
+        uncounted: bool,
+    ) -> Result<Snapshot, StoreError> {
         match self {
-            Store::Sqlite(s) => s.snapshot(scope, window, grants).await,
-            Store::Postgres(s) => s.snapshot(scope, window, grants).await,
+            Store::Sqlite(s) => s.snapshot(scope, window, grants, uncounted).await,
+            Store::Postgres(s) => s.snapshot(scope, window, grants, uncounted).await,
         }
     }
 
@@ -537,9 +611,29 @@ impl Store {
         Ok(rows.into_iter().next())
     }
 
-    /// How many runs there are in each status.
-    pub async fn run_status_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        let sql = "SELECT status, COUNT(*) FROM reward_runs GROUP BY status ORDER BY status";
+    /// The newest finished run of each kind, and the newest successful full run (metrics and
+    /// `/healthz`: a one-referrer or shard run says nothing about the full runs).
+    pub async fn last_runs(&self) -> Result<LastRuns, StoreError> {
+        let last = |filter: &'static str| async move {
+            let rows = match self {
+                Store::Sqlite(s) => s.runs_where(filter, None, 1).await,
+                Store::Postgres(s) => s.runs_where(filter, None, 1).await,
+            }?;
+            Ok::<_, StoreError>(rows.into_iter().next())
+        };
+        let mut out = LastRuns::default();
+        for kind in RunKind::ALL {
+            let row = last(kind.finished()).await?;
+            out.finished.push((kind, row));
+        }
+        out.full_success = last(RunKind::FULL_SUCCEEDED).await?;
+        Ok(out)
+    }
+
+    /// How many runs there are of each kind (`full`, `shard`, `referrer`) in each status.
+    pub async fn run_counts(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let sql = "SELECT CASE WHEN mode = 'referrer' THEN 'referrer' WHEN shard IS NULL THEN 'full' \
+                   ELSE 'shard' END, status, COUNT(*) FROM reward_runs GROUP BY 1, 2 ORDER BY 1, 2";
         match self {
             Store::Sqlite(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,
             Store::Postgres(s) => sqlx::query_as(sql).fetch_all(&s.pool).await,

@@ -9,6 +9,7 @@ use serde_json::json;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection, Row};
 
+use super::migrations;
 use super::{
     ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, GrantsApplied, Held, RUN_COLUMNS,
     RunLock, RunRow, StoreError, Trigger, Writes, host_int,
@@ -23,8 +24,10 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("sql/migrations/sqlite
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
     /// `None` for an in-memory database (no lock file is possible; one process only).
-    path: Option<PathBuf>,
+    pub(super) path: Option<PathBuf>,
     busy_timeout: std::time::Duration,
+    /// `PRAGMA mmap_size` of the snapshot's connection.
+    mmap_bytes: i64,
 }
 
 fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -111,6 +114,7 @@ impl SqliteStore {
             pool,
             path: (!in_memory).then_some(path),
             busy_timeout: opts.busy_timeout,
+            mmap_bytes: opts.sqlite_mmap_bytes,
         })
     }
 
@@ -118,10 +122,89 @@ impl SqliteStore {
         if with_reference_schema {
             self.reference_schema(true).await?;
         }
-        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
-            what: "running migrations",
-            message: super::one_line(&e.to_string()),
-        })
+        self.adopt_legacy_migrations().await?;
+        migrations::migrator(&MIGRATOR)
+            .run(&self.pool)
+            .await
+            .map_err(migrations::migrate_error)
+    }
+
+    /// Moves the job's rows of `_sqlx_migrations` (versions of the job before this one kept
+    /// them there) into its own table, in one write transaction. Returns how many rows moved.
+    async fn adopt_legacy_migrations(&self) -> Result<u64, StoreError> {
+        use sqlx::migrate::Migrate;
+        if !self.has_table(migrations::LEGACY_TABLE).await? {
+            return Ok(0);
+        }
+        let mut conn = self.pool.acquire().await.map_err(q("running migrations"))?;
+        let mut tx = conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(q("running migrations"))?;
+        tx.ensure_migrations_table(migrations::TABLE)
+            .await
+            .map_err(migrations::migrate_error)?;
+        let mut moved = 0;
+        for m in MIGRATOR.iter() {
+            sqlx::query(migrations::ADOPT_INSERT)
+                .bind(m.version)
+                .bind(m.checksum.as_ref())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("moving the job's rows out of _sqlx_migrations"))?;
+            moved += sqlx::query(migrations::ADOPT_DELETE)
+                .bind(m.version)
+                .bind(m.checksum.as_ref())
+                .execute(&mut *tx)
+                .await
+                .map_err(q("moving the job's rows out of _sqlx_migrations"))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(q("running migrations"))?;
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                "moved the job's migration rows from _sqlx_migrations to referral_rewards_migrations"
+            );
+        }
+        Ok(moved)
+    }
+
+    async fn has_table(&self, name: &str) -> Result<bool, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = $1",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(q("reading the schema"))?;
+        Ok(n > 0)
+    }
+
+    /// Each of the job's migrations with its state; reads only.
+    pub async fn migration_info(&self) -> Result<Vec<migrations::MigrationStatus>, StoreError> {
+        let mut read = vec![];
+        for table in [migrations::TABLE, migrations::LEGACY_TABLE] {
+            if !self.has_table(table).await? {
+                read.push(vec![]);
+                continue;
+            }
+            // The job's own constant table names.
+            let sql = format!(
+                "SELECT version, success, installed_on, checksum FROM {table} ORDER BY version"
+            );
+            let rows: Vec<(i64, bool, Option<String>, Vec<u8>)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q("reading the migration history"))?;
+            read.push(
+                rows.into_iter()
+                    .map(|(v, ok, at, sum)| (v, ok, migrations::sqlite_installed_on(at), sum))
+                    .collect(),
+            );
+        }
+        Ok(migrations::statuses(&MIGRATOR, &read[0], &read[1]))
     }
 
     /// The host tables of SPEC section 2, and their indexes when asked (a bulk load creates
@@ -165,15 +248,19 @@ impl SqliteStore {
         scope: Scope,
         window: (Instant, Instant),
         grants: Option<GrantsRead>,
+        uncounted: bool,
     ) -> Result<Snapshot, StoreError> {
         let Some(path) = self.path.clone() else {
             return Err(StoreError::Invalid(
                 "an in-memory SQLite database has nothing to reconcile; use a file".into(),
             ));
         };
-        let busy = self.busy_timeout;
+        let open = super::sqlite_read::Open {
+            busy_timeout: self.busy_timeout,
+            mmap_bytes: self.mmap_bytes,
+        };
         tokio::task::spawn_blocking(move || {
-            super::sqlite_read::snapshot(&path, busy, scope, window, grants)
+            super::sqlite_read::snapshot(&path, open, scope, window, grants, uncounted)
         })
         .await
         .map_err(|e| StoreError::Runtime(format!("reading the snapshot: {e}")))?
@@ -452,8 +539,19 @@ impl SqliteStore {
 
     /// The newest `limit` runs, or the one run `id`.
     pub async fn runs(&self, id: Option<i64>, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        self.runs_where("TRUE", id, limit).await
+    }
+
+    /// The newest `limit` runs whose row matches `filter` (one of the job's constant SQL
+    /// conditions, [`crate::store::RunKind`]), or the one run `id`.
+    pub async fn runs_where(
+        &self,
+        filter: &'static str,
+        id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM reward_runs WHERE ($1 IS NULL OR id = $1) \
+            "SELECT {RUN_COLUMNS} FROM reward_runs WHERE ({filter}) AND ($1 IS NULL OR id = $1) \
              ORDER BY id DESC LIMIT $2"
         )))
         .bind(id)

@@ -520,6 +520,12 @@ impl TestDb {
     /// [`TestDb::load`] with each time written as the SQL literal `time` makes of it (SQLite
     /// tests write every accepted text form).
     pub async fn load_with(&self, f: &Fixture, time: &mut dyn FnMut(Instant) -> String) {
+        let sql = self.load_sql(f, time);
+        self.exec(&sql).await;
+    }
+
+    /// The SQL [`TestDb::load_with`] runs (tests that load through views wrap it).
+    pub fn load_sql(&self, f: &Fixture, time: &mut dyn FnMut(Instant) -> String) -> String {
         let mut sql = String::new();
         if self.is_pg() {
             sql.push_str("BEGIN; SET CONSTRAINTS ALL DEFERRED;\n");
@@ -565,7 +571,7 @@ impl TestDb {
         if !self.is_pg() {
             sql.push_str("PRAGMA foreign_keys = ON;\n");
         }
-        self.exec(&sql).await;
+        sql
     }
 }
 

@@ -31,9 +31,29 @@ pub struct Computation {
     pub results: Vec<RewardResult>,
     /// One per referred user, by referrer then referred user id.
     pub referrals: Vec<ReferralOutcome>,
+    /// The referrals whose referrer holds no invite code, as far as the snapshot read them
+    /// ([`Snapshot::uncounted`]), each `referrer_without_invite_code`; by referrer then referred
+    /// user id. Counted nowhere.
+    pub uncounted: Vec<ReferralOutcome>,
 }
 
 impl Computation {
+    /// Every referral to list in the per-referral report and `explain`: the counted ones and
+    /// those whose referrer holds no invite code, by referrer then referred user id.
+    pub fn listed(&self) -> std::borrow::Cow<'_, [ReferralOutcome]> {
+        if self.uncounted.is_empty() {
+            return std::borrow::Cow::Borrowed(&self.referrals);
+        }
+        let mut all: Vec<ReferralOutcome> = self
+            .referrals
+            .iter()
+            .chain(&self.uncounted)
+            .cloned()
+            .collect();
+        all.sort_by_key(|r| (r.referrer_user_id, r.referred_user_id));
+        std::borrow::Cow::Owned(all)
+    }
+
     /// How many referred users got each outcome.
     pub fn outcome_counts(&self) -> Vec<(Outcome, u64)> {
         let mut counts = [0u64; Outcome::ALL.len()];
@@ -86,7 +106,23 @@ pub fn compute(snap: &Snapshot, cfg: &Config, now: Instant) -> PolarsResult<Comp
     }
 
     let results = per_referrer(&snap.referrers, &referrals, cfg)?;
-    Ok(Computation { results, referrals })
+    let mut uncounted: Vec<ReferralOutcome> = snap
+        .uncounted
+        .iter()
+        .map(|&(referrer, user)| ReferralOutcome {
+            referrer_user_id: referrer,
+            referred_user_id: user,
+            outcome: Outcome::ReferrerWithoutInviteCode,
+            position: None,
+            signup_ip: signup.get(&user).map(|ip| ip.to_string()),
+        })
+        .collect();
+    uncounted.sort_by_key(|r| (r.referrer_user_id, r.referred_user_id));
+    Ok(Computation {
+        results,
+        referrals,
+        uncounted,
+    })
 }
 
 const COUNTED: [(&str, Outcome); 6] = [

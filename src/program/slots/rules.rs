@@ -28,6 +28,10 @@ pub enum Outcome {
     Tier,
     Status,
     Expired,
+    /// The referrer holds no invite code: the referral counts for nobody in the slots program.
+    /// Not an outcome of the rules (not in [`Outcome::ALL`], never counted): the reports and
+    /// `explain` list such referrals with it, so that they are not missing.
+    ReferrerWithoutInviteCode,
 }
 
 impl Outcome {
@@ -60,6 +64,7 @@ impl Outcome {
             Outcome::Tier => "tier",
             Outcome::Status => "status",
             Outcome::Expired => "expired",
+            Outcome::ReferrerWithoutInviteCode => "referrer_without_invite_code",
         }
     }
 

@@ -77,6 +77,8 @@ impl Cells<'_, '_> {
 /// exported snapshot (`pg_export_snapshot`, as `pg_dump -j` does) while the first connection
 /// reads the rest: the same rows, in about the time of the longer of the two.
 pub(super) struct SideRead {
+    /// Every referrer (`grants_referrers.sql`).
+    referrers: Vec<i64>,
     payments: Vec<Payment>,
     ledger: Vec<(crate::program::grants::LedgerGrant, bool)>,
     timings: Vec<QueryTiming>,
@@ -170,6 +172,8 @@ impl PgStore {
             .await
             .map_err(SideError::Import)?;
         let mut timings = vec![];
+        let referrers = self.read_referrers(&mut tx).await.map_err(SideError::Read)?;
+        sw.lap(&mut timings, "grants_referrers", referrers.len());
         let payments = self
             .read_payments(&mut tx, &None, as_of, read)
             .await
@@ -184,6 +188,7 @@ impl PgStore {
             .await
             .map_err(|e| SideError::Read(q("ending the second snapshot connection")(e)))?;
         Ok(SideRead {
+            referrers,
             payments,
             ledger,
             timings,
@@ -299,6 +304,26 @@ impl PgStore {
         let mut g = GrantsSnapshot::default();
         let as_of = window.1;
         let in_scope = |r: i64| !matches!(scope, Scope::Shard(s) if !s.contains(r));
+        // The referrers, the payments and the ledger: from the side read started with the
+        // snapshot when there is one (done by now: this connection has read the slots part
+        // meanwhile), else here.
+        let side = match side {
+            Some(mut handle) => match (&mut handle.0).await {
+                Ok(Ok(read)) => Some(read),
+                Ok(Err(SideError::Import(e))) => {
+                    tracing::warn!(error = %e, "the second snapshot connection is unavailable; reading payments and the ledger on the first");
+                    None
+                }
+                Ok(Err(SideError::Read(e))) => return Err(e),
+                Err(e) => {
+                    return Err(StoreError::Sql {
+                        what: "reading payments and the ledger",
+                        message: e.to_string(),
+                    });
+                }
+            },
+            None => None,
+        };
         // The referrers whose referrals are read here, and the filter of the payments and the
         // ledger (`None`: every referred user's). A one-user run reads the user's set and its
         // referrer's; a full or shard run the sets of referrers without an invite code, and
@@ -318,12 +343,10 @@ impl PgStore {
                 (ids.clone(), Some(ids))
             }
             _ => {
-                let all: Vec<i64> = sqlx::query_scalar(include_str!(
-                    "../../../sql/queries/postgres/grants_referrers.sql"
-                ))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(q("reading referrers"))?;
+                let all = match &side {
+                    Some(read) => read.referrers.clone(),
+                    None => self.read_referrers(tx).await?,
+                };
                 let holders: HashSet<i64> = slots.referrers.iter().copied().collect();
                 let rest = all
                     .into_iter()
@@ -421,25 +444,6 @@ impl PgStore {
             sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
         }
 
-        // The payments and the ledger: from the side read started with the snapshot when there
-        // is one, else here.
-        let side = match side {
-            Some(mut handle) => match (&mut handle.0).await {
-                Ok(Ok(read)) => Some(read),
-                Ok(Err(SideError::Import(e))) => {
-                    tracing::warn!(error = %e, "the second snapshot connection is unavailable; reading payments and the ledger on the first");
-                    None
-                }
-                Ok(Err(SideError::Read(e))) => return Err(e),
-                Err(e) => {
-                    return Err(StoreError::Sql {
-                        what: "reading payments and the ledger",
-                        message: e.to_string(),
-                    });
-                }
-            },
-            None => None,
-        };
         let side_read = side.is_some();
         let (payments, ledger) = match side {
             Some(read) => {
@@ -464,6 +468,16 @@ impl PgStore {
                 .collect(),
         );
         Ok((g, side_read))
+    }
+
+    /// Every user that referred someone (`grants_referrers.sql`).
+    async fn read_referrers(&self, tx: &mut sqlx::PgConnection) -> Result<Vec<i64>, StoreError> {
+        sqlx::query_scalar(include_str!(
+            "../../../sql/queries/postgres/grants_referrers.sql"
+        ))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("reading referrers"))
     }
 
     /// The payments that can be a conversion (see grants_payments.sql) of the referred users

@@ -15,11 +15,11 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
 
-use super::pgcopy;
 use super::{
     ApplyOutcome, ChunkFeed, ConnectOptions, EncodedChunk, Held, RUN_STATUS, RunLock, RunRow,
     StoreError, Writes, hex, host_int,
 };
+use super::{migrations, pgcopy};
 use crate::demo::{DemoChunk, DemoCounts, DemoSpec};
 use crate::instant::{self, Instant};
 use crate::program::slots::plan::HostChange;
@@ -126,10 +126,89 @@ impl PgStore {
         if with_reference_schema {
             self.reference_schema(true).await?;
         }
-        MIGRATOR.run(&self.pool).await.map_err(|e| StoreError::Sql {
-            what: "running migrations",
-            message: crate::store::one_line(&e.to_string()),
-        })
+        self.adopt_legacy_migrations().await?;
+        migrations::migrator(&MIGRATOR)
+            .run(&self.pool)
+            .await
+            .map_err(migrations::migrate_error)
+    }
+
+    /// Moves the job's rows of `_sqlx_migrations` (versions of the job before this one kept
+    /// them there) into its own table, under sqlx's migration lock so that neither migrator
+    /// runs meanwhile. Returns how many rows moved.
+    async fn adopt_legacy_migrations(&self) -> Result<u64, StoreError> {
+        use sqlx::migrate::Migrate;
+        let mut conn = self.pool.acquire().await.map_err(q("running migrations"))?;
+        let legacy: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(q("reading _sqlx_migrations"))?;
+        if !legacy {
+            return Ok(0);
+        }
+        conn.lock().await.map_err(migrations::migrate_error)?;
+        let moved = async {
+            let mut tx = conn.begin().await.map_err(q("running migrations"))?;
+            tx.ensure_migrations_table(migrations::TABLE)
+                .await
+                .map_err(migrations::migrate_error)?;
+            let mut moved = 0;
+            for m in MIGRATOR.iter() {
+                sqlx::query(migrations::ADOPT_INSERT)
+                    .bind(m.version)
+                    .bind(m.checksum.as_ref())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("moving the job's rows out of _sqlx_migrations"))?;
+                moved += sqlx::query(migrations::ADOPT_DELETE)
+                    .bind(m.version)
+                    .bind(m.checksum.as_ref())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(q("moving the job's rows out of _sqlx_migrations"))?
+                    .rows_affected();
+            }
+            tx.commit().await.map_err(q("running migrations"))?;
+            Ok::<u64, StoreError>(moved)
+        }
+        .await;
+        let _ = conn.unlock().await;
+        let moved = moved?;
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                "moved the job's migration rows from _sqlx_migrations to referral_rewards_migrations"
+            );
+        }
+        Ok(moved)
+    }
+
+    /// Each of the job's migrations with its state; reads only.
+    pub async fn migration_info(&self) -> Result<Vec<migrations::MigrationStatus>, StoreError> {
+        let read = |table: &'static str| async move {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(table)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(q("reading the migration history"))?;
+            if !exists {
+                return Ok::<_, StoreError>(vec![]);
+            }
+            // The job's own constant table names.
+            let sql = format!(
+                "SELECT version, success, (EXTRACT(EPOCH FROM installed_on) * 1000000)::bigint, \
+                 checksum FROM {table} ORDER BY version"
+            );
+            let rows: Vec<(i64, bool, Option<i64>, Vec<u8>)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(q("reading the migration history"))?;
+            Ok(rows)
+        };
+        let ours = read(migrations::TABLE).await?;
+        let legacy = read(migrations::LEGACY_TABLE).await?;
+        Ok(migrations::statuses(&MIGRATOR, &ours, &legacy))
     }
 
     /// The host tables of SPEC section 2, and their indexes when asked (a bulk load creates

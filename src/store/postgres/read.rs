@@ -379,6 +379,7 @@ impl PgStore {
         scope: Scope,
         window: (Instant, Instant),
         grants: Option<GrantsRead>,
+        uncounted: bool,
     ) -> Result<Snapshot, StoreError> {
         use std::sync::atomic::Ordering;
         let copy_before = self.copy.load(Ordering::Relaxed);
@@ -388,7 +389,7 @@ impl PgStore {
             .await
             .map_err(q("starting the snapshot"))?;
         match self
-            .read_snapshot(&mut conn, scope, window, grants.as_ref())
+            .read_snapshot(&mut conn, scope, window, grants.as_ref(), uncounted)
             .await
         {
             Ok(snap) => Ok(snap),
@@ -405,7 +406,7 @@ impl PgStore {
                         .await
                         .map_err(q("starting the snapshot"))?;
                     let r = self
-                        .read_snapshot(&mut conn, scope, window, grants.as_ref())
+                        .read_snapshot(&mut conn, scope, window, grants.as_ref(), uncounted)
                         .await;
                     if r.is_err() {
                         conn.close_on_drop();
@@ -423,7 +424,9 @@ impl PgStore {
         scope: Scope,
         window: (Instant, Instant),
         grants: Option<&GrantsRead>,
+        uncounted: bool,
     ) -> Result<Snapshot, StoreError> {
+        const UNCOUNTED: &str = "reading the referrals of users without invite code";
         let mut tx = conn
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
@@ -470,6 +473,16 @@ impl PgStore {
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(q("reading the referrer"))?;
+                if r == Some(false) {
+                    let ids: Vec<i64> = sqlx::query_scalar(include_str!(
+                        "../../../sql/queries/postgres/uncounted_one.sql"
+                    ))
+                    .bind(id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(q(UNCOUNTED))?;
+                    snap.uncounted = ids.into_iter().map(|u| (id, u)).collect();
+                }
                 if r == Some(true) { vec![id] } else { vec![] }
             }
             Scope::Full | Scope::Shard(_) => {
@@ -478,6 +491,17 @@ impl PgStore {
                         .fetch_all(&mut *tx)
                         .await
                         .map_err(q("reading referrers"))?;
+                if uncounted {
+                    let pairs: Vec<(i64, i64)> =
+                        sqlx::query_as(include_str!("../../../sql/queries/postgres/uncounted.sql"))
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(q(UNCOUNTED))?;
+                    snap.uncounted = pairs
+                        .into_iter()
+                        .filter(|(referrer, _)| scope.covers(*referrer))
+                        .collect();
+                }
                 all.into_iter().filter(|id| scope.covers(*id)).collect()
             }
         };

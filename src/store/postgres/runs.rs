@@ -190,8 +190,19 @@ impl PgStore {
 
     /// The newest `limit` runs, or the one run `id`.
     pub async fn runs(&self, id: Option<i64>, limit: i64) -> Result<Vec<RunRow>, StoreError> {
+        self.runs_where("TRUE", id, limit).await
+    }
+
+    /// The newest `limit` runs whose row matches `filter` (one of the job's constant SQL
+    /// conditions, [`crate::store::RunKind`]), or the one run `id`.
+    pub async fn runs_where(
+        &self,
+        filter: &'static str,
+        id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<RunRow>, StoreError> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {RUN_COLUMNS} FROM reward_runs WHERE ($1::bigint IS NULL OR id = $1) \
+            "SELECT {RUN_COLUMNS} FROM reward_runs WHERE ({filter}) AND ($1::bigint IS NULL OR id = $1) \
              ORDER BY id DESC LIMIT $2"
         )))
         .bind(id)

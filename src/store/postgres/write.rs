@@ -95,18 +95,17 @@ impl PgStore {
             applied.extend(ids);
         }
         if !in_ids.is_empty() {
-            let ids: Vec<i64> = sqlx::query_scalar(include_str!(
-                "../../../sql/queries/postgres/insert_host.sql"
-            ))
-            .bind(in_ids)
-            .bind(in_new)
-            .bind(&new_sub.tier)
-            .bind(&new_sub.status)
-            .bind(new_sub.max_domains as i32)
-            .bind(dt(as_of))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(q("creating subscriptions"))?;
+            let sql = insert_host_sql(&mut tx).await?;
+            let ids: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(in_ids)
+                .bind(in_new)
+                .bind(&new_sub.tier)
+                .bind(&new_sub.status)
+                .bind(new_sub.max_domains as i32)
+                .bind(dt(as_of))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(q("creating subscriptions"))?;
             applied.extend(ids);
         }
         out.host_values_written = applied.len() as u64;
@@ -194,4 +193,31 @@ impl PgStore {
         tx.commit().await.map_err(q("committing the run"))?;
         Ok(out)
     }
+}
+
+/// insert_host.sql with the casts to the host's own types of `subscriptions.tier` and
+/// `.status`, looked up in the write transaction (a text, enum or domain column alike).
+async fn insert_host_sql(tx: &mut sqlx::PgConnection) -> Result<String, StoreError> {
+    let types: Vec<(String, String)> = sqlx::query_as(include_str!(
+        "../../../sql/queries/postgres/column_types.sql"
+    ))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(q("reading the types of subscriptions.tier and .status"))?;
+    let of = |column: &str| {
+        types
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, t)| t.clone())
+            .ok_or_else(|| StoreError::Sql {
+                what: "creating subscriptions",
+                message: format!("subscriptions has no column {column}"),
+            })
+    };
+    // The names come from the catalog's format_type, quoted and qualified as SQL needs.
+    Ok(
+        include_str!("../../../sql/queries/postgres/insert_host.sql")
+            .replace("{tier_type}", &of("tier")?)
+            .replace("{status_type}", &of("status")?),
+    )
 }
