@@ -60,7 +60,7 @@ demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summari
 test: ## Every test: unit, SQLite and PostgreSQL integration, CLI, serve, property tests
 	$(CARGO) test --lib --bins --tests
 
-bench: ## Release build; 100k and 1M datasets (cached); figures per backend (BENCH_SIZES, BENCH_BACKENDS)
+bench: ## Release build; 100k and 1M datasets (cached); figures per backend (BENCH_SIZES, BENCH_BACKENDS, BENCH_PARTS)
 	$(CARGO) bench --bench reconcile
 
 lint: ## cargo fmt --check and clippy with warnings as errors

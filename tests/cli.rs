@@ -171,6 +171,15 @@ fn missing_tables_exit_1_and_say_migrate() {
     );
     assert_one_line_error(&o, 1, "no such table: users");
     assert!(stderr(&o).contains("migrate"));
+    // A database the job's newer migrations have not reached (a column of a later one gone).
+    let path = dir.path().join("rr.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("ALTER TABLE reward_runs DROP COLUMN trigger")
+        .unwrap();
+    let o = run(dir.path(), &["--database-url", &url, "runs"]);
+    assert_one_line_error(&o, 1, "no such column: trigger");
+    assert!(stderr(&o).contains("run `referral-rewards migrate`"));
 }
 
 #[test]

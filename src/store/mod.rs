@@ -101,7 +101,12 @@ impl StoreError {
             }
             _ => {}
         }
-        if message.contains("no such table") || message.contains("does not exist") {
+        // A missing table or column: often a database the job's newer migrations have not
+        // reached yet (SQLite says "no such column", PostgreSQL "… does not exist").
+        if message.contains("no such table")
+            || message.contains("no such column")
+            || message.contains("does not exist")
+        {
             message.push_str(
                 " (run `referral-rewards migrate`, plus `--with-reference-schema` for a demo database)",
             );
