@@ -83,7 +83,14 @@ fn timed_with_log(url: &str, args: &[&str]) -> (f64, f64, String, String) {
 fn write_stage_ms(log: &str) -> Option<u64> {
     log.lines()
         .filter(|l| l.contains("stage finished") && l.contains("stage=\"write\""))
-        .find_map(|l| l.split("ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .find_map(|l| {
+            l.split("ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
 }
 
 /// The median wall time of three cold processes, and their largest peak RSS.
@@ -273,7 +280,6 @@ async fn store(url: &str, read_only: bool) -> Store {
         &ConnectOptions {
             read_only,
             busy_timeout: Duration::from_secs(30),
-            sqlite_mmap_bytes: std::env::var("BENCH_MMAP").map_or(2048 << 20, |v| v.parse().unwrap()),
             ..ConnectOptions::default()
         },
     )

@@ -172,7 +172,10 @@ impl PgStore {
             .await
             .map_err(SideError::Import)?;
         let mut timings = vec![];
-        let referrers = self.read_referrers(&mut tx).await.map_err(SideError::Read)?;
+        let referrers = self
+            .read_referrers(&mut tx)
+            .await
+            .map_err(SideError::Read)?;
         sw.lap(&mut timings, "grants_referrers", referrers.len());
         let payments = self
             .read_payments(&mut tx, &None, as_of, read)
