@@ -139,6 +139,8 @@ struct Dataset {
     backend: Backend,
     users: i64,
     url: String,
+    /// "recommended" (README) or "typical" (`sql/reference/typical_indexes.sql`).
+    indexes: &'static str,
 }
 
 fn pg_base() -> String {
@@ -161,7 +163,7 @@ fn psql(url: &str, sql: &str) -> String {
 
 /// A fresh working copy of the dataset: the pristine one is generated once and cached, and
 /// every benchmark run starts from a copy of it.
-fn dataset(backend: Backend, users: i64) -> Dataset {
+fn dataset(backend: Backend, users: i64, indexes: &'static str) -> Dataset {
     let dir = bench_dir();
     // Version 2: the grant programs' host state (payments, balances) is in the data.
     let marker = dir.join(format!(
@@ -260,11 +262,27 @@ fn dataset(backend: Backend, users: i64) -> Dataset {
     };
     // A dataset cached by an older version lacks the job's newer migrations.
     run_cli(&url, &["migrate"]);
-    Dataset {
+    let d = Dataset {
         backend,
         users,
         url,
+        indexes,
+    };
+    if indexes == "typical" {
+        let t = Instant::now();
+        sql_exec(
+            &d,
+            &format!(
+                "{} ANALYZE;",
+                include_str!("../sql/reference/typical_indexes.sql")
+            ),
+        );
+        eprintln!(
+            "  the typical index set: {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
     }
+    d
 }
 
 fn name(b: Backend) -> &'static str {
@@ -449,9 +467,10 @@ fn written(stdout: &str) -> String {
 async fn bench(d: &Dataset) {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "\n## {} — {} users (load average before: {})",
+        "\n## {} — {} users, {} indexes (load average before: {})",
         name(d.backend),
         d.users,
+        d.indexes,
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
@@ -637,7 +656,10 @@ async fn bench_grants(d: &Dataset) {
     let extra: Vec<String> = batches.iter().map(|b| format!("{:+.2}", b.0)).collect();
     let (again_wall, _, again) = timed(&d.url, &apply);
     println!();
-    println!("| grant programs ({payments} payments) | wall | peak RSS | written |");
+    println!(
+        "| grant programs ({payments} payments; {} indexes) | wall | peak RSS | written |",
+        d.indexes
+    );
     println!("| --- | ---: | ---: | --- |");
     println!(
         "| full dry run, slots program alone (median of 3) | {alone:.2} s | {alone_rss:.0} MiB | |"
@@ -671,8 +693,17 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let only = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    // BENCH_INDEXES=recommended or =typical: one of the two index sets.
+    let index_sets =
+        std::env::var("BENCH_INDEXES").unwrap_or_else(|_| "recommended,typical".into());
     for users in sizes() {
-        for backend in [Backend::Sqlite, Backend::Postgres] {
+        for (backend, indexes) in [Backend::Sqlite, Backend::Postgres]
+            .into_iter()
+            .flat_map(|b| [(b, "recommended"), (b, "typical")])
+        {
+            if !index_sets.split(',').any(|x| x.trim() == indexes) {
+                continue;
+            }
             let key = if backend == Backend::Sqlite {
                 "sqlite"
             } else {
@@ -681,7 +712,7 @@ async fn main() {
             if !only.split(',').any(|b| b.trim() == key) {
                 continue;
             }
-            let d = dataset(backend, users);
+            let d = dataset(backend, users, indexes);
             // BENCH_PARTS=slots or =grants: one of the two tables.
             let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "slots,grants".into());
             let part = |p: &str| parts.split(',').any(|x| x.trim() == p);

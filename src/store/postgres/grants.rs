@@ -92,11 +92,11 @@ pub(super) enum SideError {
     Read(StoreError),
 }
 
-/// The side read's task, aborted if the snapshot ends without it (an error on the first
+/// A side read's task, aborted if the snapshot ends without it (an error on the first
 /// connection): nothing waits for it then.
-pub(super) struct Side(tokio::task::JoinHandle<Result<SideRead, SideError>>);
+pub(super) struct Side<T = SideRead>(pub(super) tokio::task::JoinHandle<Result<T, SideError>>);
 
-impl Drop for Side {
+impl<T> Drop for Side<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -104,9 +104,38 @@ impl Drop for Side {
 
 /// The second connection, closed rather than returned to the pool unless its read ended well
 /// (an aborted or failed read may leave it in the middle of a COPY).
-struct CloseUnlessDone {
-    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
-    done: bool,
+pub(super) struct CloseUnlessDone {
+    pub(super) conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    pub(super) done: bool,
+}
+
+/// Starts a read-only transaction on the snapshot exported as `snapshot_id`, in UTC with the
+/// run's timeouts. Tests hold it before the import (`REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE`)
+/// to commit a change the snapshot must not see.
+pub(super) async fn import_snapshot<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    snapshot_id: &str,
+    timeouts: &str,
+) -> Result<sqlx::Transaction<'c, sqlx::Postgres>, SideError> {
+    crate::engine::test_hold(
+        "REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE",
+        "before a second snapshot connection imports the snapshot",
+    )
+    .await;
+    let import = |e| SideError::Import(q("importing the snapshot")(e));
+    let mut tx = conn
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(import)?;
+    // The id is the server's own answer (hex digits and dashes), never user input.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET TRANSACTION SNAPSHOT '{snapshot_id}'"
+    )))
+    .execute(&mut *tx)
+    .await
+    .map_err(import)?;
+    utc(&mut tx, timeouts).await.map_err(SideError::Import)?;
+    Ok(tx)
 }
 
 impl Drop for CloseUnlessDone {
@@ -123,7 +152,7 @@ impl PgStore {
     pub(super) fn spawn_side_read(
         self: &std::sync::Arc<Self>,
         snapshot_id: String,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
         as_of: Instant,
         read: GrantsRead,
     ) -> Side {
@@ -150,27 +179,8 @@ impl PgStore {
         as_of: Instant,
         read: &GrantsRead,
     ) -> Result<SideRead, SideError> {
-        crate::engine::test_hold(
-            "REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE",
-            "before the second snapshot connection imports the snapshot",
-        )
-        .await;
-        let import = |e| SideError::Import(q("importing the snapshot")(e));
+        let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
         let mut sw = Stopwatch::start();
-        let mut tx = conn
-            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await
-            .map_err(import)?;
-        // The id is the server's own answer (hex digits and dashes), never user input.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "SET TRANSACTION SNAPSHOT '{snapshot_id}'"
-        )))
-        .execute(&mut *tx)
-        .await
-        .map_err(import)?;
-        utc(&mut tx, &self.timeouts)
-            .await
-            .map_err(SideError::Import)?;
         let mut timings = vec![];
         let referrers = self
             .read_referrers(&mut tx)

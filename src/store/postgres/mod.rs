@@ -6,6 +6,7 @@ mod demo;
 mod grants;
 mod read;
 mod runs;
+mod scan;
 mod write;
 
 use std::collections::HashSet;
@@ -108,7 +109,7 @@ impl PgStore {
             .await
             .map_err(connect_err)?;
         let pool = PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(6)
             .acquire_timeout(std::time::Duration::from_secs(30))
             .connect_lazy_with(options.clone());
         Ok(Self {

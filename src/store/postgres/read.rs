@@ -1,6 +1,7 @@
 //! The snapshot: one repeatable-read transaction, large queries through binary COPY (with
 //! a fallback to SELECT where the server refuses it), every cell decoded or named in an error.
 
+use super::grants::SideError;
 use super::*;
 
 /// A SQL literal of a bigint array, for COPY (which takes no bind parameters).
@@ -151,7 +152,7 @@ pub(super) fn pg_time(
     }
 }
 
-fn pg_text<'a>(
+pub(super) fn pg_text<'a>(
     v: Option<&'a [u8]>,
     table: &'static str,
     column: &'static str,
@@ -314,7 +315,7 @@ fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser,
     referred_user(raw, interner)
 }
 
-fn pair(user: Option<i64>, ip: Option<&[u8]>) -> Result<(i64, String), Bad> {
+pub(super) fn pair(user: Option<i64>, ip: Option<&[u8]>) -> Result<(i64, String), Bad> {
     // Both queries join the user and keep non-NULL hashes.
     let user = user.ok_or_else(|| null("telemetry_events", "user_id", None, "a user id"))?;
     let ip = ip.ok_or_else(|| null("telemetry_events", "ip_hash", None, "an IP hash"))?;
@@ -433,10 +434,13 @@ impl PgStore {
             .map_err(q("starting the snapshot"))?;
         utc(&mut tx, &self.timeouts).await?;
         use std::sync::atomic::Ordering;
-        // A full or shard run of grant programs reads the payments and the ledger on a second
-        // connection, on this transaction's snapshot, while this one reads the rest.
+        // A full or shard run reads its large queries as scans on two more connections (scan.rs),
+        // and the grant programs' payments and ledger on a third, all on this transaction's
+        // snapshot, while this one reads the rest.
         let mut side = None;
-        if let Some(gr) = grants
+        let mut scans = None;
+        let copy = self.copy.load(Ordering::Relaxed);
+        if (copy || grants.is_some())
             && !matches!(scope, Scope::Referrer(_))
             && self.side_ok.load(Ordering::Relaxed)
             && let Ok(permit) = self.side_reads.clone().try_acquire_owned()
@@ -446,7 +450,13 @@ impl PgStore {
                 .await;
             match exported {
                 Ok(id) => {
-                    side = Some(self.spawn_side_read(id, permit, window.1, gr.clone()));
+                    let permit = std::sync::Arc::new(permit);
+                    if copy {
+                        scans = Some(self.spawn_scans(&id, permit.clone(), window));
+                    }
+                    if let Some(gr) = grants {
+                        side = Some(self.spawn_side_read(id, permit, window.1, gr.clone()));
+                    }
                 }
                 Err(e) => {
                     // The transaction is aborted: start it again, before anything is read.
@@ -507,7 +517,64 @@ impl PgStore {
         };
         sw.lap(&mut snap.timings, "referrers", snap.referrers.len());
 
-        if !snap.referrers.is_empty() {
+        // The current state: a shard reads all of it and keeps its own users'.
+        snap.stored_rewards = match scope {
+            Scope::Referrer(id) => {
+                sqlx::query(include_str!(
+                    "../../../sql/queries/postgres/stored_rewards_one.sql"
+                ))
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await
+            }
+            _ => {
+                sqlx::query(include_str!(
+                    "../../../sql/queries/postgres/stored_rewards.sql"
+                ))
+                .fetch_all(&mut *tx)
+                .await
+            }
+        }
+        .map_err(q("reading referral_rewards"))?
+        .iter()
+        .map(reward_from_row)
+        .filter(|r| {
+            r.as_ref()
+                .map_or(true, |r| scope.covers(r.referrer_user_id))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(q("decoding referral_rewards"))?;
+        sw.lap(
+            &mut snap.timings,
+            "stored_rewards",
+            snap.stored_rewards.len(),
+        );
+
+        // The scans, read meanwhile on their own connections; without them (COPY refused, no
+        // second connection), the joined queries on this one.
+        let scanned = match scans {
+            Some(mut task) => match (&mut task.0).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(SideError::Import(e))) => {
+                    tracing::warn!(error = %e, "no second snapshot connection; reading the joined queries on the first");
+                    None
+                }
+                Ok(Err(SideError::Read(e))) => return Err(e),
+                Err(e) => {
+                    return Err(StoreError::Sql {
+                        what: "reading the snapshot's scans",
+                        message: e.to_string(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let joined = scanned.is_some();
+        if let Some(s) = scanned {
+            sw.lap(&mut snap.timings, "waiting for the scans", 0);
+            self.join_scans(&mut tx, scope, s, &mut snap).await?;
+            sw = Stopwatch::start();
+        } else if !snap.referrers.is_empty() {
             const REFERRED: &str = "reading referred users";
             let ids = &snap.referrers;
             let copied = match scope {
@@ -700,63 +767,32 @@ impl PgStore {
             );
         }
 
-        // The current state: a shard reads all of it and keeps its own users'.
-        snap.stored_rewards = match scope {
-            Scope::Referrer(id) => {
-                sqlx::query(include_str!(
-                    "../../../sql/queries/postgres/stored_rewards_one.sql"
-                ))
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await
-            }
-            _ => {
-                sqlx::query(include_str!(
-                    "../../../sql/queries/postgres/stored_rewards.sql"
-                ))
-                .fetch_all(&mut *tx)
-                .await
-            }
-        }
-        .map_err(q("reading referral_rewards"))?
-        .iter()
-        .map(reward_from_row)
-        .filter(|r| {
-            r.as_ref()
-                .map_or(true, |r| scope.covers(r.referrer_user_id))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(q("decoding referral_rewards"))?;
-        sw.lap(
-            &mut snap.timings,
-            "stored_rewards",
-            snap.stored_rewards.len(),
-        );
-
-        const SUBSCRIPTIONS: &str = "reading subscriptions";
-        let rows: Vec<PgRow> = match scope {
-            Scope::Referrer(id) => {
-                sqlx::query(include_str!(
-                    "../../../sql/queries/postgres/host_bonus_one.sql"
-                ))
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await
-            }
-            _ => {
-                sqlx::query(include_str!("../../../sql/queries/postgres/host_bonus.sql"))
+        if !joined {
+            const SUBSCRIPTIONS: &str = "reading subscriptions";
+            let rows: Vec<PgRow> = match scope {
+                Scope::Referrer(id) => {
+                    sqlx::query(include_str!(
+                        "../../../sql/queries/postgres/host_bonus_one.sql"
+                    ))
+                    .bind(id)
                     .fetch_all(&mut *tx)
                     .await
+                }
+                _ => {
+                    sqlx::query(include_str!("../../../sql/queries/postgres/host_bonus.sql"))
+                        .fetch_all(&mut *tx)
+                        .await
+                }
             }
+            .map_err(q(SUBSCRIPTIONS))?;
+            let host: Result<Vec<(i64, i64)>, Bad> = rows.iter().map(host_bonus_from_row).collect();
+            let host = match host {
+                Ok(h) => h,
+                Err(b) => return Err(bad(&mut tx, SUBSCRIPTIONS, b).await),
+            };
+            snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
+            sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
         }
-        .map_err(q(SUBSCRIPTIONS))?;
-        let host: Result<Vec<(i64, i64)>, Bad> = rows.iter().map(host_bonus_from_row).collect();
-        let host = match host {
-            Ok(h) => h,
-            Err(b) => return Err(bad(&mut tx, SUBSCRIPTIONS, b).await),
-        };
-        snap.host_bonus = host.into_iter().filter(|(u, _)| scope.covers(*u)).collect();
-        sw.lap(&mut snap.timings, "host_bonus", snap.host_bonus.len());
 
         if let Some(gr) = grants {
             let mut timings = vec![];
