@@ -1,6 +1,7 @@
-//! The snapshot does not depend on the host's indexes: on the indexes a typical application has
-//! (`sql/reference/typical_indexes.sql`) a full run reads exactly the rows it reads on the
-//! recommended ones, and computes the same digest.
+//! The snapshot's read paths. It does not depend on the host's indexes: on the indexes a
+//! typical application has (`sql/reference/typical_indexes.sql`) a full run reads exactly the
+//! rows it reads on the recommended ones, and computes the same digest. On PostgreSQL, the
+//! scans read on connections of their own see the snapshot, not a later commit.
 
 mod common;
 
@@ -128,5 +129,96 @@ each_backend!(
             .plan
             .digest;
         assert_eq!(again, digest);
+    }
+);
+
+/// `qualified_referrals` of `referrer` in a per-referrer JSON report.
+fn qualified(report: &std::path::Path, referrer: i64) -> i64 {
+    let text = std::fs::read_to_string(report).unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    rows.iter()
+        .find(|r| r["referrer_user_id"] == referrer)
+        .unwrap_or_else(|| panic!("no row of referrer {referrer} in {text}"))["qualified_referrals"]
+        .as_i64()
+        .unwrap()
+}
+
+// A full run reads the referred users, subscriptions and IPs as scans on two more connections
+// that import the first one's snapshot. The real binary holds them before the import
+// (`REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE`) and says so in its log; the test then commits a
+// change to a referred user that the scans read: the run does not see it, the next one does.
+each_pg_backend!(
+    the_scan_connections_read_the_snapshot_not_a_later_commit,
+    |db: TestDb| async move {
+        use std::io::BufRead;
+        use std::time::Duration;
+        db.load(&every_outcome()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("r.json");
+        let run = |hold: Option<&std::path::Path>| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"));
+            c.args([
+                "--database-url",
+                &db.url,
+                "reconcile",
+                "--dry-run",
+                "--as-of",
+            ])
+            .arg(referral_rewards::instant::to_rfc3339(now()))
+            .arg("--report")
+            .arg(&report)
+            .env("RUST_LOG", "referral_rewards=info")
+            .env_remove("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+            if let Some(h) = hold {
+                c.env("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE", h);
+            }
+            c.spawn().unwrap()
+        };
+        let status = run(None).wait().unwrap();
+        assert!(status.success());
+        let before = qualified(&report, 1);
+        assert!(before > 0);
+
+        let hold = dir.path().join("hold");
+        std::fs::write(&hold, "").unwrap();
+        let mut child = run(Some(&hold));
+        let (lines, log) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                all.push_str(&line);
+                all.push('\n');
+                let _ = lines.send(line);
+            }
+            all
+        });
+        loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the run reaches the hold of its scan connections");
+            if line.contains("test hold") {
+                break;
+            }
+        }
+        // User 16 (qualified, its IP its own) loses its verification: it no longer counts.
+        db.exec("UPDATE users SET is_verified = false WHERE id = 16")
+            .await;
+        std::fs::remove_file(&hold).unwrap();
+        let status = child.wait().unwrap();
+        let log = reader.join().unwrap();
+        assert!(status.success(), "{log}");
+        assert_eq!(
+            qualified(&report, 1),
+            before,
+            "the change committed after the snapshot is not in it"
+        );
+
+        let status = run(None).wait().unwrap();
+        assert!(status.success());
+        assert_eq!(qualified(&report, 1), before - 1, "the next run sees it");
     }
 );
