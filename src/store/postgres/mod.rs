@@ -4,6 +4,7 @@
 
 mod demo;
 mod grants;
+mod one;
 mod read;
 mod runs;
 mod scan;

@@ -297,7 +297,7 @@ fn raw_bytes(r: &PgRow, i: usize) -> Result<Option<&[u8]>, sqlx::Error> {
     v.as_bytes().map(Some).map_err(sqlx::Error::Decode)
 }
 
-fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, Bad> {
+pub(super) fn referred_from_row(r: &PgRow, interner: &mut Interner) -> Result<ReferredUser, Bad> {
     // Times arrive as epoch microseconds (see referred.sql).
     let raw = RawReferred {
         id: r.try_get(0)?,
@@ -345,7 +345,7 @@ fn pairs_from_copy(bytes: &[u8]) -> Result<Vec<(i64, String)>, Bad> {
 }
 
 /// `(user_id, ip_hash)` pairs from SELECT rows.
-fn pairs_from_rows(rows: &[PgRow]) -> Result<Vec<(i64, String)>, Bad> {
+pub(super) fn pairs_from_rows(rows: &[PgRow]) -> Result<Vec<(i64, String)>, Bad> {
     rows.iter()
         .map(|r| pair(r.try_get(0)?, raw_bytes(r, 1)?))
         .collect()
@@ -353,7 +353,7 @@ fn pairs_from_rows(rows: &[PgRow]) -> Result<Vec<(i64, String)>, Bad> {
 
 /// `(user_id, referral_bonus_domains)` of a `host_bonus*.sql` row (its third column is the
 /// subscription's own id, for errors).
-fn host_bonus_from_row(r: &PgRow) -> Result<(i64, i64), Bad> {
+pub(super) fn host_bonus_from_row(r: &PgRow) -> Result<(i64, i64), Bad> {
     let id: Option<i64> = r.try_get(2)?;
     let id = id.ok_or_else(|| null("subscriptions", "id", None, "an id"))?;
     let user: Option<i64> = r.try_get(0)?;
@@ -383,6 +383,30 @@ impl PgStore {
         uncounted: bool,
     ) -> Result<Snapshot, StoreError> {
         use std::sync::atomic::Ordering;
+        // The slots program's one-referrer snapshot: one round trip (one.rs), else below.
+        if let (Scope::Referrer(id), None) = (scope, &grants) {
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(q("starting the snapshot"))?;
+            let sw = std::time::Instant::now();
+            match self.read_one_pipelined(&mut conn, id, window).await {
+                Ok(Some(mut snap)) => {
+                    snap.timings.push(crate::snapshot::QueryTiming {
+                        query: "one_referrer",
+                        rows: snap.referred.len(),
+                        elapsed: sw.elapsed(),
+                    });
+                    return Ok(snap);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the referrer's snapshot again, query by query");
+                    conn.close_on_drop();
+                }
+            }
+        }
         let copy_before = self.copy.load(Ordering::Relaxed);
         let mut conn = self
             .pool
@@ -942,7 +966,7 @@ impl PgStore {
     }
 }
 
-fn reward_from_row(r: &PgRow) -> Result<RewardResult, sqlx::Error> {
+pub(super) fn reward_from_row(r: &PgRow) -> Result<RewardResult, sqlx::Error> {
     Ok(RewardResult {
         referrer_user_id: r.try_get(0)?,
         referred_users_total: r.try_get(1)?,

@@ -27,14 +27,18 @@ impl PgStore {
             ));
         };
         let mut out = ApplyOutcome::default();
-        let mut tx = conn.begin().await.map_err(|e| StoreError::Sql {
-            what: "starting the write transaction",
-            message: format!(
-                "the run lock's connection was lost, so another run may hold the lock now: {}",
-                crate::store::one_line(&e.to_string())
-            ),
-        })?;
-        utc(&mut tx, &self.timeouts).await?;
+        // BEGIN and the transaction's settings (see `utc`) in one round trip.
+        let begin = format!("BEGIN; SET LOCAL TIME ZONE 'UTC'; {}", self.timeouts);
+        let mut tx = conn
+            .begin_with(sqlx::AssertSqlSafe(begin))
+            .await
+            .map_err(|e| StoreError::Sql {
+                what: "starting the write transaction",
+                message: format!(
+                    "the run lock's connection was lost, so another run may hold the lock now: {}",
+                    crate::store::one_line(&e.to_string())
+                ),
+            })?;
 
         let upserts: Vec<&RewardResult> = plan.reward_upserts().collect();
         if !upserts.is_empty() {

@@ -1,0 +1,119 @@
+//! A one-referrer snapshot of the slots program in one round trip: its seven small queries and
+//! the transaction around them sent as one simple-query message, their rows told apart by the
+//! statement they end. The same queries, with the same ids, as the indexed path in read.rs
+//! (values inlined: the simple query protocol takes no parameters, and they are the job's own
+//! integers and instants). Anything unusual (a cell that does not decode, a duplicate
+//! subscription, an error) is read again on that path, which names it.
+
+use futures_util::TryStreamExt;
+use sqlx::Either;
+
+use super::read::{host_bonus_from_row, pairs_from_rows, referred_from_row, reward_from_row};
+use super::*;
+
+const QUERIES: [&str; 7] = [
+    include_str!("../../../sql/queries/postgres/referrer_one.sql"),
+    include_str!("../../../sql/queries/postgres/uncounted_one.sql"),
+    include_str!("../../../sql/queries/postgres/stored_rewards_one.sql"),
+    include_str!("../../../sql/queries/postgres/referred_one.sql"),
+    include_str!("../../../sql/queries/postgres/registrations_one.sql"),
+    include_str!("../../../sql/queries/postgres/referrer_events_one.sql"),
+    include_str!("../../../sql/queries/postgres/host_bonus_one.sql"),
+];
+
+impl PgStore {
+    /// The snapshot of referrer `id`, or `None` when it must be read on the indexed path.
+    /// An `Err` leaves `conn` in an unknown state: the caller closes it.
+    pub(super) async fn read_one_pipelined(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        id: i64,
+        window: (Instant, Instant),
+    ) -> Result<Option<Snapshot>, sqlx::Error> {
+        let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
+        let mut statements: Vec<String> = vec![
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".into(),
+            "SET LOCAL TIME ZONE 'UTC'".into(),
+        ];
+        statements.extend(
+            self.timeouts
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+        let first = statements.len();
+        for sql in QUERIES {
+            // $3 before $1: the referrer events' query binds the window as $1 and $2.
+            statements.push(
+                sql.replace("$3", &id.to_string())
+                    .replace("$2", &ts(window.1))
+                    .replace(
+                        "$1",
+                        &if sql.contains("$3") {
+                            ts(window.0)
+                        } else {
+                            id.to_string()
+                        },
+                    ),
+            );
+        }
+        statements.push("COMMIT".into());
+        let text = statements.join(";\n");
+
+        let mut rows: Vec<Vec<PgRow>> = (0..QUERIES.len()).map(|_| vec![]).collect();
+        let (mut ended, mut odd) = (0usize, false);
+        // Read to the end whatever comes, so that the connection is ready for its next use.
+        let mut stream = sqlx::raw_sql(sqlx::AssertSqlSafe(text)).fetch_many(&mut *conn);
+        while let Some(item) = stream.try_next().await? {
+            match item {
+                Either::Left(_) => ended += 1,
+                Either::Right(row) => match ended.checked_sub(first) {
+                    Some(i) if i < QUERIES.len() => rows[i].push(row),
+                    _ => odd = true,
+                },
+            }
+        }
+        drop(stream);
+        if odd || ended != statements.len() {
+            return Ok(None);
+        }
+        let decoded = (|| -> Result<Snapshot, super::read::Bad> {
+            let mut snap = Snapshot::default();
+            let is_referrer: Option<Option<bool>> =
+                rows[0].first().map(|r| r.try_get(0)).transpose()?;
+            let is_referrer = is_referrer.flatten();
+            if is_referrer == Some(false) {
+                for r in &rows[1] {
+                    let u: i64 = r.try_get(0)?;
+                    snap.uncounted.push((id, u));
+                }
+            }
+            snap.stored_rewards = rows[2]
+                .iter()
+                .map(reward_from_row)
+                .collect::<Result<_, _>>()?;
+            if is_referrer == Some(true) {
+                snap.referrers = vec![id];
+                let mut interner = Interner::default();
+                snap.referred = rows[3]
+                    .iter()
+                    .map(|r| referred_from_row(r, &mut interner))
+                    .collect::<Result<_, _>>()?;
+                snap.registrations = pairs_from_rows(&rows[4])?;
+                snap.referrer_events = pairs_from_rows(&rows[5])?;
+            }
+            snap.host_bonus = rows[6]
+                .iter()
+                .map(host_bonus_from_row)
+                .collect::<Result<_, _>>()?;
+            Ok(snap)
+        })();
+        match decoded {
+            Ok(snap) if crate::store::users_with_duplicate_subscriptions(&snap).is_empty() => {
+                Ok(Some(snap))
+            }
+            _ => Ok(None),
+        }
+    }
+}
