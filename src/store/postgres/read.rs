@@ -1,7 +1,6 @@
 //! The snapshot: one repeatable-read transaction, large queries through binary COPY (with
 //! a fallback to SELECT where the server refuses it), every cell decoded or named in an error.
 
-use super::grants::SideError;
 use super::*;
 
 /// A SQL literal of a bigint array, for COPY (which takes no bind parameters).
@@ -576,29 +575,16 @@ impl PgStore {
 
         // The scans, read meanwhile on their own connections; without them (COPY refused, no
         // second connection), the joined queries on this one.
-        let scanned = match scans {
-            Some(mut task) => match (&mut task.0).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(SideError::Import(e))) => {
-                    tracing::warn!(error = %e, "no second snapshot connection; reading the joined queries on the first");
-                    None
-                }
-                Ok(Err(SideError::Read(e))) => return Err(e),
-                Err(e) => {
-                    return Err(StoreError::Sql {
-                        what: "reading the snapshot's scans",
-                        message: e.to_string(),
-                    });
-                }
-            },
-            None => None,
+        let joined = match scans {
+            Some(scans) => {
+                sw.lap(&mut snap.timings, "before the scans", 0);
+                let joined = self.join_scans(&mut tx, scope, scans, &mut snap).await?;
+                sw = Stopwatch::start();
+                joined
+            }
+            None => false,
         };
-        let joined = scanned.is_some();
-        if let Some(s) = scanned {
-            sw.lap(&mut snap.timings, "waiting for the scans", 0);
-            self.join_scans(&mut tx, scope, s, &mut snap).await?;
-            sw = Stopwatch::start();
-        } else if !snap.referrers.is_empty() {
+        if !joined && !snap.referrers.is_empty() {
             const REFERRED: &str = "reading referred users";
             let ids = &snap.referrers;
             let copied = match scope {

@@ -38,34 +38,39 @@ fn instant_of(v: Option<i64>) -> Option<i64> {
     })
 }
 
-/// The raw COPY data of the four scans.
-pub(super) struct Scanned {
-    users: Vec<u8>,
-    subscriptions: Vec<u8>,
-    registrations: Vec<u8>,
-    events: Vec<u8>,
-    /// Each scan's time on its connection, in the order above.
-    elapsed: [Duration; 4],
+/// The scans under way: each one's data arrives on `rx` as soon as it is read, so that it is
+/// decoded while the others are still being read.
+pub(super) struct Scans {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(&'static str, Vec<u8>, Duration)>,
+    /// One task per connection: `Ok(false)` when COPY was refused.
+    tasks: Vec<Side<bool>>,
 }
 
 /// One connection's scans, in order: `(name, query)`.
 type Jobs = Vec<(&'static str, String)>;
 
+const NAMES: [&str; 4] = [
+    "scan_users",
+    "scan_subscriptions",
+    "scan_registrations",
+    "referrer_events",
+];
+
 impl PgStore {
     /// Starts the scans on two connections of their own, on the snapshot exported as
-    /// `snapshot_id`. `None` from the task: COPY was refused (read with the joined queries).
+    /// `snapshot_id`.
     pub(super) fn spawn_scans(
         self: &Arc<Self>,
         snapshot_id: &str,
         permit: Arc<tokio::sync::OwnedSemaphorePermit>,
         window: (Instant, Instant),
-    ) -> Side<Option<Scanned>> {
+    ) -> Scans {
         let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
         let events = EVENTS
             .replace("$1", &ts(window.0))
             .replace("$2", &ts(window.1));
-        // Two connections, each about half the work (measured at 1M users: users + registrations,
-        // subscriptions + referrer events).
+        // Two connections, each about half the work (measured at 1M users), the users first:
+        // the other scans' rows are picked by them.
         let halves: [Jobs; 2] = [
             vec![
                 ("scan_users", USERS.to_owned()),
@@ -76,60 +81,28 @@ impl PgStore {
                 ("referrer_events", events),
             ],
         ];
-        let tasks: Vec<_> = halves
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let tasks = halves
             .into_iter()
             .map(|jobs| {
                 let me = Arc::clone(self);
                 let id = snapshot_id.to_owned();
                 let permit = Arc::clone(&permit);
-                tokio::spawn(async move {
+                let out = tx.clone();
+                Side(tokio::spawn(async move {
                     let _permit = permit;
                     let conn =
                         me.pool.acquire().await.map_err(|e| {
                             SideError::Import(q("opening a snapshot connection")(e))
                         })?;
                     let mut conn = CloseUnlessDone { conn, done: false };
-                    let r = me.scan_on(&mut conn.conn, &id, jobs).await;
+                    let r = me.scan_on(&mut conn.conn, &id, jobs, out).await;
                     conn.done = r.is_ok();
                     r
-                })
+                }))
             })
             .collect();
-        Side(tokio::spawn(async move {
-            let mut guards: Vec<Side<_>> = tasks.into_iter().map(Side).collect();
-            let mut out: Vec<(&'static str, Vec<u8>, Duration)> = vec![];
-            for g in &mut guards {
-                let read = (&mut g.0).await.map_err(|e| {
-                    SideError::Read(StoreError::Sql {
-                        what: "reading the snapshot's scans",
-                        message: e.to_string(),
-                    })
-                })??;
-                match read {
-                    Some(parts) => out.extend(parts),
-                    None => return Ok(None),
-                }
-            }
-            let mut take = |name: &str| {
-                let i = out.iter().position(|(n, ..)| *n == name).expect("scanned");
-                out.swap_remove(i)
-            };
-            let parts = [
-                take("scan_users"),
-                take("scan_subscriptions"),
-                take("scan_registrations"),
-                take("referrer_events"),
-            ];
-            let elapsed = [parts[0].2, parts[1].2, parts[2].2, parts[3].2];
-            let [users, subscriptions, registrations, events] = parts.map(|p| p.1);
-            Ok(Some(Scanned {
-                users,
-                subscriptions,
-                registrations,
-                events,
-                elapsed,
-            }))
-        }))
+        Scans { rx, tasks }
     }
 
     async fn scan_on(
@@ -137,73 +110,146 @@ impl PgStore {
         conn: &mut sqlx::PgConnection,
         snapshot_id: &str,
         jobs: Jobs,
-    ) -> Result<Option<Vec<(&'static str, Vec<u8>, Duration)>>, SideError> {
+        out: tokio::sync::mpsc::UnboundedSender<(&'static str, Vec<u8>, Duration)>,
+    ) -> Result<bool, SideError> {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
-        let mut out = vec![];
         for (name, sql) in jobs {
             let t = std::time::Instant::now();
             match self.copy_out(&mut tx, &sql, &[], name).await {
-                Ok(Some(bytes)) => out.push((name, bytes, t.elapsed())),
-                Ok(None) => return Ok(None),
+                // The receiver is gone only when the snapshot ended without the scans.
+                Ok(Some(bytes)) => {
+                    let _ = out.send((name, bytes, t.elapsed()));
+                }
+                Ok(None) => return Ok(false),
                 Err(e) => return Err(SideError::Read(e)),
             }
         }
         tx.commit()
             .await
             .map_err(|e| SideError::Read(q("ending a snapshot connection")(e)))?;
-        Ok(Some(out))
+        Ok(true)
     }
 
-    /// Joins the scans into the snapshot's referred users, registrations, referrer events and
-    /// host bonus values, for the referrers in `snap.referrers` (already in scope). A cell that
-    /// cannot be decoded is looked up and named on `tx`, the snapshot's own connection.
+    /// Decodes the scans as they arrive into the snapshot's referred users, registrations,
+    /// referrer events and host bonus values, for the referrers in `snap.referrers` (already in
+    /// scope). `Ok(false)`: no scans (COPY refused, no connection to import the snapshot on);
+    /// read the joined queries instead. A cell that cannot be decoded is looked up and named on
+    /// `tx`, the snapshot's own connection.
     pub(super) async fn join_scans(
         &self,
         tx: &mut sqlx::PgConnection,
         scope: Scope,
-        scanned: Scanned,
+        mut scans: Scans,
         snap: &mut Snapshot,
-    ) -> Result<(), StoreError> {
-        let mut sw = Stopwatch::start();
+    ) -> Result<bool, StoreError> {
         let referrers: FastSet<i64> = snap.referrers.iter().copied().collect();
-        let rows = match join(scope, &referrers, &scanned, snap) {
-            Ok(rows) => rows,
-            Err((what, b)) => return Err(bad(tx, what, b).await),
-        };
-        // Each scan's rows as read (the join keeps fewer), beside its time on its connection.
-        let names = [
-            "scan_users",
-            "scan_subscriptions",
-            "scan_registrations",
-            "referrer_events",
-        ];
-        for ((query, rows), elapsed) in names.into_iter().zip(rows).zip(scanned.elapsed) {
+        let mut referred: Option<Fast<i64, usize>> = None;
+        let mut waiting: Vec<(&'static str, Vec<u8>)> = vec![];
+        let mut rows = [0usize; 4];
+        let mut elapsed = [Duration::ZERO; 4];
+        let mut decode = [Duration::ZERO; 4];
+        let mut left = 4;
+        while left > 0 {
+            let Some((name, bytes, took)) = scans.rx.recv().await else {
+                break;
+            };
+            let i = NAMES.iter().position(|n| *n == name).expect("a scan");
+            elapsed[i] = took;
+            waiting.push((name, bytes));
+            // Users first; the rest as soon as the users are in.
+            while let Some(k) = waiting
+                .iter()
+                .position(|(n, _)| *n == "scan_users" || referred.is_some())
+            {
+                let (name, bytes) = waiting.swap_remove(k);
+                let i = NAMES.iter().position(|n| *n == name).expect("a scan");
+                let t = std::time::Instant::now();
+                let decoded = match (name, &referred) {
+                    ("scan_users", _) => users(&bytes, &referrers, snap).map(|(index, n)| {
+                        referred = Some(index);
+                        n
+                    }),
+                    ("scan_subscriptions", Some(index)) => {
+                        subscriptions(&bytes, index, &referrers, scope, snap)
+                    }
+                    ("scan_registrations", Some(index)) => registrations(&bytes, index, snap),
+                    (_, _) => events(&bytes, scope, snap),
+                };
+                rows[i] = match decoded {
+                    Ok(n) => n,
+                    Err((what, b)) => return Err(bad(tx, what, b).await),
+                };
+                decode[i] = t.elapsed();
+                tracing::debug!(
+                    query = name,
+                    rows = rows[i],
+                    read_ms = elapsed[i].as_secs_f64() * 1e3,
+                    decode_ms = decode[i].as_secs_f64() * 1e3,
+                    "snapshot scan"
+                );
+                left -= 1;
+            }
+        }
+        if left > 0 {
+            // A connection ended early: COPY refused, no snapshot import, or an error.
+            for task in &mut scans.tasks {
+                match (&mut task.0).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(SideError::Import(e))) => {
+                        tracing::warn!(error = %e, "no second snapshot connection; reading the joined queries on the first");
+                    }
+                    Ok(Err(SideError::Read(e))) => return Err(e),
+                    Err(e) => {
+                        return Err(StoreError::Sql {
+                            what: "reading the snapshot's scans",
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+            snap.referred.clear();
+            snap.registrations.clear();
+            snap.referrer_events.clear();
+            snap.host_bonus.clear();
+            return Ok(false);
+        }
+        // Each scan's rows as read (the join keeps fewer), its time on its connection and the
+        // time decoding it here.
+        for i in 0..4 {
             snap.timings.push(QueryTiming {
-                query,
-                rows,
-                elapsed,
+                query: NAMES[i],
+                rows: rows[i],
+                elapsed: elapsed[i],
             });
         }
+        let decoding = decode.iter().sum::<Duration>();
+        snap.timings.push(QueryTiming {
+            query: "decoding the scans",
+            rows: snap.referred.len(),
+            elapsed: decoding,
+        });
         snap.via_copy = true;
-        sw.lap(&mut snap.timings, "join_scans", snap.referred.len());
-        Ok(())
+        Ok(true)
     }
 }
 
-fn join(
-    scope: Scope,
+type Decoded = Result<usize, (&'static str, Bad)>;
+
+const REFERRED: &str = "reading referred users";
+
+/// The users whose referrer holds an invite code (and is in scope), and their index in
+/// `snap.referred` by id.
+fn users(
+    bytes: &[u8],
     referrers: &FastSet<i64>,
-    s: &Scanned,
     snap: &mut Snapshot,
-) -> Result<[usize; 4], (&'static str, Bad)> {
-    let mut rows = [0usize; 4];
-    const REFERRED: &str = "reading referred users";
+) -> Result<(Fast<i64, usize>, usize), (&'static str, Bad)> {
     let at = |b: Bad| (REFERRED, b);
-    // The users whose referrer holds an invite code (and is in scope).
-    let mut t = pgcopy::Tuples::new(&s.users, 5).map_err(|e| at(e.into()))?;
+    let mut rows = 0;
+    let mut t = pgcopy::Tuples::new(bytes, 5).map_err(|e| at(e.into()))?;
     let mut index: Fast<i64, usize> = Fast::default();
     while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows[0] += 1;
+        rows += 1;
         let (id, referrer) = (
             t.i64().map_err(|e| at(e.into()))?,
             t.i64().map_err(|e| at(e.into()))?,
@@ -242,14 +288,26 @@ fn join(
             subscription: None,
         });
     }
+    Ok((index, rows))
+}
 
-    // Their subscriptions; the host column of the referrers' and of any other with a bonus.
+/// The referred users' subscriptions; the host column of the referrers' and of any other with
+/// a bonus.
+fn subscriptions(
+    bytes: &[u8],
+    index: &Fast<i64, usize>,
+    referrers: &FastSet<i64>,
+    scope: Scope,
+    snap: &mut Snapshot,
+) -> Decoded {
     const SUBSCRIPTIONS: &str = "reading subscriptions";
+    let at = |b: Bad| (REFERRED, b);
+    let mut rows = 0;
     let mut interner = Interner::default();
-    let mut t = pgcopy::Tuples::new(&s.subscriptions, 7).map_err(|e| at(e.into()))?;
+    let mut t = pgcopy::Tuples::new(bytes, 7).map_err(|e| at(e.into()))?;
     let mut extra = vec![];
     while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows[1] += 1;
+        rows += 1;
         let user = t.i64().map_err(|e| at(e.into()))?;
         let (tier, status) = (
             t.field().map_err(|e| at(e.into()))?,
@@ -303,26 +361,32 @@ fn join(
         }
     }
     snap.referred.extend(extra);
+    Ok(rows)
+}
 
-    // The referred users' registration IPs.
-    const REGISTRATIONS: &str = "reading registration events";
-    let at = |b: Bad| (REGISTRATIONS, b);
-    let mut t = pgcopy::Tuples::new(&s.registrations, 2).map_err(|e| at(e.into()))?;
+/// The referred users' registration IPs.
+fn registrations(bytes: &[u8], index: &Fast<i64, usize>, snap: &mut Snapshot) -> Decoded {
+    let at = |b: Bad| ("reading registration events", b);
+    let mut rows = 0;
+    let mut t = pgcopy::Tuples::new(bytes, 2).map_err(|e| at(e.into()))?;
     while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows[2] += 1;
+        rows += 1;
         let user = t.i64().map_err(|e| at(e.into()))?;
         let ip = t.field().map_err(|e| at(e.into()))?;
         if user.is_some_and(|u| index.contains_key(&u)) {
             snap.registrations.push(pair(user, ip).map_err(at)?);
         }
     }
+    Ok(rows)
+}
 
-    // The referrers' IPs in the window (the query joins the referrers; a shard keeps its own).
-    const EVENTS: &str = "reading referrer events";
-    let at = |b: Bad| (EVENTS, b);
-    let mut t = pgcopy::Tuples::new(&s.events, 2).map_err(|e| at(e.into()))?;
+/// The referrers' IPs in the window (the query joins the referrers; a shard keeps its own).
+fn events(bytes: &[u8], scope: Scope, snap: &mut Snapshot) -> Decoded {
+    let at = |b: Bad| ("reading referrer events", b);
+    let mut rows = 0;
+    let mut t = pgcopy::Tuples::new(bytes, 2).map_err(|e| at(e.into()))?;
     while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows[3] += 1;
+        rows += 1;
         let user = t.i64().map_err(|e| at(e.into()))?;
         let ip = t.field().map_err(|e| at(e.into()))?;
         if user.is_none_or(|u| scope.covers(u)) {
