@@ -661,7 +661,9 @@ async fn bench(d: &Dataset) {
         written(&again)
     );
     println!();
-    println!("| one referrer, in-process, 1,000 referrers | p50 | p99 | stages, p50 of each (ms) |");
+    println!(
+        "| one referrer, in-process, 1,000 referrers | p50 | p99 | stages, p50 of each (ms) |"
+    );
     println!("| --- | ---: | ---: | --- |");
     println!(
         "| dry run (`reconcile --referrer ID --dry-run`) | {} | {} | {dry_stages} |",

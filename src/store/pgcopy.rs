@@ -83,6 +83,109 @@ impl<'a> Tuples<'a> {
     }
 }
 
+/// The binary COPY stream of one query fed chunk by chunk as it arrives (PostgreSQL sends a
+/// message per row, but any split is accepted), each complete tuple handed to a callback as a
+/// [`Tuples`] positioned on it: no buffer of the whole answer.
+pub struct Stream {
+    pending: Vec<u8>,
+    fields: usize,
+    header: bool,
+    ended: bool,
+}
+
+impl Stream {
+    pub fn new(fields: usize) -> Self {
+        Stream {
+            pending: Vec::new(),
+            fields,
+            header: false,
+            ended: false,
+        }
+    }
+
+    /// Parses what `chunk` completes; `row` reads the fields of each tuple (all of them).
+    pub fn feed<E: From<CopyError>>(
+        &mut self,
+        chunk: &[u8],
+        mut row: impl FnMut(&mut Tuples<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.pending.extend_from_slice(chunk);
+        let data = &self.pending[..];
+        let mut pos = 0;
+        if !self.header {
+            if data.len() < 19 {
+                return Ok(());
+            }
+            if &data[..11] != SIGNATURE {
+                return Err(CopyError("no binary COPY signature".into()).into());
+            }
+            let ext = u32::from_be_bytes(data[15..19].try_into().expect("4 bytes")) as usize;
+            if data.len() < 19 + ext {
+                return Ok(());
+            }
+            pos = 19 + ext;
+            self.header = true;
+        }
+        while !self.ended {
+            let Some(len) = tuple_len(&data[pos..], self.fields)? else {
+                break;
+            };
+            if len == 2 {
+                self.ended = true;
+                pos += 2;
+                break;
+            }
+            let mut t = Tuples {
+                data: &data[pos..pos + len],
+                pos: 0,
+                fields: self.fields,
+            };
+            t.next_tuple()?;
+            row(&mut t)?;
+            pos += len;
+        }
+        self.pending.drain(..pos);
+        Ok(())
+    }
+
+    /// Checks that the stream ended with its trailer and nothing after it.
+    pub fn finish(&self) -> Result<(), CopyError> {
+        if !self.ended {
+            return Err(CopyError("truncated".into()));
+        }
+        if !self.pending.is_empty() {
+            return Err(CopyError("data after the end of the stream".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The length of the tuple at the start of `data` if it is all there (2 for the trailer).
+fn tuple_len(data: &[u8], fields: usize) -> Result<Option<usize>, CopyError> {
+    if data.len() < 2 {
+        return Ok(None);
+    }
+    let n = i16::from_be_bytes(data[..2].try_into().expect("2 bytes"));
+    if n == -1 {
+        return Ok(Some(2));
+    }
+    if n as usize != fields {
+        return Err(CopyError(format!("{n} fields, expected {fields}")));
+    }
+    let mut pos = 2;
+    for _ in 0..fields {
+        let Some(b) = data.get(pos..pos + 4) else {
+            return Ok(None);
+        };
+        let len = i32::from_be_bytes(b.try_into().expect("4 bytes"));
+        pos += 4 + len.max(0) as usize;
+        if pos > data.len() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(pos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +241,42 @@ mod tests {
         let mut t = Tuples::new(&data, 1).unwrap();
         assert!(t.next_tuple().unwrap());
         assert!(t.field().is_err());
+    }
+
+    #[test]
+    fn a_stream_fed_in_any_split_gives_the_same_tuples() {
+        let data = stream(&[
+            vec![Some(7i64.to_be_bytes().to_vec()), Some(b"x".to_vec())],
+            vec![None, Some(Vec::new())],
+            vec![Some((-1i64).to_be_bytes().to_vec()), None],
+        ]);
+        let read = |chunks: Vec<&[u8]>| -> Vec<(Option<i64>, Option<Vec<u8>>)> {
+            let mut s = Stream::new(2);
+            let mut out = vec![];
+            for c in chunks {
+                s.feed(c, |t: &mut Tuples<'_>| -> Result<(), CopyError> {
+                    let n = t.i64()?;
+                    out.push((n, t.field()?.map(<[u8]>::to_vec)));
+                    Ok(())
+                })
+                .unwrap();
+            }
+            s.finish().unwrap();
+            out
+        };
+        let whole = read(vec![&data]);
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[0], (Some(7), Some(b"x".to_vec())));
+        assert_eq!(whole[1], (None, Some(vec![])));
+        for size in 1..data.len() {
+            assert_eq!(read(data.chunks(size).collect()), whole, "chunks of {size}");
+        }
+        // Cut short: not finished.
+        let mut s = Stream::new(2);
+        s.feed(&data[..data.len() - 2], |_: &mut Tuples<'_>| {
+            Ok::<(), CopyError>(())
+        })
+        .unwrap();
+        assert!(s.finish().is_err());
     }
 }

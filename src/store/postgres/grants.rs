@@ -90,6 +90,9 @@ pub(super) enum SideError {
     Import(StoreError),
     /// A read failed: the snapshot fails, as it would on one connection.
     Read(StoreError),
+    /// A cell could not be decoded: the snapshot's own connection names it (`read::bad`), the
+    /// side one being in the middle of its COPY.
+    Decode(&'static str, Bad),
 }
 
 /// A side read's task, aborted if the snapshot ends without it (an error on the first
@@ -328,6 +331,7 @@ impl PgStore {
                     None
                 }
                 Ok(Err(SideError::Read(e))) => return Err(e),
+                Ok(Err(SideError::Decode(what, b))) => return Err(bad(tx, what, b).await),
                 Err(e) => {
                     return Err(StoreError::Sql {
                         what: "reading payments and the ledger",

@@ -286,6 +286,16 @@ fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, Bad> {
     Ok(out)
 }
 
+/// The ids of a one-column binary COPY (`referrers.sql`: a primary key, never NULL).
+fn ids_from_copy(bytes: &[u8]) -> Result<Vec<i64>, Bad> {
+    let mut t = pgcopy::Tuples::new(bytes, 1)?;
+    let mut out = Vec::new();
+    while t.next_tuple()? {
+        out.push(t.i64()?.ok_or_else(|| null("users", "id", None, "an id"))?);
+    }
+    Ok(out)
+}
+
 /// A text cell's bytes as the server sent them (NULL: `None`).
 fn raw_bytes(r: &PgRow, i: usize) -> Result<Option<&[u8]>, sqlx::Error> {
     use sqlx::ValueRef;
@@ -475,7 +485,7 @@ impl PgStore {
                 Ok(id) => {
                     let permit = std::sync::Arc::new(permit);
                     if copy {
-                        scans = Some(self.spawn_scans(&id, permit.clone(), window));
+                        scans = Some(self.spawn_scans(&id, permit.clone(), window, scope));
                     }
                     if let Some(gr) = grants {
                         side = Some(self.spawn_side_read(id, permit, window.1, gr.clone()));
@@ -519,11 +529,21 @@ impl PgStore {
                 if r == Some(true) { vec![id] } else { vec![] }
             }
             Scope::Full | Scope::Shard(_) => {
-                let all: Vec<i64> =
-                    sqlx::query_scalar(include_str!("../../../sql/queries/postgres/referrers.sql"))
+                const REFERRERS: &str = include_str!("../../../sql/queries/postgres/referrers.sql");
+                // Through COPY where it can (the scans wait for this list), else SELECT.
+                let all: Vec<i64> = match self
+                    .copy_out(&mut tx, REFERRERS, &[], "reading referrers")
+                    .await?
+                {
+                    Some(bytes) => match ids_from_copy(&bytes) {
+                        Ok(ids) => ids,
+                        Err(b) => return Err(bad(&mut tx, "reading referrers", b).await),
+                    },
+                    None => sqlx::query_scalar(REFERRERS)
                         .fetch_all(&mut *tx)
                         .await
-                        .map_err(q("reading referrers"))?;
+                        .map_err(q("reading referrers"))?,
+                };
                 if uncounted {
                     let pairs: Vec<(i64, i64)> =
                         sqlx::query_as(include_str!("../../../sql/queries/postgres/uncounted.sql"))
@@ -578,7 +598,7 @@ impl PgStore {
         let joined = match scans {
             Some(scans) => {
                 sw.lap(&mut snap.timings, "before the scans", 0);
-                let joined = self.join_scans(&mut tx, scope, scans, &mut snap).await?;
+                let joined = self.join_scans(&mut tx, scans, &mut snap).await?;
                 sw = Stopwatch::start();
                 joined
             }
@@ -854,6 +874,27 @@ impl PgStore {
         params: &[String],
         what: &'static str,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut buf = Vec::new();
+        let read = self
+            .copy_out_each(tx, sql, params, what, |chunk| {
+                buf.extend_from_slice(chunk);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .await?;
+        Ok(read.map(|_| buf))
+    }
+
+    /// [`PgStore::copy_out`], each chunk of the answer handed to `each` as it arrives instead
+    /// of gathered. `Some(Err(e))`: `each` refused a chunk; the COPY was left in the middle of
+    /// its data, so the connection must not be used again.
+    pub(super) async fn copy_out_each<E>(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        sql: &str,
+        params: &[String],
+        what: &'static str,
+        mut each: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<Option<Result<(), E>>, StoreError> {
         use futures_util::TryStreamExt;
         use std::sync::atomic::Ordering;
         if !self.copy.load(Ordering::Relaxed) {
@@ -870,7 +911,7 @@ impl PgStore {
             .map_err(q("reading with COPY"))?;
 
         if let Some(e) = probe_copy(tx, &query).await? {
-            return self.copy_failed(tx, what, e).await;
+            return self.copy_failed(tx, what, e).await.map(|()| None);
         }
 
         let statement = format!("COPY (\n{query}\n) TO STDOUT (FORMAT binary)");
@@ -889,35 +930,37 @@ impl PgStore {
                 ));
             }
         };
-        let mut buf = Vec::new();
-        let read: Result<(), sqlx::Error> = async {
+        let read: Result<Result<(), E>, sqlx::Error> = async {
             while let Some(chunk) = stream.try_next().await? {
-                buf.extend_from_slice(&chunk);
+                if let Err(b) = each(&chunk) {
+                    return Ok(Err(b));
+                }
             }
-            Ok(())
+            Ok(Ok(()))
         }
         .await;
         drop(stream);
         match read {
-            Ok(()) => {
+            Ok(Ok(())) => {
                 sqlx::query("RELEASE SAVEPOINT copy_read")
                     .execute(&mut *tx)
                     .await
                     .map_err(q("reading with COPY"))?;
-                Ok(Some(buf))
+                Ok(Some(Ok(())))
             }
-            Err(e) => self.copy_failed(tx, what, e).await,
+            Ok(Err(b)) => Ok(Some(Err(b))),
+            Err(e) => self.copy_failed(tx, what, e).await.map(|()| None),
         }
     }
 
     /// After a COPY error with the connection in step: a refusal rolls back to the savepoint
-    /// and answers `None` (read with SELECT); anything else fails the snapshot.
+    /// and answers `Ok` (the caller reads with SELECT); anything else fails the snapshot.
     async fn copy_failed(
         &self,
         tx: &mut sqlx::PgConnection,
         what: &'static str,
         e: sqlx::Error,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<(), StoreError> {
         if !is_copy_refusal(&e) {
             return Err(copy_error(
                 what,
@@ -930,7 +973,7 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(q("reading with COPY"))?;
-        Ok(None)
+        Ok(())
     }
 
     /// Switches COPY off for the life of the process, saying so once.

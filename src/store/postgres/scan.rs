@@ -38,23 +38,47 @@ fn instant_of(v: Option<i64>) -> Option<i64> {
     })
 }
 
-/// The scans under way: each one's data arrives on `rx` as soon as it is read, so that it is
-/// decoded while the others are still being read.
-pub(super) struct Scans {
-    rx: tokio::sync::mpsc::UnboundedReceiver<(&'static str, Vec<u8>, Duration)>,
-    /// One task per connection: `Ok(false)` when COPY was refused.
-    tasks: Vec<Side<bool>>,
+/// Why a scan's row could not be decoded: the snapshot query it stands for, and the cell.
+struct Fail(&'static str, Bad);
+
+impl From<pgcopy::CopyError> for Fail {
+    fn from(e: pgcopy::CopyError) -> Self {
+        Fail("reading the snapshot's scans", Bad::Copy(e))
+    }
 }
 
-/// One connection's scans, in order: `(name, query)`.
-type Jobs = Vec<(&'static str, String)>;
+type Row<'t, 'a> = &'t mut pgcopy::Tuples<'a>;
+type Referrers = Arc<FastSet<i64>>;
+type Index = Arc<Fast<i64, usize>>;
 
-const NAMES: [&str; 4] = [
-    "scan_users",
-    "scan_subscriptions",
-    "scan_registrations",
-    "referrer_events",
-];
+/// The scans under way, on two connections: the users then the registration IPs (`a`); the
+/// referrer events then the subscriptions (`b`). Each decodes its rows as they arrive; the
+/// users wait for the referrers (`referrers`, from the snapshot's own connection), the
+/// registrations and subscriptions for the users' index.
+pub(super) struct Scans {
+    referrers: tokio::sync::watch::Sender<Option<Referrers>>,
+    a: Side<Option<PartA>>,
+    b: Side<Option<PartB>>,
+}
+
+/// Each scan's rows as read (the join keeps fewer) and time on its connection.
+type Timing = (&'static str, usize, Duration);
+
+struct PartA {
+    referred: Vec<ReferredUser>,
+    registrations: Vec<(i64, String)>,
+    timings: Vec<Timing>,
+}
+
+struct PartB {
+    /// A subscription of `referred[i]`.
+    subscriptions: Vec<(usize, Subscription)>,
+    host_bonus: Vec<(i64, i64)>,
+    events: Vec<(i64, String)>,
+    timings: Vec<Timing>,
+}
+
+const REFERRED: &str = "reading referred users";
 
 impl PgStore {
     /// Starts the scans on two connections of their own, on the snapshot exported as
@@ -64,271 +88,244 @@ impl PgStore {
         snapshot_id: &str,
         permit: Arc<tokio::sync::OwnedSemaphorePermit>,
         window: (Instant, Instant),
+        scope: Scope,
     ) -> Scans {
-        let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
-        let events = EVENTS
-            .replace("$1", &ts(window.0))
-            .replace("$2", &ts(window.1));
-        // Two connections, each about half the work (measured at 1M users), the users first:
-        // the other scans' rows are picked by them.
-        let halves: [Jobs; 2] = [
-            vec![
-                ("scan_users", USERS.to_owned()),
-                ("scan_registrations", REGISTRATIONS.to_owned()),
-            ],
-            vec![
-                ("scan_subscriptions", SUBSCRIPTIONS.to_owned()),
-                ("referrer_events", events),
-            ],
-        ];
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let tasks = halves
-            .into_iter()
-            .map(|jobs| {
-                let me = Arc::clone(self);
-                let id = snapshot_id.to_owned();
-                let permit = Arc::clone(&permit);
-                let out = tx.clone();
-                Side(tokio::spawn(async move {
-                    let _permit = permit;
-                    let conn =
-                        me.pool.acquire().await.map_err(|e| {
-                            SideError::Import(q("opening a snapshot connection")(e))
-                        })?;
-                    let mut conn = CloseUnlessDone { conn, done: false };
-                    let r = me.scan_on(&mut conn.conn, &id, jobs, out).await;
-                    conn.done = r.is_ok();
-                    r
-                }))
-            })
-            .collect();
-        Scans { rx, tasks }
+        let (referrers, referrers_rx) = tokio::sync::watch::channel(None);
+        let (index_tx, index_rx) = tokio::sync::watch::channel(None);
+        let a = {
+            let (me, id, permit, referrers) = (
+                Arc::clone(self),
+                snapshot_id.to_owned(),
+                permit.clone(),
+                referrers_rx.clone(),
+            );
+            Side(tokio::spawn(async move {
+                let _permit = permit;
+                let mut conn = me.side_connection().await?;
+                let r = me.scan_a(&mut conn.conn, &id, referrers, index_tx).await;
+                conn.done = r.is_ok();
+                r
+            }))
+        };
+        let b = {
+            let (me, id) = (Arc::clone(self), snapshot_id.to_owned());
+            Side(tokio::spawn(async move {
+                let _permit = permit;
+                let mut conn = me.side_connection().await?;
+                let r = me
+                    .scan_b(&mut conn.conn, &id, window, scope, referrers_rx, index_rx)
+                    .await;
+                conn.done = r.is_ok();
+                r
+            }))
+        };
+        Scans { referrers, a, b }
     }
 
-    async fn scan_on(
+    async fn side_connection(&self) -> Result<CloseUnlessDone, SideError> {
+        let conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| SideError::Import(q("opening a snapshot connection")(e)))?;
+        Ok(CloseUnlessDone { conn, done: false })
+    }
+
+    /// One scan through binary COPY, each row handed to `row` as it arrives. `None`: COPY
+    /// was refused.
+    async fn scan(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        name: &'static str,
+        sql: &str,
+        fields: usize,
+        mut row: impl FnMut(Row<'_, '_>) -> Result<(), Fail>,
+    ) -> Result<Option<Timing>, SideError> {
+        let t = std::time::Instant::now();
+        let mut stream = pgcopy::Stream::new(fields);
+        let mut rows = 0;
+        let read = self
+            .copy_out_each(tx, sql, &[], name, |chunk| {
+                stream.feed(chunk, |t: Row<'_, '_>| {
+                    rows += 1;
+                    row(t)
+                })
+            })
+            .await
+            .map_err(SideError::Read)?;
+        match read {
+            None => Ok(None),
+            Some(Err(Fail(what, b))) => Err(SideError::Decode(what, b)),
+            Some(Ok(())) => {
+                stream
+                    .finish()
+                    .map_err(|e| SideError::Decode(name, e.into()))?;
+                Ok(Some((name, rows, t.elapsed())))
+            }
+        }
+    }
+
+    async fn scan_a(
         &self,
         conn: &mut sqlx::PgConnection,
         snapshot_id: &str,
-        jobs: Jobs,
-        out: tokio::sync::mpsc::UnboundedSender<(&'static str, Vec<u8>, Duration)>,
-    ) -> Result<bool, SideError> {
+        mut referrers: tokio::sync::watch::Receiver<Option<Referrers>>,
+        index_tx: tokio::sync::watch::Sender<Option<Index>>,
+    ) -> Result<Option<PartA>, SideError> {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
-        for (name, sql) in jobs {
-            let t = std::time::Instant::now();
-            match self.copy_out(&mut tx, &sql, &[], name).await {
-                // The receiver is gone only when the snapshot ended without the scans.
-                Ok(Some(bytes)) => {
-                    let _ = out.send((name, bytes, t.elapsed()));
+        // The users' rows are read from the start; until the referrers are known (the
+        // snapshot's own connection reads them meanwhile) they are kept as they came.
+        let t = std::time::Instant::now();
+        let mut referred = vec![];
+        let mut index = Fast::default();
+        let mut stream = pgcopy::Stream::new(5);
+        let mut early: Vec<u8> = vec![];
+        let mut known: Option<Referrers> = None;
+        let mut rows = 0;
+        let mut feed = |chunk: &[u8], known: &Referrers| {
+            stream.feed(chunk, |t: Row<'_, '_>| {
+                rows += 1;
+                user(t, known, &mut referred, &mut index)
+            })
+        };
+        let read = self
+            .copy_out_each(&mut tx, USERS, &[], "scan_users", |chunk| {
+                if known.is_none() {
+                    known = referrers.borrow().clone();
+                    if let Some(k) = &known {
+                        feed(&std::mem::take(&mut early), k)?;
+                    }
                 }
-                Ok(None) => return Ok(false),
-                Err(e) => return Err(SideError::Read(e)),
-            }
+                match &known {
+                    Some(k) => feed(chunk, k),
+                    None => {
+                        early.extend_from_slice(chunk);
+                        Ok(())
+                    }
+                }
+            })
+            .await
+            .map_err(SideError::Read)?;
+        match read {
+            None => return Ok(None),
+            Some(Err(Fail(what, b))) => return Err(SideError::Decode(what, b)),
+            Some(Ok(())) => {}
         }
+        if known.is_none() {
+            let Some(k) = wait(&mut referrers).await else {
+                return Ok(None);
+            };
+            feed(&std::mem::take(&mut early), &k).map_err(|Fail(w, b)| SideError::Decode(w, b))?;
+        }
+        stream
+            .finish()
+            .map_err(|e| SideError::Decode("scan_users", e.into()))?;
+        let users = ("scan_users", rows, t.elapsed());
+        let index = Arc::new(index);
+        // The receiver is gone only when the snapshot ended without the scans.
+        let _ = index_tx.send(Some(Arc::clone(&index)));
+        let mut registrations = vec![];
+        let Some(regs) = self
+            .scan(&mut tx, "scan_registrations", REGISTRATIONS, 2, |t| {
+                let user = t.i64()?;
+                let ip = t.field()?;
+                if user.is_some_and(|u| index.contains_key(&u)) {
+                    registrations
+                        .push(pair(user, ip).map_err(|b| Fail("reading registration events", b))?);
+                }
+                Ok(())
+            })
+            .await?
+        else {
+            return Ok(None);
+        };
         tx.commit()
             .await
             .map_err(|e| SideError::Read(q("ending a snapshot connection")(e)))?;
-        Ok(true)
+        Ok(Some(PartA {
+            referred,
+            registrations,
+            timings: vec![users, regs],
+        }))
     }
 
-    /// Decodes the scans as they arrive into the snapshot's referred users, registrations,
-    /// referrer events and host bonus values, for the referrers in `snap.referrers` (already in
-    /// scope). `Ok(false)`: no scans (COPY refused, no connection to import the snapshot on);
-    /// read the joined queries instead. A cell that cannot be decoded is looked up and named on
-    /// `tx`, the snapshot's own connection.
+    async fn scan_b(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        snapshot_id: &str,
+        window: (Instant, Instant),
+        scope: Scope,
+        mut referrers: tokio::sync::watch::Receiver<Option<Referrers>>,
+        mut index: tokio::sync::watch::Receiver<Option<Index>>,
+    ) -> Result<Option<PartB>, SideError> {
+        let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
+        let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
+        let sql = EVENTS
+            .replace("$1", &ts(window.0))
+            .replace("$2", &ts(window.1));
+        let mut events = vec![];
+        // The query joins the referrers; a shard keeps its own.
+        let Some(ev) = self
+            .scan(&mut tx, "referrer_events", &sql, 2, |t| {
+                let user = t.i64()?;
+                let ip = t.field()?;
+                if user.is_none_or(|u| scope.covers(u)) {
+                    events.push(pair(user, ip).map_err(|b| Fail("reading referrer events", b))?);
+                }
+                Ok(())
+            })
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (Some(referrers), Some(index)) = (wait(&mut referrers).await, wait(&mut index).await)
+        else {
+            return Ok(None);
+        };
+        let mut part = PartB {
+            subscriptions: vec![],
+            host_bonus: vec![],
+            events,
+            timings: vec![ev],
+        };
+        let mut interner = Interner::default();
+        let Some(subs) = self
+            .scan(&mut tx, "scan_subscriptions", SUBSCRIPTIONS, 7, |t| {
+                subscription(t, &index, &referrers, scope, &mut interner, &mut part)
+            })
+            .await?
+        else {
+            return Ok(None);
+        };
+        part.timings.push(subs);
+        tx.commit()
+            .await
+            .map_err(|e| SideError::Read(q("ending a snapshot connection")(e)))?;
+        Ok(Some(part))
+    }
+
+    /// Hands the scans the referrers in `snap.referrers` (already in scope) and joins what
+    /// they read into the snapshot's referred users, registrations, referrer events and host
+    /// bonus values. `Ok(false)`: no scans (COPY refused, no connection to import the snapshot
+    /// on); read the joined queries instead. A cell that cannot be decoded is looked up and
+    /// named on `tx`, the snapshot's own connection.
     pub(super) async fn join_scans(
         &self,
         tx: &mut sqlx::PgConnection,
-        scope: Scope,
         mut scans: Scans,
         snap: &mut Snapshot,
     ) -> Result<bool, StoreError> {
         let referrers: FastSet<i64> = snap.referrers.iter().copied().collect();
-        let mut referred: Option<Fast<i64, usize>> = None;
-        let mut waiting: Vec<(&'static str, Vec<u8>)> = vec![];
-        let mut rows = [0usize; 4];
-        let mut elapsed = [Duration::ZERO; 4];
-        let mut decode = [Duration::ZERO; 4];
-        let mut left = 4;
-        while left > 0 {
-            let Some((name, bytes, took)) = scans.rx.recv().await else {
-                break;
-            };
-            let i = NAMES.iter().position(|n| *n == name).expect("a scan");
-            elapsed[i] = took;
-            waiting.push((name, bytes));
-            // Users first; the rest as soon as the users are in.
-            while let Some(k) = waiting
-                .iter()
-                .position(|(n, _)| *n == "scan_users" || referred.is_some())
-            {
-                let (name, bytes) = waiting.swap_remove(k);
-                let i = NAMES.iter().position(|n| *n == name).expect("a scan");
-                let t = std::time::Instant::now();
-                let decoded = match (name, &referred) {
-                    ("scan_users", _) => users(&bytes, &referrers, snap).map(|(index, n)| {
-                        referred = Some(index);
-                        n
-                    }),
-                    ("scan_subscriptions", Some(index)) => {
-                        subscriptions(&bytes, index, &referrers, scope, snap)
-                    }
-                    ("scan_registrations", Some(index)) => registrations(&bytes, index, snap),
-                    (_, _) => events(&bytes, scope, snap),
-                };
-                rows[i] = match decoded {
-                    Ok(n) => n,
-                    Err((what, b)) => return Err(bad(tx, what, b).await),
-                };
-                decode[i] = t.elapsed();
-                tracing::debug!(
-                    query = name,
-                    rows = rows[i],
-                    read_ms = elapsed[i].as_secs_f64() * 1e3,
-                    decode_ms = decode[i].as_secs_f64() * 1e3,
-                    "snapshot scan"
-                );
-                left -= 1;
-            }
-        }
-        if left > 0 {
-            // A connection ended early: COPY refused, no snapshot import, or an error.
-            for task in &mut scans.tasks {
-                match (&mut task.0).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(SideError::Import(e))) => {
-                        tracing::warn!(error = %e, "no second snapshot connection; reading the joined queries on the first");
-                    }
-                    Ok(Err(SideError::Read(e))) => return Err(e),
-                    Err(e) => {
-                        return Err(StoreError::Sql {
-                            what: "reading the snapshot's scans",
-                            message: e.to_string(),
-                        });
-                    }
-                }
-            }
-            snap.referred.clear();
-            snap.registrations.clear();
-            snap.referrer_events.clear();
-            snap.host_bonus.clear();
+        let _ = scans.referrers.send(Some(Arc::new(referrers)));
+        let a = settle(tx, &mut scans.a).await?;
+        let b = settle(tx, &mut scans.b).await?;
+        let (Some(a), Some(b)) = (a, b) else {
             return Ok(false);
-        }
-        // Each scan's rows as read (the join keeps fewer), its time on its connection and the
-        // time decoding it here.
-        for i in 0..4 {
-            snap.timings.push(QueryTiming {
-                query: NAMES[i],
-                rows: rows[i],
-                elapsed: elapsed[i],
-            });
-        }
-        let decoding = decode.iter().sum::<Duration>();
-        snap.timings.push(QueryTiming {
-            query: "decoding the scans",
-            rows: snap.referred.len(),
-            elapsed: decoding,
-        });
-        snap.via_copy = true;
-        Ok(true)
-    }
-}
-
-type Decoded = Result<usize, (&'static str, Bad)>;
-
-const REFERRED: &str = "reading referred users";
-
-/// The users whose referrer holds an invite code (and is in scope), and their index in
-/// `snap.referred` by id.
-fn users(
-    bytes: &[u8],
-    referrers: &FastSet<i64>,
-    snap: &mut Snapshot,
-) -> Result<(Fast<i64, usize>, usize), (&'static str, Bad)> {
-    let at = |b: Bad| (REFERRED, b);
-    let mut rows = 0;
-    let mut t = pgcopy::Tuples::new(bytes, 5).map_err(|e| at(e.into()))?;
-    let mut index: Fast<i64, usize> = Fast::default();
-    while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows += 1;
-        let (id, referrer) = (
-            t.i64().map_err(|e| at(e.into()))?,
-            t.i64().map_err(|e| at(e.into()))?,
-        );
-        let Some(referrer) = referrer.filter(|r| referrers.contains(r)) else {
-            for _ in 0..3 {
-                t.field().map_err(|e| at(e.into()))?;
-            }
-            continue;
         };
-        let id = id.ok_or_else(|| at(null("users", "id", None, "an id")))?;
-        let user = |column, expected| at(null("users", column, Some(id), expected));
-        let created_at = pg_time(
-            instant_of(t.i64().map_err(|e| at(e.into()))?),
-            "users",
-            "created_at",
-            id,
-        )
-        .map_err(at)?
-        .ok_or_else(|| user("created_at", "a time"))?;
-        let is_active = t
-            .bool()
-            .map_err(|e| at(e.into()))?
-            .ok_or_else(|| user("is_active", "a boolean"))?;
-        let is_verified = t
-            .bool()
-            .map_err(|e| at(e.into()))?
-            .ok_or_else(|| user("is_verified", "a boolean"))?;
-        index.insert(id, snap.referred.len());
-        snap.referred.push(ReferredUser {
-            id,
-            referrer_id: referrer,
-            created_at,
-            is_active,
-            is_verified,
-            subscription: None,
-        });
-    }
-    Ok((index, rows))
-}
-
-/// The referred users' subscriptions; the host column of the referrers' and of any other with
-/// a bonus.
-fn subscriptions(
-    bytes: &[u8],
-    index: &Fast<i64, usize>,
-    referrers: &FastSet<i64>,
-    scope: Scope,
-    snap: &mut Snapshot,
-) -> Decoded {
-    const SUBSCRIPTIONS: &str = "reading subscriptions";
-    let at = |b: Bad| (REFERRED, b);
-    let mut rows = 0;
-    let mut interner = Interner::default();
-    let mut t = pgcopy::Tuples::new(bytes, 7).map_err(|e| at(e.into()))?;
-    let mut extra = vec![];
-    while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows += 1;
-        let user = t.i64().map_err(|e| at(e.into()))?;
-        let (tier, status) = (
-            t.field().map_err(|e| at(e.into()))?,
-            t.field().map_err(|e| at(e.into()))?,
-        );
-        let (started, expires) = (
-            t.i64().map_err(|e| at(e.into()))?,
-            t.i64().map_err(|e| at(e.into()))?,
-        );
-        let sid = t.i64().map_err(|e| at(e.into()))?;
-        let bonus = t.i64().map_err(|e| at(e.into()))?;
-        if let Some(&i) = user.and_then(|u| index.get(&u)) {
-            let sid = sid.ok_or_else(|| at(null("subscriptions", "id", None, "an id")))?;
-            let text = |v, column| pg_text(v, "subscriptions", column, sid).map_err(at);
-            let time = |v, column| pg_time(instant_of(v), "subscriptions", column, sid).map_err(at);
-            let sub = Subscription {
-                tier: interner.intern(text(tier, "tier")?.unwrap_or_default()),
-                status: interner.intern(text(status, "status")?.unwrap_or_default()),
-                started_at: time(started, "started_at")?,
-                expires_at: time(expires, "expires_at")?,
-            };
+        let t = std::time::Instant::now();
+        snap.referred = a.referred;
+        let mut extra = vec![];
+        for (i, sub) in b.subscriptions {
             let u = &mut snap.referred[i];
             if u.subscription.is_none() {
                 u.subscription = Some(sub);
@@ -341,59 +338,138 @@ fn subscriptions(
                 });
             }
         }
-        let referrer = user.is_some_and(|u| referrers.contains(&u));
-        if referrer || bonus.is_some_and(|b| b != 0) {
-            let host = |b| (SUBSCRIPTIONS, b);
-            let sid = sid.ok_or_else(|| host(null("subscriptions", "id", None, "an id")))?;
-            let user =
-                user.ok_or_else(|| host(null("subscriptions", "user_id", Some(sid), "a user id")))?;
-            let bonus = bonus.ok_or_else(|| {
-                host(null(
-                    "subscriptions",
-                    "referral_bonus_domains",
-                    Some(sid),
-                    "an integer",
-                ))
-            })?;
-            if scope.covers(user) {
-                snap.host_bonus.push((user, bonus));
-            }
+        snap.referred.extend(extra);
+        snap.registrations = a.registrations;
+        snap.referrer_events = b.events;
+        snap.host_bonus = b.host_bonus;
+        for (query, rows, elapsed) in a.timings.into_iter().chain(b.timings) {
+            tracing::debug!(
+                query,
+                rows,
+                ms = elapsed.as_secs_f64() * 1e3,
+                "snapshot scan"
+            );
+            snap.timings.push(QueryTiming {
+                query,
+                rows,
+                elapsed,
+            });
         }
+        snap.timings.push(QueryTiming {
+            query: "joining the scans",
+            rows: snap.referred.len(),
+            elapsed: t.elapsed(),
+        });
+        snap.via_copy = true;
+        Ok(true)
     }
-    snap.referred.extend(extra);
-    Ok(rows)
 }
 
-/// The referred users' registration IPs.
-fn registrations(bytes: &[u8], index: &Fast<i64, usize>, snap: &mut Snapshot) -> Decoded {
-    let at = |b: Bad| ("reading registration events", b);
-    let mut rows = 0;
-    let mut t = pgcopy::Tuples::new(bytes, 2).map_err(|e| at(e.into()))?;
-    while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows += 1;
-        let user = t.i64().map_err(|e| at(e.into()))?;
-        let ip = t.field().map_err(|e| at(e.into()))?;
-        if user.is_some_and(|u| index.contains_key(&u)) {
-            snap.registrations.push(pair(user, ip).map_err(at)?);
-        }
-    }
-    Ok(rows)
+/// A watched value once it is there; `None` if its sender is gone without one.
+async fn wait<T: Clone>(rx: &mut tokio::sync::watch::Receiver<Option<T>>) -> Option<T> {
+    rx.wait_for(Option::is_some).await.ok()?.clone()
 }
 
-/// The referrers' IPs in the window (the query joins the referrers; a shard keeps its own).
-fn events(bytes: &[u8], scope: Scope, snap: &mut Snapshot) -> Decoded {
-    let at = |b: Bad| ("reading referrer events", b);
-    let mut rows = 0;
-    let mut t = pgcopy::Tuples::new(bytes, 2).map_err(|e| at(e.into()))?;
-    while t.next_tuple().map_err(|e| at(e.into()))? {
-        rows += 1;
-        let user = t.i64().map_err(|e| at(e.into()))?;
-        let ip = t.field().map_err(|e| at(e.into()))?;
-        if user.is_none_or(|u| scope.covers(u)) {
-            snap.referrer_events.push(pair(user, ip).map_err(at)?);
+/// A scan task's result: `None` to read the joined queries instead.
+async fn settle<T>(
+    tx: &mut sqlx::PgConnection,
+    task: &mut Side<Option<T>>,
+) -> Result<Option<T>, StoreError> {
+    match (&mut task.0).await {
+        Ok(Ok(part)) => Ok(part),
+        Ok(Err(SideError::Import(e))) => {
+            tracing::warn!(error = %e, "no second snapshot connection; reading the joined queries on the first");
+            Ok(None)
+        }
+        Ok(Err(SideError::Read(e))) => Err(e),
+        Ok(Err(SideError::Decode(what, b))) => Err(bad(tx, what, b).await),
+        Err(e) => Err(StoreError::Sql {
+            what: "reading the snapshot's scans",
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A user with a referrer: kept if its referrer holds an invite code (and is in scope).
+fn user(
+    t: Row<'_, '_>,
+    referrers: &FastSet<i64>,
+    referred: &mut Vec<ReferredUser>,
+    index: &mut Fast<i64, usize>,
+) -> Result<(), Fail> {
+    let at = |b: Bad| Fail(REFERRED, b);
+    let (id, referrer) = (t.i64()?, t.i64()?);
+    let Some(referrer) = referrer.filter(|r| referrers.contains(r)) else {
+        return Ok(());
+    };
+    let id = id.ok_or_else(|| at(null("users", "id", None, "an id")))?;
+    let user = |column, expected| at(null("users", column, Some(id), expected));
+    let created_at = pg_time(instant_of(t.i64()?), "users", "created_at", id)
+        .map_err(at)?
+        .ok_or_else(|| user("created_at", "a time"))?;
+    let is_active = t.bool()?.ok_or_else(|| user("is_active", "a boolean"))?;
+    let is_verified = t.bool()?.ok_or_else(|| user("is_verified", "a boolean"))?;
+    index.insert(id, referred.len());
+    referred.push(ReferredUser {
+        id,
+        referrer_id: referrer,
+        created_at,
+        is_active,
+        is_verified,
+        subscription: None,
+    });
+    Ok(())
+}
+
+/// A subscription: a referred user's; the host column of a referrer's or of any other with a
+/// bonus.
+fn subscription(
+    t: Row<'_, '_>,
+    index: &Fast<i64, usize>,
+    referrers: &FastSet<i64>,
+    scope: Scope,
+    interner: &mut Interner,
+    part: &mut PartB,
+) -> Result<(), Fail> {
+    let at = |b: Bad| Fail(REFERRED, b);
+    let user = t.i64()?;
+    let (tier, status) = (t.field()?, t.field()?);
+    let (started, expires) = (t.i64()?, t.i64()?);
+    let sid = t.i64()?;
+    let bonus = t.i64()?;
+    if let Some(&i) = user.and_then(|u| index.get(&u)) {
+        let sid = sid.ok_or_else(|| at(null("subscriptions", "id", None, "an id")))?;
+        let text = |v, column| pg_text(v, "subscriptions", column, sid).map_err(at);
+        let time = |v, column| pg_time(instant_of(v), "subscriptions", column, sid).map_err(at);
+        part.subscriptions.push((
+            i,
+            Subscription {
+                tier: interner.intern(text(tier, "tier")?.unwrap_or_default()),
+                status: interner.intern(text(status, "status")?.unwrap_or_default()),
+                started_at: time(started, "started_at")?,
+                expires_at: time(expires, "expires_at")?,
+            },
+        ));
+    }
+    let referrer = user.is_some_and(|u| referrers.contains(&u));
+    if referrer || bonus.is_some_and(|b| b != 0) {
+        let host = |b| Fail("reading subscriptions", b);
+        let sid = sid.ok_or_else(|| host(null("subscriptions", "id", None, "an id")))?;
+        let user =
+            user.ok_or_else(|| host(null("subscriptions", "user_id", Some(sid), "a user id")))?;
+        let bonus = bonus.ok_or_else(|| {
+            host(null(
+                "subscriptions",
+                "referral_bonus_domains",
+                Some(sid),
+                "an integer",
+            ))
+        })?;
+        if scope.covers(user) {
+            part.host_bonus.push((user, bonus));
         }
     }
-    Ok(rows)
+    Ok(())
 }
 
 #[cfg(test)]
