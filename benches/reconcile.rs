@@ -270,13 +270,13 @@ fn dataset(backend: Backend, users: i64, indexes: &'static str) -> Dataset {
     };
     if indexes == "typical" {
         let t = Instant::now();
-        sql_exec(
-            &d,
-            &format!(
-                "{} ANALYZE;",
-                include_str!("../sql/reference/typical_indexes.sql")
-            ),
-        );
+        // Without its comment lines: sqlite3 takes an argument starting with "--" for an option.
+        let statements: String = include_str!("../sql/reference/typical_indexes.sql")
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        sql_exec(&d, &format!("{statements}\nANALYZE;"));
         eprintln!(
             "  the typical index set: {:.1} s",
             t.elapsed().as_secs_f64()
@@ -345,11 +345,11 @@ fn read_ceiling(d: &Dataset) -> (Duration, Option<Duration>) {
             vec![
                 [
                     include_str!("../sql/queries/sqlite/referrers.sql"),
-                    include_str!("../sql/queries/sqlite/referred.sql"),
-                    include_str!("../sql/queries/sqlite/registrations.sql"),
+                    include_str!("../sql/queries/sqlite/scan_users.sql"),
+                    include_str!("../sql/queries/sqlite/scan_subscriptions.sql"),
+                    include_str!("../sql/queries/sqlite/scan_registrations.sql"),
                     include_str!("../sql/queries/sqlite/referrer_events.sql"),
                     include_str!("../sql/queries/sqlite/stored_rewards.sql"),
-                    include_str!("../sql/queries/sqlite/host_bonus.sql"),
                 ]
                 .iter()
                 .map(|q| {
