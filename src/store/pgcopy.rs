@@ -103,25 +103,45 @@ impl Stream {
         }
     }
 
-    /// Parses what `chunk` completes; `row` reads the fields of each tuple (all of them).
+    /// Parses what `chunk` completes; `row` reads the fields of each tuple (or some of them).
+    /// A chunk that starts on a tuple is parsed where it lies; only an unfinished tuple at its
+    /// end is copied, to be completed by the next chunk.
     pub fn feed<E: From<CopyError>>(
         &mut self,
         chunk: &[u8],
         mut row: impl FnMut(&mut Tuples<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.pending.extend_from_slice(chunk);
-        let data = &self.pending[..];
+        if self.pending.is_empty() {
+            let used = self.parse(chunk, &mut row)?;
+            self.pending.extend_from_slice(&chunk[used..]);
+        } else {
+            let mut data = std::mem::take(&mut self.pending);
+            data.extend_from_slice(chunk);
+            let used = self.parse(&data, &mut row)?;
+            data.drain(..used);
+            self.pending = data;
+        }
+        Ok(())
+    }
+
+    /// Parses the header (once) and every complete tuple at the start of `data`; the bytes
+    /// used.
+    fn parse<E: From<CopyError>>(
+        &mut self,
+        data: &[u8],
+        row: &mut impl FnMut(&mut Tuples<'_>) -> Result<(), E>,
+    ) -> Result<usize, E> {
         let mut pos = 0;
         if !self.header {
             if data.len() < 19 {
-                return Ok(());
+                return Ok(0);
             }
             if &data[..11] != SIGNATURE {
                 return Err(CopyError("no binary COPY signature".into()).into());
             }
             let ext = u32::from_be_bytes(data[15..19].try_into().expect("4 bytes")) as usize;
             if data.len() < 19 + ext {
-                return Ok(());
+                return Ok(0);
             }
             pos = 19 + ext;
             self.header = true;
@@ -144,8 +164,7 @@ impl Stream {
             row(&mut t)?;
             pos += len;
         }
-        self.pending.drain(..pos);
-        Ok(())
+        Ok(pos)
     }
 
     /// Checks that the stream ended with its trailer and nothing after it.
