@@ -2092,7 +2092,6 @@ proptest! {
 each_pg_backend!(
     the_second_connection_reads_the_snapshot_not_a_later_commit,
     |db: TestDb| async move {
-        use std::io::BufRead;
         let n = now();
         let mut f = Fixture::default();
         f.users.push(user(1, None));
@@ -2143,26 +2142,11 @@ each_pg_backend!(
         let hold = dir.path().join("hold");
         std::fs::write(&hold, "").unwrap();
         let mut child = run(Some(&hold));
-        let (lines, log) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in std::io::BufReader::new(stderr).lines() {
-                let line = line.unwrap();
-                all.push_str(&line);
-                all.push('\n');
-                let _ = lines.send(line);
-            }
-            all
-        });
-        loop {
-            let line = log
-                .recv_timeout(Duration::from_secs(120))
-                .expect("the run reaches the hold of its second connection");
-            if line.contains("test hold") {
-                break;
-            }
-        }
+        let reader = wait_for_test_hold(
+            &mut child,
+            Duration::from_secs(120),
+            "the run reaches the hold of its second connection",
+        );
         pay(&db, &[p(1, 2, 1000, n - HOUR)]).await;
         std::fs::remove_file(&hold).unwrap();
         let status = child.wait().unwrap();

@@ -150,7 +150,6 @@ fn qualified(report: &std::path::Path, referrer: i64) -> i64 {
 each_pg_backend!(
     the_scan_connections_read_the_snapshot_not_a_later_commit,
     |db: TestDb| async move {
-        use std::io::BufRead;
         use std::time::Duration;
         db.load(&every_outcome()).await;
         let dir = tempfile::tempdir().unwrap();
@@ -184,26 +183,11 @@ each_pg_backend!(
         let hold = dir.path().join("hold");
         std::fs::write(&hold, "").unwrap();
         let mut child = run(Some(&hold));
-        let (lines, log) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in std::io::BufReader::new(stderr).lines() {
-                let line = line.unwrap();
-                all.push_str(&line);
-                all.push('\n');
-                let _ = lines.send(line);
-            }
-            all
-        });
-        loop {
-            let line = log
-                .recv_timeout(Duration::from_secs(120))
-                .expect("the run reaches the hold of its scan connections");
-            if line.contains("test hold") {
-                break;
-            }
-        }
+        let reader = wait_for_test_hold(
+            &mut child,
+            Duration::from_secs(120),
+            "the run reaches the hold of its scan connections",
+        );
         // User 16 (qualified, its IP its own) loses its verification: it no longer counts.
         db.exec("UPDATE users SET is_verified = false WHERE id = 16")
             .await;

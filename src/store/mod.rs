@@ -189,6 +189,28 @@ pub(crate) fn repeated(mut ids: Vec<i64>) -> Vec<i64> {
     out
 }
 
+/// Gives `referred[i]` each subscription `(i, subscription)` read for it by a scan. A second
+/// one becomes a row of its own, as the joined query gives one row per subscription, so that
+/// the snapshot refuses the user's duplicates by name ([`users_with_duplicate_subscriptions`]).
+pub(crate) fn attach_subscriptions(
+    referred: &mut Vec<crate::snapshot::ReferredUser>,
+    subscriptions: impl IntoIterator<Item = (usize, crate::snapshot::Subscription)>,
+) {
+    let mut extra = vec![];
+    for (i, sub) in subscriptions {
+        let u = &mut referred[i];
+        if u.subscription.is_none() {
+            u.subscription = Some(sub);
+        } else {
+            extra.push(crate::snapshot::ReferredUser {
+                subscription: Some(sub),
+                ..u.clone()
+            });
+        }
+    }
+    referred.extend(extra);
+}
+
 /// Users the snapshot read more than one subscription row for: referred users (one row per
 /// subscription comes out of the join) and the host-bonus rows.
 pub(crate) fn users_with_duplicate_subscriptions(snap: &Snapshot) -> Vec<i64> {

@@ -522,7 +522,7 @@ fn scan_referred(conn: &Connection, scope: Scope, snap: &mut Snapshot) -> Result
         .map_err(sql_err(SUBS))?;
     let mut rows = st.query([]).map_err(sql_err(SUBS))?;
     let mut interner = Interner::default();
-    let mut extra = vec![];
+    let mut subscriptions = vec![];
     while let Some(r) = rows.next().map_err(sql_err(SUBS))? {
         let user = match r.get_ref(0).map_err(sql_err(SUBS))? {
             ValueRef::Integer(u) => Some(u),
@@ -536,17 +536,7 @@ fn scan_referred(conn: &Connection, scope: Scope, snap: &mut Snapshot) -> Result
                 started_at: sub.time(r, 3, "started_at", W)?,
                 expires_at: sub.time(r, 4, "expires_at", W)?,
             };
-            let u = &mut snap.referred[i];
-            if u.subscription.is_none() {
-                u.subscription = Some(subscription);
-            } else {
-                // A second subscription: one row per subscription, as the joined query gives,
-                // so that the snapshot refuses the user's duplicates by name.
-                extra.push(ReferredUser {
-                    subscription: Some(subscription),
-                    ..u.clone()
-                });
-            }
+            subscriptions.push((i, subscription));
         }
         // host_bonus.sql's filter: a referrer's subscription, or `referral_bonus_domains <> 0`
         // (NULL is not, and text or a blob always is, in SQLite's comparison).
@@ -567,7 +557,7 @@ fn scan_referred(conn: &Connection, scope: Scope, snap: &mut Snapshot) -> Result
             }
         }
     }
-    snap.referred.extend(extra);
+    super::attach_subscriptions(&mut snap.referred, subscriptions);
     drop(rows);
     drop(st);
 

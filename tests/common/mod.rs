@@ -709,3 +709,34 @@ macro_rules! each_pg_backend {
         }
     };
 }
+
+/// The handshake with a real binary held by one of the engine's test holds (which log
+/// `test hold: waiting …` once, then wait for their file to go): reads the child's stderr on a
+/// thread and returns once that line is logged, failing with `reaching` if it is not within
+/// `within`. The handle gives the child's whole log once it ends.
+pub fn wait_for_test_hold(
+    child: &mut std::process::Child,
+    within: Duration,
+    reaching: &str,
+) -> std::thread::JoinHandle<String> {
+    use std::io::BufRead;
+    let (lines, log) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().expect("the child's stderr is piped");
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            all.push_str(&line);
+            all.push('\n');
+            let _ = lines.send(line);
+        }
+        all
+    });
+    loop {
+        let line = log.recv_timeout(within).expect(reaching);
+        if line.contains("test hold") {
+            break;
+        }
+    }
+    reader
+}

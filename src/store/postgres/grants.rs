@@ -16,13 +16,13 @@ use crate::store::{GrantsApplied, Part, ledger_grant, share_slots_reads};
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
 
 /// One row's cells, from binary COPY or a SELECT row, read left to right.
-enum Cells<'a, 'b> {
+pub(super) enum Cells<'a, 'b> {
     Copy(&'b mut pgcopy::Tuples<'a>),
     Row(&'b PgRow, usize),
 }
 
 impl Cells<'_, '_> {
-    fn i64(&mut self) -> Result<Option<i64>, Bad> {
+    pub(super) fn i64(&mut self) -> Result<Option<i64>, Bad> {
         match self {
             Cells::Copy(t) => Ok(t.i64()?),
             Cells::Row(r, i) => {
@@ -267,7 +267,7 @@ impl PgStore {
     /// Reads one query through COPY where it can, else SELECT, decoding each row with
     /// `decode` (which may drop a row by answering `None`).
     #[allow(clippy::too_many_arguments)] // the query, both ways of binding it, and its decoder
-    async fn rows<T>(
+    pub(super) async fn rows<T>(
         &self,
         tx: &mut sqlx::PgConnection,
         sql: &'static str,

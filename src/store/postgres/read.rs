@@ -89,7 +89,7 @@ async fn probe_copy(
 }
 
 /// What referred*.sql reads for a finite time whose epoch microseconds do not fit a bigint.
-const TIME_OUT_OF_RANGE: i64 = i64::MIN;
+pub(super) const TIME_OUT_OF_RANGE: i64 = i64::MIN;
 
 /// Why a snapshot row could not be decoded, before the error names it in full (some values
 /// are looked up afterwards, in the same transaction).
@@ -282,16 +282,6 @@ fn referred_from_copy(bytes: &[u8]) -> Result<Vec<ReferredUser>, Bad> {
             sub_id: t.i64()?,
         };
         out.push(referred_user(raw, &mut interner)?);
-    }
-    Ok(out)
-}
-
-/// The ids of a one-column binary COPY (`referrers.sql`: a primary key, never NULL).
-fn ids_from_copy(bytes: &[u8]) -> Result<Vec<i64>, Bad> {
-    let mut t = pgcopy::Tuples::new(bytes, 1)?;
-    let mut out = Vec::new();
-    while t.next_tuple()? {
-        out.push(t.i64()?.ok_or_else(|| null("users", "id", None, "an id"))?);
     }
     Ok(out)
 }
@@ -529,21 +519,22 @@ impl PgStore {
                 if r == Some(true) { vec![id] } else { vec![] }
             }
             Scope::Full | Scope::Shard(_) => {
-                const REFERRERS: &str = include_str!("../../../sql/queries/postgres/referrers.sql");
                 // Through COPY where it can (the scans wait for this list), else SELECT.
-                let all: Vec<i64> = match self
-                    .copy_out(&mut tx, REFERRERS, &[], "reading referrers")
-                    .await?
-                {
-                    Some(bytes) => match ids_from_copy(&bytes) {
-                        Ok(ids) => ids,
-                        Err(b) => return Err(bad(&mut tx, "reading referrers", b).await),
-                    },
-                    None => sqlx::query_scalar(REFERRERS)
-                        .fetch_all(&mut *tx)
-                        .await
-                        .map_err(q("reading referrers"))?,
-                };
+                let all: Vec<i64> = self
+                    .rows(
+                        &mut tx,
+                        include_str!("../../../sql/queries/postgres/referrers.sql"),
+                        &[],
+                        |q| q,
+                        1,
+                        "reading referrers",
+                        |c| {
+                            Ok(Some(
+                                c.i64()?.ok_or_else(|| null("users", "id", None, "an id"))?,
+                            ))
+                        },
+                    )
+                    .await?;
                 if uncounted {
                     let pairs: Vec<(i64, i64)> =
                         sqlx::query_as(include_str!("../../../sql/queries/postgres/uncounted.sql"))

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::grants::{CloseUnlessDone, Side, SideError, import_snapshot};
-use super::read::{Bad, bad, null, pair, pg_text, pg_time};
+use super::read::{Bad, TIME_OUT_OF_RANGE, bad, null, pair, pg_text, pg_time};
 use super::*;
 use crate::program::{Fast, FastSet};
 use crate::snapshot::QueryTiming;
@@ -29,12 +29,12 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// A timestamptz in its binary send format as an instant: 'infinity' and '-infinity' as the
 /// largest and smallest instants (as referred.sql reads them); a finite time past what the job
-/// can hold as `read::TIME_OUT_OF_RANGE`, which `pg_time` names.
+/// can hold as [`TIME_OUT_OF_RANGE`], which `pg_time` names.
 fn instant_of(v: Option<i64>) -> Option<i64> {
     v.map(|t| match t {
         i64::MAX => i64::MAX,
         i64::MIN => -i64::MAX,
-        t => t.checked_add(PG_EPOCH_MICROS).unwrap_or(i64::MIN),
+        t => t.checked_add(PG_EPOCH_MICROS).unwrap_or(TIME_OUT_OF_RANGE),
     })
 }
 
@@ -324,21 +324,7 @@ impl PgStore {
         };
         let t = std::time::Instant::now();
         snap.referred = a.referred;
-        let mut extra = vec![];
-        for (i, sub) in b.subscriptions {
-            let u = &mut snap.referred[i];
-            if u.subscription.is_none() {
-                u.subscription = Some(sub);
-            } else {
-                // A second subscription: one row per subscription, as the joined query gives,
-                // so that the snapshot refuses the user's duplicates by name.
-                extra.push(ReferredUser {
-                    subscription: Some(sub),
-                    ..u.clone()
-                });
-            }
-        }
-        snap.referred.extend(extra);
+        crate::store::attach_subscriptions(&mut snap.referred, b.subscriptions);
         snap.registrations = a.registrations;
         snap.referrer_events = b.events;
         snap.host_bonus = b.host_bonus;
@@ -486,7 +472,7 @@ mod tests {
         assert_eq!(instant_of(Some(i64::MAX)), Some(i64::MAX));
         assert_eq!(instant_of(Some(i64::MIN)), Some(-i64::MAX));
         // Past 294247-01-10 04:00:54.775807 UTC: the value pg_time names.
-        assert_eq!(instant_of(Some(i64::MAX - 1)), Some(i64::MIN));
+        assert_eq!(instant_of(Some(i64::MAX - 1)), Some(TIME_OUT_OF_RANGE));
         assert_eq!(instant_of(Some(i64::MAX - PG_EPOCH_MICROS)), Some(i64::MAX));
     }
 }
