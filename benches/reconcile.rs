@@ -2,7 +2,7 @@
 //! PostgreSQL, at 100k and 1M users. Prints a table per backend; asserts nothing.
 //!
 //! Datasets are generated once by `demo-data` and cached (SQLite files under target/bench/,
-//! PostgreSQL databases `rr_bench_<users>` with a marker file under target/bench/). Cold-process
+//! PostgreSQL databases `rr_bench2_<users>` with a marker file under target/bench/). Cold-process
 //! figures come from the release binary under `/usr/bin/time -v`; the stage breakdown and the
 //! one-referrer latencies are measured in-process through the library.
 
