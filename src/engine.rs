@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::instant::{self, Instant};
 use crate::program::grants::{self, plan::ProgramPlan, rules::Facts};
 use crate::program::slots::compute::{self, Computation};
+use crate::program::slots::facts;
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::program::slots::rules;
 use crate::snapshot::{GrantsRead, QueryTiming, Scope};
@@ -227,7 +228,14 @@ async fn plan_listing(
                     }
                     None => vec![],
                 });
-                let computation = compute::compute(&snapshot, &cfg, req.as_of);
+                let computation = compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
+                    // The facts behind each outcome, for the people who read a listing.
+                    if uncounted || matches!(req.scope, Scope::Referrer(_)) {
+                        let params = rules::RuleParams::new(&cfg.rules, req.as_of);
+                        c.facts = facts::referral_facts(&snapshot, &c.listed(), &params);
+                    }
+                    c
+                });
                 let grants = grants
                     .join()
                     .unwrap_or_else(|p| std::panic::resume_unwind(p));
@@ -315,8 +323,9 @@ pub struct RunControl {
     pub progress: Option<Progress>,
     /// What started the run, recorded in its row (`None`: not said, recorded as unknown).
     pub trigger: Option<Trigger>,
-    /// Also read the referrals whose referrer holds no invite code (one more query in a full or
-    /// shard run), for the per-referral report; a one-user run reads them anyway.
+    /// The per-referral listing: also read the referrals whose referrer holds no invite code
+    /// (one more query in a full or shard run) and derive each referral's facts
+    /// ([`Computation::facts`]); a one-user run does both anyway.
     pub list_uncounted: bool,
 }
 

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod explain;
 pub mod history;
 pub mod instant;
 pub mod program;

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::engine::{self, EngineError, RunControl, RunReport, RunRequest};
+use crate::explain;
 use crate::history;
 use crate::instant;
 use crate::program::slots::plan::HostChange;
@@ -467,6 +468,7 @@ fn router(app: Arc<App>) -> Router {
     let v1 = Router::new()
         .route("/v1/referrers/{id}/reconcile", post(reconcile_referrer))
         .route("/v1/referrers/{id}", get(explain_referrer))
+        .route("/v1/users/{id}", get(explain_user))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(show_run))
         .route("/v1/changes", get(list_changes))
@@ -689,65 +691,6 @@ pub fn referrer_json(report: &RunReport, id: i64) -> Value {
     v
 }
 
-/// The `explain` view: the referrer's result and every referred user with its outcome.
-pub fn explanation_json(report: &RunReport, id: i64) -> Value {
-    explanation(report, id, None)
-}
-
-/// One page of the referrals: ordered by referred user id, those after `cursor`, at most
-/// `limit`; `next_cursor` is the cursor of the next page (null on the last).
-pub struct Page {
-    pub limit: usize,
-    pub cursor: Option<i64>,
-}
-
-fn explanation(report: &RunReport, id: i64, page: Option<Page>) -> Value {
-    let mut v = referrer_json(report, id);
-    if let Some(obj) = v.as_object_mut() {
-        for k in ["run_id", "dry_run", "digest", "change"] {
-            obj.remove(k);
-        }
-    }
-    let referral = |r: &crate::program::slots::compute::ReferralOutcome| {
-        json!({
-            "referred_user_id": r.referred_user_id,
-            "outcome": r.outcome.as_str(),
-            "position": r.position,
-            "signup_ip": r.signup_ip,
-            "reason": crate::summary::reason(r.outcome),
-        })
-    };
-    v["grant_programs"] = report
-        .grants
-        .iter()
-        .map(|p| {
-            serde_json::to_value(crate::program::grants::report::referrer_view(p, id))
-                .expect("plain data")
-        })
-        .collect();
-    let all = report.computation.listed();
-    match page {
-        None => v["referrals"] = all.iter().map(referral).collect(),
-        Some(Page { limit, cursor }) => {
-            let mut after: Vec<_> = all
-                .iter()
-                .filter(|r| cursor.is_none_or(|c| r.referred_user_id > c))
-                .collect();
-            after.sort_unstable_by_key(|r| r.referred_user_id);
-            let more = after.len() > limit;
-            after.truncate(limit);
-            v["referrals_total"] = all.len().into();
-            v["next_cursor"] = if more {
-                after.last().map(|r| r.referred_user_id).into()
-            } else {
-                Value::Null
-            };
-            v["referrals"] = after.into_iter().map(referral).collect();
-        }
-    }
-    v
-}
-
 #[derive(Debug, Deserialize)]
 struct ExplainParams {
     limit: Option<usize>,
@@ -775,17 +718,22 @@ async fn explain_referrer(
             format!("limit must be between 1 and {MAX_REFERRALS_PAGE}"),
         );
     }
-    let req = RunRequest {
-        scope: Scope::Referrer(id),
-        as_of: instant::from_datetime(chrono::Utc::now()),
-        dry_run: true,
+    let as_of = instant::from_datetime(chrono::Utc::now());
+    let page = Some((limit, params.cursor));
+    match explain::explain_referrer(&app.store, &app.config, id, as_of, page).await {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => engine_error(e),
+    }
+}
+
+/// `GET /v1/users/{id}`: a referred user from its own side (`explain --user`).
+async fn explain_user(State(app): State<Arc<App>>, Path(raw): Path<String>) -> Response {
+    let Ok(id) = raw.parse::<i64>() else {
+        return bad_id(&raw);
     };
-    let page = Page {
-        limit,
-        cursor: params.cursor,
-    };
-    match engine::run(&app.store, &app.config, req).await {
-        Ok(report) => Json(explanation(&report, id, Some(page))).into_response(),
+    let as_of = instant::from_datetime(chrono::Utc::now());
+    match explain::explain_user(&app.store, &app.config, id, as_of).await {
+        Ok(e) => Json(e).into_response(),
         Err(e) => engine_error(e),
     }
 }

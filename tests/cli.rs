@@ -206,7 +206,7 @@ fn demo_round_trip_then_lock_held_exits_3_then_failed_run_exits_1() {
     let digest = |s: &str| s.lines().find(|l| l.contains("digest")).unwrap().to_owned();
     assert_eq!(digest(&dry), digest(&applied));
     let explained = ok(&["explain", "--referrer", "11", "--as-of", as_of]);
-    assert!(explained.contains("referrer 11:"), "{explained}");
+    assert!(explained.contains("referrer 11 as of"), "{explained}");
     let one = ok(&["reconcile", "--referrer", "11", "--as-of", as_of]);
     assert!(
         one.contains("written              0 referral_rewards rows"),

@@ -2223,3 +2223,65 @@ each_pg_backend!(
         assert_eq!(all_referrals(&got), all_referrals(&expected));
     }
 );
+
+/// `explain` of the grant programs from both sides, as text and JSON: the conversion payment
+/// and time, the hold's end and the place against the cap, with what would change each.
+#[tokio::test]
+async fn snapshots_of_explain_with_grant_programs() {
+    use referral_rewards::explain;
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let n = now();
+    let cfg = config(
+        r#"
+[[grants]]
+name = "first_payment"
+max_rewarded_per_referrer = 2
+hold_days = 3
+fraud_checks = false
+referrer = { credit_cents = 100 }
+referred = { credit_days = 30 }
+"#,
+    );
+    let (mut f, mut pays) = three_referrals();
+    f.users.push(referred(6, 1));
+    pays.push(p(5, 5, 100, n - DAY));
+    db.load(&f).await;
+    pay(&db, &pays).await;
+    let store = db.store().await;
+    let r = explain::explain_referrer(&store, &cfg, 1, n, None)
+        .await
+        .unwrap();
+    insta::assert_snapshot!(
+        "explain_grants_referrer_1",
+        explain::referrer_text(&r, &cfg)
+    );
+    let outcomes: Vec<(i64, &str)> = r.grant_programs[0]
+        .referrals
+        .iter()
+        .map(|v| (v.referred_user_id, v.outcome))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            (2, "granted"),
+            (3, "granted"),
+            (4, "cap_reached"),
+            (5, "on_hold"),
+            (6, "no_conversion")
+        ]
+    );
+    for user in [2, 4, 5, 6] {
+        let u = explain::explain_user(&store, &cfg, user, n).await.unwrap();
+        insta::assert_snapshot!(
+            format!("explain_grants_user_{user}"),
+            explain::user_text(&u)
+        );
+        insta::assert_json_snapshot!(format!("explain_grants_user_{user}_json"), u);
+    }
+    let on_hold = explain::explain_user(&store, &cfg, 5, n).await.unwrap();
+    assert_eq!(
+        on_hold.grant_programs[0].referral.hold_ends_at,
+        Some(referral_rewards::instant::to_rfc3339(n + 2 * DAY))
+    );
+    store.close().await;
+}

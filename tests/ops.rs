@@ -388,7 +388,10 @@ each_backend!(
             (40, 41, Outcome::ReferrerWithoutInviteCode)
         );
         assert!(one.computation.referrals.is_empty(), "counted nowhere");
-        let text = referral_rewards::summary::explain(None, false, &listed, 40);
+        let cfg = referral_rewards::config::Config::default();
+        let e = referral_rewards::explain::referrer(&one, &cfg, 40, None);
+        assert!(!e.is_referrer);
+        let text = referral_rewards::explain::referrer_text(&e, &cfg);
         assert!(
             text.contains("referrer_without_invite_code") && !text.contains("no referred users"),
             "{text}"

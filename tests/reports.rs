@@ -538,13 +538,116 @@ async fn snapshots_of_summary_analytics_and_explain() {
     r.elapsed = std::time::Duration::ZERO;
     insta::assert_snapshot!("dry_run_summary", summary::run_summary(&r));
     insta::assert_snapshot!("program_analytics", summary::program_analytics(&r));
-    let one = db.reconcile(Scope::Referrer(1), now(), true).await.unwrap();
-    let entry = one.plan.entries.iter().find(|e| e.referrer_user_id() == 1);
-    insta::assert_snapshot!(
-        "explain_referrer_1",
-        summary::explain(entry, true, &one.computation.referrals, 1)
-    );
     let mut applied = db.reconcile(Scope::Full, now(), false).await.unwrap();
     applied.elapsed = std::time::Duration::ZERO;
     insta::assert_snapshot!("apply_summary", summary::run_summary(&applied));
 }
+
+/// `explain` from both sides, as text and JSON, over the fixture with every outcome: the facts
+/// behind each outcome and what would change it. The store part (the referrer's last use of a
+/// shared IP) is read too, so these go through `explain_referrer` and `explain_user`.
+#[tokio::test]
+async fn snapshots_of_explain_both_directions() {
+    use referral_rewards::config::Config;
+    use referral_rewards::explain;
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    db.load(&every_outcome()).await;
+    let cfg = Config::default();
+    let store = db.store().await;
+    let r = explain::explain_referrer(&store, &cfg, 1, now(), None)
+        .await
+        .unwrap();
+    insta::assert_snapshot!("explain_referrer_1", explain::referrer_text(&r, &cfg));
+    insta::assert_json_snapshot!("explain_referrer_1_json", r);
+    // A cooldown, a duplicate IP, a shared IP and an expired subscription, seen from the user.
+    for user in [5, 14, 10, 17] {
+        let u = explain::explain_user(&store, &cfg, user, now())
+            .await
+            .unwrap();
+        insta::assert_snapshot!(format!("explain_user_{user}"), explain::user_text(&u));
+        insta::assert_json_snapshot!(format!("explain_user_{user}_json"), u);
+    }
+    // Users nobody referred, and unknown users.
+    let nobody = explain::explain_user(&store, &cfg, 1, now()).await.unwrap();
+    assert_eq!((nobody.referred_by, nobody.slots.is_none()), (None, true));
+    let unknown = explain::explain_user(&store, &cfg, 999_999, now()).await;
+    assert!(
+        matches!(
+            unknown,
+            Err(referral_rewards::engine::EngineError::UnknownReferrer(
+                999_999
+            ))
+        ),
+        "{unknown:?}"
+    );
+    store.close().await;
+}
+
+// The facts `explain` gives agree with the fixture's rows: the cooldown ends 7 days after the
+// later of signup and subscription, a duplicate names the user that claimed the IP first, a
+// shared IP names the referrer's last use of it, and that use plus the IP window is when it
+// would count.
+each_backend!(explain_facts_agree_with_the_rows, |db: TestDb| async move {
+    use referral_rewards::config::Config;
+    use referral_rewards::explain;
+    use referral_rewards::instant::{MICROS_PER_DAY, to_rfc3339};
+    let f = every_outcome();
+    db.load(&f).await;
+    let store = db.store().await;
+    let cfg = Config::default();
+    let e = explain::explain_referrer(&store, &cfg, 1, now(), None)
+        .await
+        .unwrap();
+    store.close().await;
+    let row = |id: i64| {
+        e.referrals
+            .iter()
+            .find(|r| r.referred_user_id == id)
+            .unwrap()
+    };
+    for r in &e.referrals {
+        let u = f.users.iter().find(|u| u.id == r.referred_user_id).unwrap();
+        assert_eq!(r.facts.signed_up_at, Some(to_rfc3339(u.created_at)));
+        if r.outcome == "cooldown" {
+            let s = f.subs.iter().find(|s| s.user_id == u.id).unwrap();
+            let later = u.created_at.max(s.started_at.unwrap_or(u.created_at));
+            assert_eq!(
+                r.facts.cooldown_ends_at,
+                Some(to_rfc3339(later + 7 * MICROS_PER_DAY)),
+                "{r:?}"
+            );
+            assert!(
+                r.would_change
+                    .as_deref()
+                    .unwrap()
+                    .contains("7-day cooldown")
+            );
+        }
+        if r.outcome == "duplicate_ip" {
+            let first = row(r.facts.ip_claimed_by.unwrap());
+            assert_eq!(first.outcome, "qualified");
+            assert_eq!(first.signup_ip, r.signup_ip);
+        }
+        if r.outcome == "shared_ip" {
+            let last = f
+                .events
+                .iter()
+                .filter(|ev| ev.user_id == Some(1) && ev.ip_hash == r.signup_ip)
+                .filter(|ev| ev.created_at >= now() - 30 * MICROS_PER_DAY && ev.created_at <= now())
+                .map(|ev| ev.created_at)
+                .max()
+                .unwrap();
+            assert_eq!(
+                r.facts.referrer_last_used_ip_at,
+                Some(to_rfc3339(last)),
+                "{r:?}"
+            );
+            assert_eq!(
+                r.facts.shared_ip_until,
+                Some(to_rfc3339(last + 30 * MICROS_PER_DAY))
+            );
+        }
+    }
+    assert!(e.referrals.iter().any(|r| r.outcome == "shared_ip"));
+    assert!(e.referrals.iter().any(|r| r.outcome == "duplicate_ip"));
+});

@@ -931,6 +931,68 @@ async fn healthz_says_busy_not_unavailable_while_sqlite_is_locked() {
     assert_eq!(health().await.1["status"], "ok");
 }
 
+/// `GET /v1/users/{id}` is `explain --user --format json`: the same structure, from the same
+/// code; an unknown user is a 404 and a bad id a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_referred_user_is_explained_over_http_as_on_the_command_line() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+    let http = client();
+    let user = db
+        .scalar("SELECT MIN(id) FROM users WHERE referred_by_user_id IS NOT NULL")
+        .await;
+    let referrer = db
+        .scalar(&format!(
+            "SELECT referred_by_user_id FROM users WHERE id = {user}"
+        ))
+        .await;
+    let get = |path: String| {
+        let http = http.clone();
+        let url = format!("{}{path}", server.base);
+        async move {
+            let r = http.get(url).bearer_auth(TOKEN).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (code, mut body) = get(format!("/v1/users/{user}")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["referred_by"], referrer);
+    assert_eq!(body["slots"]["referred_user_id"], user);
+    assert!(
+        body["slots"]["reason"].as_str().unwrap().len() > 10,
+        "{body}"
+    );
+    // The command line at the same as-of gives the same object.
+    let as_of = body["as_of"].as_str().unwrap().to_owned();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"))
+        .args([
+            "--database-url",
+            &db.url,
+            "explain",
+            "--user",
+            &user.to_string(),
+        ])
+        .args(["--as-of", &as_of, "--format", "json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let mut cli: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    body.as_object_mut().unwrap().remove("as_of");
+    cli.as_object_mut().unwrap().remove("as_of");
+    assert_eq!(body, cli);
+    assert_eq!(get("/v1/users/999999999".into()).await.0, 404);
+    assert_eq!(get("/v1/users/abc".into()).await.0, 400);
+}
+
 /// `GET /v1/referrers/{id}` pages its referrals; the pages together are every referral once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_over_http_is_paged() {

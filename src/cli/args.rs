@@ -138,15 +138,20 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
-    /// Every referred user of one referrer with its outcome (a dry run of that referrer)
+    /// Why referrals count or not, with their facts and what would change them: one referrer's
+    /// referrals (--referrer), or one referred user in every program (--user); a dry run
+    #[command(group = clap::ArgGroup::new("who").required(true).args(["referrer", "user"]))]
     Explain {
-        /// The referrer to explain
+        /// The referrer to explain: every user it referred
         #[arg(long, value_name = "ID")]
-        referrer: i64,
+        referrer: Option<i64>,
+        /// The referred user to explain: who referred it and its outcome in every program
+        #[arg(long, value_name = "ID")]
+        user: Option<i64>,
         /// RFC 3339; without offset: UTC [default: now]
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         as_of: Option<Instant>,
-        /// Text, or JSON (the same as GET /v1/referrers/{id}, not paged)
+        /// Text, or JSON (the same as GET /v1/referrers/{id}, not paged, or GET /v1/users/{id})
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },

@@ -8,6 +8,7 @@ use std::time::Duration;
 use referral_rewards::config::{self, Config};
 use referral_rewards::demo::DemoSpec;
 use referral_rewards::engine::{self, EngineError, RunControl, RunRequest};
+use referral_rewards::explain;
 use referral_rewards::history;
 use referral_rewards::instant;
 use referral_rewards::program::grants::report as grant_report;
@@ -559,37 +560,33 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
         }
         Command::Explain {
             referrer,
+            user,
             as_of,
             format,
         } => {
             let store = connect(&config, Access::ReadOnly).await?;
-            let req = RunRequest {
-                scope: Scope::Referrer(referrer),
-                as_of: as_of.unwrap_or_else(now),
-                dry_run: true,
+            let as_of = as_of.unwrap_or_else(now);
+            let text = match (referrer, user) {
+                (Some(id), _) => {
+                    let e = explain::explain_referrer(&store, &config, id, as_of, None).await;
+                    store.close().await;
+                    let e = e?;
+                    if format == Format::Json {
+                        return out.print(&json(&e));
+                    }
+                    explain::referrer_text(&e, &config)
+                }
+                (None, Some(id)) => {
+                    let e = explain::explain_user(&store, &config, id, as_of).await;
+                    store.close().await;
+                    let e = e?;
+                    if format == Format::Json {
+                        return out.print(&json(&e));
+                    }
+                    explain::user_text(&e)
+                }
+                (None, None) => unreachable!("clap requires --referrer or --user"),
             };
-            let report = engine::run(&store, &config, req).await;
-            store.close().await;
-            let report = report?;
-            if format == Format::Json {
-                return out.print(&json(&serve::explanation_json(&report, referrer)));
-            }
-            let entry = report
-                .plan
-                .entries
-                .iter()
-                .find(|e| e.referrer_user_id() == referrer);
-            let mut text = summary::explain(
-                entry,
-                !report.computation.results.is_empty(),
-                &report.computation.listed(),
-                referrer,
-            );
-            for p in &report.grants {
-                text.push_str(&grant_report::referrer_text(&grant_report::referrer_view(
-                    p, referrer,
-                )));
-            }
             out.print(&text)?;
         }
         Command::Check { audit, format } => {

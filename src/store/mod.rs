@@ -525,6 +525,27 @@ impl Store {
         }
     }
 
+    /// Who referred a user: `None` when there is no such user, `Some(None)` when nobody did.
+    pub async fn referred_by(&self, id: i64) -> Result<Option<Option<i64>>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.referred_by(id).await,
+            Store::Postgres(s) => s.referred_by(id).await,
+        }
+    }
+
+    /// The newest time `user` used each IP hash inside the window (both ends included), for
+    /// the `shared_ip` facts of `explain`. Read after the run's snapshot, not inside it.
+    pub async fn ip_last_used(
+        &self,
+        user: i64,
+        window: (Instant, Instant),
+    ) -> Result<std::collections::HashMap<String, Instant>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.ip_last_used(user, window).await,
+            Store::Postgres(s) => s.ip_last_used(user, window).await,
+        }
+    }
+
     /// The applying-run lock for a scope: `None` when another run holds it.
     pub async fn try_lock(&self, scope: Scope) -> Result<Option<RunLock>, StoreError> {
         match self {

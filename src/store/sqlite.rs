@@ -233,6 +233,32 @@ impl SqliteStore {
         Ok(row.is_some())
     }
 
+    /// `None`: no such user; `Some(None)`: a user nobody referred.
+    pub async fn referred_by(&self, id: i64) -> Result<Option<Option<i64>>, StoreError> {
+        sqlx::query_scalar(include_str!("../../sql/queries/sqlite/referred_by.sql"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(q("reading users"))
+    }
+
+    /// The newest time `user` used each IP hash inside the window (`explain`'s facts).
+    pub async fn ip_last_used(
+        &self,
+        user: i64,
+        window: (Instant, Instant),
+    ) -> Result<std::collections::HashMap<String, Instant>, StoreError> {
+        let Some(path) = self.path.clone() else {
+            return Ok(Default::default());
+        };
+        let busy = self.busy_timeout;
+        tokio::task::spawn_blocking(move || {
+            super::sqlite_read::ip_last_used(&path, busy, user, window)
+        })
+        .await
+        .map_err(|e| StoreError::Runtime(format!("reading referrer events: {e}")))?
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         let Some(path) = self.path.clone() else {
             return Ok(());

@@ -877,3 +877,45 @@ pub(super) fn read_grants(
     sw.lap(timings, "grants_ledger", g.ledger.len());
     Ok(g)
 }
+
+/// The newest time the user used each IP hash inside the window (blank hashes included; what
+/// is blank is a rule's call): the `shared_ip` facts of `explain`.
+pub fn ip_last_used(
+    path: &Path,
+    busy_timeout: Duration,
+    user: i64,
+    window: (Instant, Instant),
+) -> Result<std::collections::HashMap<String, Instant>, StoreError> {
+    const EV: &str = "reading referrer events";
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .map_err(sql_err("opening the database"))?;
+    conn.busy_timeout(busy_timeout)
+        .map_err(sql_err("opening the database"))?;
+    let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
+    let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
+    let mut st = conn
+        .prepare(include_str!(
+            "../../sql/queries/sqlite/referrer_events_one.sql"
+        ))
+        .map_err(sql_err(EV))?;
+    let mut rows = st
+        .query(named_params! {"$1": lo, "$2": hi, "$3": user})
+        .map_err(sql_err(EV))?;
+    let mut last: std::collections::HashMap<String, Instant> = Default::default();
+    while let Some(r) = rows.next().map_err(sql_err(EV))? {
+        let id = At::id("telemetry_events").int(r, 3, "id", EV)?;
+        let row = At::of("telemetry_events", id);
+        let ip = row.text(r, 1, "ip_hash", EV)?.unwrap_or_default();
+        let at = row.time_not_null(r, 2, "created_at", EV)?;
+        if rules::in_ip_window(at, window) {
+            let e = last.entry(ip.to_owned()).or_insert(at);
+            *e = (*e).max(at);
+        }
+    }
+    Ok(last)
+}

@@ -18,6 +18,8 @@ pub struct ProgramPlan {
     pub name: String,
     /// `max_rewarded_per_referrer`; 0: no limit.
     pub cap: i64,
+    /// `hold_days`: a conversion is granted this long after it (the facts `explain` shows).
+    pub hold_days: i64,
     /// The referrals this run covers, by `(R, U)`: every referral for a full run, those of the
     /// shard's referrers for a shard, and for a one-user run on X those in which X is R or U
     /// (decided with the whole of X's and X's referrer's sets).
@@ -37,6 +39,7 @@ impl ProgramPlan {
         ProgramPlan {
             name: program.name.clone(),
             cap: program.max_rewarded_per_referrer,
+            hold_days: program.hold_days,
             referrals,
         }
     }

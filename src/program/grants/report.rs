@@ -224,6 +224,10 @@ pub struct ReferralView {
     pub cause: Option<&'static str>,
     pub conversion_payment_id: Option<i64>,
     pub converted_at: Option<String>,
+    /// When the conversion's hold ends (`converted_at + hold_days`); `None` without a
+    /// conversion or a hold.
+    pub hold_ends_at: Option<String>,
+    /// Rank in R's conversion order, from 1: the referral's place against the cap.
     pub position: Option<u32>,
     /// The live grants the ledger holds for the referral.
     pub held: Vec<GrantView>,
@@ -286,6 +290,10 @@ pub fn referrer_view(plan: &ProgramPlan, id: i64) -> ReferrerView {
                 cause: d.cause.map(Outcome::as_str),
                 conversion_payment_id: d.conversion.map(|c| c.payment_id),
                 converted_at: d.conversion.map(|c| instant::to_rfc3339(c.at)),
+                hold_ends_at: d
+                    .conversion
+                    .filter(|_| plan.hold_days > 0)
+                    .map(|c| instant::to_rfc3339(c.at + plan.hold_days * MICROS_PER_DAY)),
                 position: d.position,
                 held: d
                     .held

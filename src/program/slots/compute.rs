@@ -9,6 +9,7 @@ use polars::prelude::*;
 
 use crate::config::Config;
 use crate::instant::Instant;
+use crate::program::slots::facts::ReferralFacts;
 use crate::program::slots::rewards::{RewardResult, badge_expr, bonus_slots_expr};
 use crate::program::slots::rules::{self, Outcome, ReferredFacts, RuleParams};
 use crate::snapshot::Snapshot;
@@ -35,6 +36,9 @@ pub struct Computation {
     /// ([`Snapshot::uncounted`]), each `referrer_without_invite_code`; by referrer then referred
     /// user id. Counted nowhere.
     pub uncounted: Vec<ReferralOutcome>,
+    /// The facts of each referral of [`Computation::listed`], in its order; empty unless the
+    /// run lists its referrals (a one-user run, or the per-referral report).
+    pub facts: Vec<ReferralFacts>,
 }
 
 impl Computation {
@@ -122,6 +126,7 @@ pub fn compute(snap: &Snapshot, cfg: &Config, now: Instant) -> PolarsResult<Comp
         results,
         referrals,
         uncounted,
+        facts: vec![],
     })
 }
 

@@ -3,6 +3,7 @@
 //! desired-state computation (polars, per referrer), its rewards and its plan.
 
 pub mod compute;
+pub mod facts;
 pub mod plan;
 pub mod rewards;
 pub mod rules;

@@ -239,6 +239,45 @@ impl PgStore {
         .map_err(q("reading users"))?;
         Ok(row.is_some())
     }
+
+    /// `None`: no such user; `Some(None)`: a user nobody referred.
+    pub async fn referred_by(&self, id: i64) -> Result<Option<Option<i64>>, StoreError> {
+        sqlx::query_scalar(include_str!(
+            "../../../sql/queries/postgres/referred_by.sql"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(q("reading users"))
+    }
+
+    /// The newest time `user` used each IP hash inside the window (`explain`'s facts).
+    pub async fn ip_last_used(
+        &self,
+        user: i64,
+        window: (Instant, Instant),
+    ) -> Result<std::collections::HashMap<String, Instant>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(q("reading referrer events"))?;
+        utc(&mut tx, &self.timeouts).await?;
+        let rows: Vec<(String, chrono::DateTime<Utc>)> = sqlx::query_as(include_str!(
+            "../../../sql/queries/postgres/ip_last_used.sql"
+        ))
+        .bind(dt(window.0))
+        .bind(dt(window.1))
+        .bind(user)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("reading referrer events"))?;
+        tx.commit().await.map_err(q("reading referrer events"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(ip, at)| (ip, instant::from_datetime(at)))
+            .collect())
+    }
 }
 
 /// The URL without its password, for error messages.

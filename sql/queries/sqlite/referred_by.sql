@@ -1,0 +1,2 @@
+-- explain --user: whether user $1 exists, and who referred it.
+SELECT referred_by_user_id FROM users WHERE id = $1
