@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod diff;
 pub mod engine;
 pub mod explain;
 pub mod history;

@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         // Generated from the definitions alone: no configuration, logging or runtime.
         return finish(cli::commands::generate(&mut cli));
     }
+    if let Command::Plan { command } = &cli.command {
+        // A file in, text out: no configuration or database.
+        return finish(cli::commands::plan_command(command));
+    }
     init_logging(&cli);
     install_panic_hook(matches!(cli.command, Command::Serve));
     // Now, while threads and descriptors are plentiful (see Cargo.toml).

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::instant::{self, Instant};
 use crate::program::grants::plan::ProgramPlan;
 use crate::program::slots::compute::ReferralOutcome;
-use crate::program::slots::plan::{Plan, PlanEntry};
+use crate::program::slots::plan::{HostBonus, Plan, PlanEntry};
 use crate::program::slots::rewards::RewardResult;
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +177,22 @@ pub struct SavedPlan {
     /// this run, as the digest covers them. Absent in format 1 files.
     #[serde(default)]
     pub programs: Vec<SavedProgram>,
+    /// The current state of each referrer the plan changes (format 3), for `plan show`'s old
+    /// values. Absent in format 1 and 2 files, where only `current_bonus_slots` is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<Vec<CurrentRow>>,
+}
+
+/// What a changing referrer holds now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentRow {
+    pub referrer_user_id: i64,
+    /// The `referral_rewards` row; `null` when there is none (it reads as zeros).
+    pub stored: Option<RewardResult>,
+    /// Whether the referrer has a subscription row: without one, an apply creates it.
+    pub has_subscription: bool,
+    /// Why an apply cannot write this referrer (left unwritten), if it cannot.
+    pub write_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,9 +228,14 @@ impl ReportRow {
     }
 }
 
-/// Format 2 adds the grant programs; format 1 files (slots only) still load.
-const PLAN_FORMAT: &str = "referral-rewards-plan/2";
-const PLAN_FORMATS: [&str; 2] = ["referral-rewards-plan/1", PLAN_FORMAT];
+/// Format 2 adds the grant programs, format 3 the current state of the referrers that change;
+/// format 1 and 2 files still load.
+const PLAN_FORMAT: &str = "referral-rewards-plan/3";
+const PLAN_FORMATS: [&str; 3] = [
+    "referral-rewards-plan/1",
+    "referral-rewards-plan/2",
+    PLAN_FORMAT,
+];
 
 pub fn saved_plan(plan: &Plan, grants: &[ProgramPlan], as_of: Instant) -> SavedPlan {
     use crate::program::grants::rules::Outcome;
@@ -252,6 +273,18 @@ pub fn saved_plan(plan: &Plan, grants: &[ProgramPlan], as_of: Instant) -> SavedP
                     .collect(),
             })
             .collect(),
+        current: Some(
+            plan.entries
+                .iter()
+                .filter(|e| e.changes_anything())
+                .map(|e| CurrentRow {
+                    referrer_user_id: e.referrer_user_id(),
+                    stored: e.stored.clone(),
+                    has_subscription: e.host != HostBonus::NoSubscription,
+                    write_error: e.write_error(),
+                })
+                .collect(),
+        ),
     }
 }
 

@@ -401,6 +401,9 @@ pub struct RunJson {
     pub files: Vec<WrittenFile>,
     /// What could not be written after the run committed (exit code 5).
     pub output_errors: Vec<String>,
+    /// `--diff`: what the plan changes (`plan show`'s structure); absent without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<crate::diff::PlanDiff>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -478,6 +481,7 @@ impl RunJson {
             },
             files: vec![],
             output_errors: vec![],
+            diff: None,
         }
     }
 }

@@ -572,7 +572,7 @@ fn grant_programs_through_the_cli_audit_plan_apply_and_explain() {
     let programs = read("r.programs.json");
     assert_eq!(programs.as_array().unwrap().len(), 2);
     let plan = read("plan.json");
-    assert_eq!(plan["format"], "referral-rewards-plan/2");
+    assert_eq!(plan["format"], "referral-rewards-plan/3");
     let planned: usize = plan["programs"]
         .as_array()
         .unwrap()

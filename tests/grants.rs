@@ -2285,3 +2285,110 @@ referred = { credit_days = 30 }
     );
     store.close().await;
 }
+
+/// `plan show` over two saved plans, as text and JSON: the first creates a subscription,
+/// revokes two bonuses and makes grants; after it is applied, a referred user goes inactive
+/// and a payment is refunded, so the second lowers a bonus and reverses grants. `reconcile
+/// --dry-run --diff` prints the same diff as `plan show` of the plan it saves.
+#[tokio::test]
+async fn plan_show_groups_what_a_plan_changes() {
+    let db = TestDb::new(Backend::Sqlite).await.unwrap();
+    let n = now();
+    let toml = r#"
+[[grants]]
+name = "first_payment"
+on_refund = "reverse"
+fraud_checks = false
+referrer = { credit_cents = 100 }
+referred = { credit_days = 30 }
+"#;
+    let cfg = config(toml);
+    db.load(&every_outcome()).await;
+    pay(
+        &db,
+        &[p(2, 2, 500, n - 20 * DAY), p(3, 3, 500, n - 10 * DAY)],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let show = |plan: &std::path::Path, json: bool| {
+        let mut args = vec!["plan", "show", plan.to_str().unwrap()];
+        if json {
+            args.extend(["--format", "json"]);
+        }
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let save = |r: &RunReport, name: &str| {
+        let path = dir.path().join(name);
+        let saved = referral_rewards::report::saved_plan(&r.plan, &r.grants, r.request.as_of);
+        referral_rewards::report::save_plan(&saved, &path).unwrap();
+        path
+    };
+
+    let first = dry(&db, &cfg, Scope::Full, n).await;
+    let text = show(&save(&first, "first.json"), false);
+    insta::assert_snapshot!("plan_show_first", text);
+    let d = referral_rewards::diff::diff(&referral_rewards::report::saved_plan(
+        &first.plan,
+        &first.grants,
+        n,
+    ));
+    let ids = |g: &[referral_rewards::diff::ReferrerDiff]| {
+        g.iter().map(|r| r.referrer_user_id).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&d.new_subscriptions), [1]);
+    assert_eq!(ids(&d.revoked), [30, 40]);
+    assert_eq!(
+        (d.totals.grants, d.totals.grant_cents, d.totals.grant_days),
+        (4, 200, 60)
+    );
+    assert_eq!(d.totals.bonus_delta, first.stats.bonus_delta);
+
+    apply(&db, &cfg, Scope::Full, n).await;
+    // User 14 shares user 2's IP and qualifies in its place; user 16 leaves for good.
+    db.exec("UPDATE users SET is_active = 0 WHERE id IN (2, 16)")
+        .await;
+    set_status(&db, 2, "refunded").await;
+    let second = dry(&db, &cfg, Scope::Full, n).await;
+    let path = save(&second, "second.json");
+    insta::assert_snapshot!("plan_show_second", show(&path, false));
+    insta::assert_snapshot!("plan_show_second_json", show(&path, true));
+    let d = referral_rewards::diff::diff(&referral_rewards::report::load_plan(&path).unwrap());
+    assert_eq!(ids(&d.down), [1]);
+    assert_eq!((d.totals.reversals, d.totals.reversal_cents), (2, -100));
+    assert_eq!(d.totals.changed, 1);
+
+    // The same diff from a dry run, after its summary.
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, toml).unwrap();
+    let plan_path = dir.path().join("third.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"))
+        .args([
+            "--config",
+            config_path.to_str().unwrap(),
+            "--database-url",
+            &db.url,
+        ])
+        .args(["reconcile", "--dry-run", "--diff", "--as-of"])
+        .arg(referral_rewards::instant::to_rfc3339(n))
+        .args(["--save-plan", plan_path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(out.ends_with(&show(&plan_path, false)), "{out}");
+}

@@ -133,6 +133,10 @@ pub enum Command {
         /// a refusal says how many referrers differ, or which run applied it already
         #[arg(long, value_name = "PATH", conflicts_with_all = ["as_of", "referrer", "expect_digest"])]
         plan: Option<PathBuf>,
+        /// After the summary, only what the plan changes, old -> new per field, grouped (as
+        /// `plan show`; in --output json, the `diff` object)
+        #[arg(long, requires = "dry_run")]
+        diff: bool,
         /// The run summary on stdout: text, or one JSON object for scripts (--format is the
         /// report's)
         #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -194,6 +198,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Saved plans (--save-plan): `plan show PATH` for what one changes
+    Plan {
+        #[command(subcommand)]
+        command: PlanCommand,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout
     Completions {
         /// The shell to complete for
@@ -206,6 +215,22 @@ pub enum Command {
         /// missing)
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Only what a saved plan changes, old -> new per field, grouped (bonus up, down, revoked,
+    /// new subscriptions, counts only, grants, reversals), with totals; reads no database
+    Show {
+        /// The plan file (from reconcile --dry-run --save-plan PATH.json)
+        path: PathBuf,
+        /// At most N entries per group; 0 shows all (the totals always count everything)
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+        /// Text for a reviewer, or JSON for tools
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
 }
 

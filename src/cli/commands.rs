@@ -18,7 +18,7 @@ use referral_rewards::snapshot::Scope;
 use referral_rewards::store::{ChangeFilter, ConnectOptions, Store, Trigger, check, migrations};
 use referral_rewards::summary::{self, RunJson, WrittenFile};
 
-use super::args::{Cli, Command, Format, RunsCommand};
+use super::args::{Cli, Command, Format, PlanCommand, RunsCommand};
 use super::exit::{Exit, Failure};
 
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
@@ -316,6 +316,27 @@ fn written_text(files: &[WrittenFile], digest: &str) -> String {
     s
 }
 
+/// `--diff`: the plan as `--save-plan` would save it, diffed like `plan show`.
+fn run_diff(run: &engine::RunReport) -> referral_rewards::diff::PlanDiff {
+    let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
+    referral_rewards::diff::diff(&saved)
+}
+
+/// `plan show`: a saved plan's changes; reads the file only (no configuration, no database).
+pub fn plan_command(command: &PlanCommand) -> Result<(), Failure> {
+    let PlanCommand::Show {
+        path,
+        limit,
+        format,
+    } = command;
+    let saved = report::load_plan(path)?;
+    let d = referral_rewards::diff::diff(&saved).truncated(*limit);
+    Stdout::default().print(&match format {
+        Format::Text => referral_rewards::diff::text(&d),
+        Format::Json => json(&d),
+    })
+}
+
 fn polars_failure(e: polars::prelude::PolarsError) -> Failure {
     Failure {
         exit: Exit::RunFailed,
@@ -431,6 +452,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
             save_plan,
             expect_digest,
             plan,
+            diff,
             output,
         } => {
             // Usage problems first, before touching the database: a run must not start (let
@@ -513,12 +535,17 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                         text.push_str(&summary::program_analytics(&run));
                     }
                     text.push_str(&written_text(&files, &run.plan.digest));
+                    if diff {
+                        text.push('\n');
+                        text.push_str(&referral_rewards::diff::text(&run_diff(&run)));
+                    }
                     out.write(&text)
                 }
                 Format::Json => {
                     let mut v = RunJson::of(&run);
                     v.files = files;
                     v.output_errors = output_errors.clone();
+                    v.diff = diff.then(|| run_diff(&run));
                     out.write(&json(&v))
                 }
             };
@@ -675,8 +702,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
                 Format::Json => json(&changes),
             })?;
         }
-        Command::Completions { .. } | Command::Man { .. } => {
-            unreachable!("generated before any configuration is read")
+        Command::Completions { .. } | Command::Man { .. } | Command::Plan { .. } => {
+            unreachable!("done before any configuration is read")
         }
     }
     Ok(())
