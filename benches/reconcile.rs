@@ -605,9 +605,17 @@ async fn bench(d: &Dataset) {
         let ext = format!("{format:?}").to_lowercase();
         let path = dir.join(format!("report-{}-{}.{ext}", d.users, name(d.backend)));
         let t = Instant::now();
-        let mut referrers = report::referrer_frame(&r.plan, false).unwrap();
+        let mut referrers =
+            report::referrer_frame(&r.plan, &r.computation.results, r.request.as_of, false)
+                .unwrap();
         report::write(&mut referrers, &path, format).unwrap();
-        let mut referrals = report::referral_frame(&r.computation.referrals, None).unwrap();
+        let mut referrals = report::referral_frame(
+            &r.computation.referrals,
+            &r.computation.facts,
+            r.request.as_of,
+            None,
+        )
+        .unwrap();
         report::write(
             &mut referrals,
             &report::per_referral_path(&path, format),

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::instant::{self, Instant};
 use crate::program::grants::plan::ProgramPlan;
 use crate::program::slots::compute::ReferralOutcome;
+use crate::program::slots::facts::ReferralFacts;
 use crate::program::slots::plan::{HostBonus, Plan, PlanEntry};
 use crate::program::slots::rewards::RewardResult;
 
@@ -94,15 +95,24 @@ fn beside(report: &Path, what: &str, format: ReportFormat) -> PathBuf {
     report.with_file_name(format!("{stem}.{what}.{}", format.extension()))
 }
 
-/// One report row per plan entry, with exactly SPEC section 5's fields, in SPEC's order.
-/// `only_changes` keeps the referrers whose reward would change (reward row or host value).
-pub fn referrer_frame(plan: &Plan, only_changes: bool) -> PolarsResult<DataFrame> {
+/// One report row per plan entry: docs/rules.md §5's eleven fields in that order, then four
+/// audit columns: `current_badge` (the stored row's), `bonus_delta` (desired minus current bonus
+/// slots), `is_referrer` (holds an invite code) and `as_of`. `referrers` are the run's referrers
+/// ascending (the computation's results); `only_changes` keeps the referrers whose reward would
+/// change (reward row or host value).
+pub fn referrer_frame(
+    plan: &Plan,
+    referrers: &[RewardResult],
+    as_of: Instant,
+    only_changes: bool,
+) -> PolarsResult<DataFrame> {
     let rows: Vec<&PlanEntry> = plan
         .entries
         .iter()
         .filter(|e| !only_changes || e.changes_anything())
         .collect();
     let int = |f: fn(&PlanEntry) -> i64| rows.iter().map(|e| f(e)).collect::<Vec<i64>>();
+    let as_of = instant::to_rfc3339(as_of);
     df!(
         "referrer_user_id" => int(|e| e.desired.referrer_user_id),
         "referred_users_total" => int(|e| e.desired.referred_users_total),
@@ -115,25 +125,65 @@ pub fn referrer_frame(plan: &Plan, only_changes: bool) -> PolarsResult<DataFrame
         "bonus_slots" => int(|e| e.desired.bonus_slots),
         "badge" => rows.iter().map(|e| e.desired.badge.clone()).collect::<Vec<Option<String>>>(),
         "current_bonus_slots" => int(|e| e.current_bonus_slots()),
+        "current_badge" => rows
+            .iter()
+            .map(|e| e.stored.as_ref().and_then(|s| s.badge.clone()))
+            .collect::<Vec<Option<String>>>(),
+        "bonus_delta" => int(|e| e.desired.bonus_slots - e.current_bonus_slots()),
+        "is_referrer" => rows
+            .iter()
+            .map(|e| {
+                referrers
+                    .binary_search_by_key(&e.referrer_user_id(), |r| r.referrer_user_id)
+                    .is_ok()
+            })
+            .collect::<Vec<bool>>(),
+        "as_of" => vec![as_of.as_str(); rows.len()],
     )
 }
 
 /// One row per referred user: referrer, referred user, outcome, claiming position (candidates
-/// only) and signup IP hash. `referrers`, when given, keeps only those referrers' rows.
+/// only) and signup IP hash, then the facts behind the outcome when the run derived them
+/// (`facts`, in the order of `referrals`; see [`ReferralFacts`]) and `as_of`. `referrers`,
+/// when given, keeps only those referrers' rows.
 pub fn referral_frame(
     referrals: &[ReferralOutcome],
+    facts: &[ReferralFacts],
+    as_of: Instant,
     referrers: Option<&HashSet<i64>>,
 ) -> PolarsResult<DataFrame> {
-    let rows: Vec<&ReferralOutcome> = referrals
-        .iter()
-        .filter(|r| referrers.is_none_or(|keep| keep.contains(&r.referrer_user_id)))
+    let keep: Vec<usize> = (0..referrals.len())
+        .filter(|&i| referrers.is_none_or(|k| k.contains(&referrals[i].referrer_user_id)))
         .collect();
+    let rows: Vec<&ReferralOutcome> = keep.iter().map(|&i| &referrals[i]).collect();
+    let none = ReferralFacts::default();
+    let f: Vec<&ReferralFacts> = keep
+        .iter()
+        .map(|&i| facts.get(i).unwrap_or(&none))
+        .collect();
+    let text = |g: fn(&ReferralFacts) -> &Option<String>| {
+        f.iter()
+            .map(|x| g(x).clone())
+            .collect::<Vec<Option<String>>>()
+    };
+    let flag = |g: fn(&ReferralFacts) -> Option<bool>| f.iter().map(|x| g(x)).collect::<Vec<_>>();
+    let as_of = instant::to_rfc3339(as_of);
     df!(
         "referrer_user_id" => rows.iter().map(|r| r.referrer_user_id).collect::<Vec<i64>>(),
         "referred_user_id" => rows.iter().map(|r| r.referred_user_id).collect::<Vec<i64>>(),
         "outcome" => rows.iter().map(|r| r.outcome.as_str()).collect::<Vec<&str>>(),
         "position" => rows.iter().map(|r| r.position.map(i64::from)).collect::<Vec<Option<i64>>>(),
         "signup_ip" => rows.iter().map(|r| r.signup_ip.clone()).collect::<Vec<Option<String>>>(),
+        "is_active" => flag(|x| x.is_active),
+        "is_verified" => flag(|x| x.is_verified),
+        "signed_up_at" => text(|x| &x.signed_up_at),
+        "tier" => text(|x| &x.tier),
+        "status" => text(|x| &x.status),
+        "subscribed_at" => text(|x| &x.subscribed_at),
+        "expires_at" => text(|x| &x.expires_at),
+        "cooldown_ends_at" => text(|x| &x.cooldown_ends_at),
+        "ip_claimed_by" => f.iter().map(|x| x.ip_claimed_by).collect::<Vec<Option<i64>>>(),
+        "as_of" => vec![as_of.as_str(); rows.len()],
     )
 }
 

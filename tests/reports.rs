@@ -29,6 +29,9 @@ const SPEC_FIELDS: [&str; 11] = [
     "current_bonus_slots",
 ];
 
+/// The audit columns after them.
+const AUDIT_FIELDS: [&str; 4] = ["current_badge", "bonus_delta", "is_referrer", "as_of"];
+
 fn cli(url: &str, args: &[&str]) -> Output {
     let mut all = vec!["--database-url", url];
     all.extend_from_slice(args);
@@ -68,8 +71,29 @@ async fn three_formats_read_back_to_the_same_rows() {
             String::from_utf8_lossy(&o.stderr)
         );
         let format = ReportFormat::resolve(&path, None).unwrap();
-        let referrers = report::read(&path, format).unwrap();
-        let referrals = report::read(&report::per_referral_path(&path, format), format).unwrap();
+        // A column that is null throughout reads back as text from CSV and Parquet, but with
+        // no type from JSON: give it the text type to compare.
+        let typed = |df: DataFrame| {
+            let names: Vec<String> = df
+                .columns()
+                .iter()
+                .filter(|c| c.dtype() == &DataType::Null)
+                .map(|c| c.name().to_string())
+                .collect();
+            let mut df = df;
+            for n in &names {
+                let c = df
+                    .column(n.as_str())
+                    .unwrap()
+                    .cast(&DataType::String)
+                    .unwrap();
+                df.with_column(c).unwrap();
+            }
+            df
+        };
+        let referrers = typed(report::read(&path, format).unwrap());
+        let referrals =
+            typed(report::read(&report::per_referral_path(&path, format), format).unwrap());
         frames.push((ext, referrers, referrals));
     }
     let (_, first, first_referrals) = &frames[0];
@@ -78,7 +102,8 @@ async fn three_formats_read_back_to_the_same_rows() {
         .iter()
         .map(|n| n.as_str())
         .collect();
-    assert_eq!(names, SPEC_FIELDS);
+    assert_eq!(names[..11], SPEC_FIELDS, "SPEC's fields first, in order");
+    assert_eq!(names[11..], AUDIT_FIELDS);
     assert_eq!(
         first.height(),
         3,
@@ -89,6 +114,28 @@ async fn three_formats_read_back_to_the_same_rows() {
         27,
         "25 + 1 counted, and user 41, referred by user 40 who holds no invite code"
     );
+    // The facts behind the outcomes ride along: user 14 is a duplicate of user 2's IP, and user
+    // 5's cooldown ends 7 days after its signup (one microsecond inside the cooldown).
+    let cell = |id: i64, column: &str| -> AnyValue<'static> {
+        let ids = first_referrals
+            .column("referred_user_id")
+            .unwrap()
+            .i64()
+            .unwrap();
+        let i = ids.into_no_null_iter().position(|x| x == id).unwrap();
+        first_referrals
+            .column(column)
+            .unwrap()
+            .get(i)
+            .unwrap()
+            .into_static()
+    };
+    assert_eq!(cell(14, "ip_claimed_by"), AnyValue::Int64(2));
+    assert_eq!(
+        cell(5, "cooldown_ends_at"),
+        AnyValue::StringOwned("2026-11-01T12:00:00.000001Z".into())
+    );
+    assert_eq!(cell(21, "tier"), AnyValue::StringOwned("Trader".into()));
     for (ext, referrers, referrals) in &frames {
         assert_eq!(referrers.schema(), first.schema(), "{ext}");
         assert!(
@@ -163,13 +210,18 @@ async fn json_report_has_exactly_specs_field_names_and_types() {
     for row in &rows {
         let names: Vec<&str> = row.keys().map(String::as_str).collect();
         let mut want = SPEC_FIELDS.to_vec();
+        want.extend(AUDIT_FIELDS);
         want.sort();
         let mut got = names.clone();
         got.sort();
         assert_eq!(got, want);
         for (k, v) in row {
-            if k == "badge" {
+            if ["badge", "current_badge"].contains(&k.as_str()) {
                 assert!(v.is_null() || v.is_string(), "{k}: {v}");
+            } else if k == "as_of" {
+                assert_eq!(v, "2026-11-01T12:00:00.000000Z");
+            } else if k == "is_referrer" {
+                assert!(v.is_boolean(), "{k}: {v}");
             } else {
                 assert!(v.is_i64(), "{k}: {v}");
             }

@@ -237,8 +237,13 @@ async fn write_outputs(
         if let Some((path, format)) = &outputs.report {
             let (path, format) = (path.as_path(), *format);
             let started = std::time::Instant::now();
-            let mut frame =
-                report::referrer_frame(&run.plan, only_changes).map_err(polars_failure)?;
+            let mut frame = report::referrer_frame(
+                &run.plan,
+                &run.computation.results,
+                run.request.as_of,
+                only_changes,
+            )
+            .map_err(polars_failure)?;
             report::write(&mut frame, path, format)?;
             push("report", path, frame.height(), started);
             if per_referral {
@@ -251,8 +256,13 @@ async fn write_outputs(
                         .map(|e| e.referrer_user_id())
                         .collect()
                 });
-                let mut rows = report::referral_frame(&run.computation.listed(), keep.as_ref())
-                    .map_err(polars_failure)?;
+                let mut rows = report::referral_frame(
+                    &run.computation.listed(),
+                    &run.computation.facts,
+                    run.request.as_of,
+                    keep.as_ref(),
+                )
+                .map_err(polars_failure)?;
                 let beside = report::per_referral_path(path, format);
                 report::write(&mut rows, &beside, format)?;
                 push("per_referral", &beside, rows.height(), started);
