@@ -7,6 +7,7 @@
 //! `program::slots::plan` (desired vs current, digest) → `store` (apply) → `summary`.
 //! `engine` runs that line once; the binary and the scheduler are thin callers.
 
+pub mod audit_page;
 pub mod config;
 pub mod demo;
 pub mod diff;

@@ -34,6 +34,8 @@ pub enum ReportFormat {
     Csv,
     Json,
     Parquet,
+    /// The audit page (`src/audit_page.rs`): one self-contained HTML file.
+    Html,
 }
 
 impl ReportFormat {
@@ -51,8 +53,9 @@ impl ReportFormat {
             Some("csv") => Ok(ReportFormat::Csv),
             Some("json") => Ok(ReportFormat::Json),
             Some("parquet") | Some("pq") => Ok(ReportFormat::Parquet),
+            Some("html") | Some("htm") => Ok(ReportFormat::Html),
             other => Err(ReportError::Usage(format!(
-                "--report {}: cannot tell the format from the extension {}; use .csv, .json or .parquet, or --format",
+                "--report {}: cannot tell the format from the extension {}; use .csv, .json, .parquet or .html, or --format",
                 path.display(),
                 other.map_or_else(|| "(none)".to_owned(), |e| format!("{e:?}"))
             ))),
@@ -64,6 +67,7 @@ impl ReportFormat {
             ReportFormat::Csv => "csv",
             ReportFormat::Json => "json",
             ReportFormat::Parquet => "parquet",
+            ReportFormat::Html => "html",
         }
     }
 }
@@ -200,6 +204,7 @@ pub fn write(df: &mut DataFrame, path: &Path, format: ReportFormat) -> Result<()
             .with_json_format(JsonFormat::Json)
             .finish(df),
         ReportFormat::Parquet => ParquetWriter::new(file).finish(df).map(|_| ()),
+        ReportFormat::Html => return Err(err("a table is not written as HTML".into())),
     };
     result.map_err(|e| err(e.to_string()))
 }
@@ -213,6 +218,9 @@ pub fn read(path: &Path, format: ReportFormat) -> PolarsResult<DataFrame> {
             .finish(),
         ReportFormat::Json => JsonReader::new(File::open(path)?).finish(),
         ReportFormat::Parquet => ParquetReader::new(File::open(path)?).finish(),
+        ReportFormat::Html => Err(PolarsError::InvalidOperation(
+            "the audit page is not read back as a table".into(),
+        )),
     }
 }
 
@@ -381,4 +389,12 @@ pub fn count_differences(audited: &SavedPlan, fresh: &Plan) -> usize {
     ids.into_iter()
         .filter(|id| old.get(id).copied() != new.get(id))
         .count()
+}
+
+/// Writes the audit page (`--report PATH.html`, `--html PATH`).
+pub fn write_page(html: &str, path: &Path) -> Result<(), ReportError> {
+    std::fs::write(path, html).map_err(|e| ReportError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
 }

@@ -111,9 +111,14 @@ pub enum Command {
         /// RFC 3339; without offset: UTC [default: now]
         #[arg(long, value_name = "TIME", value_parser = parse_time)]
         as_of: Option<Instant>,
-        /// Write the per-referrer report (docs/rules.md §5) here (.csv, .json or .parquet)
+        /// Write the per-referrer report (docs/rules.md §5) here (.csv, .json or .parquet), or
+        /// the audit page (.html, as --html)
         #[arg(long, value_name = "PATH")]
         report: Option<PathBuf>,
+        /// Write the audit page here: one self-contained HTML file (summary, outcome charts,
+        /// top referrers, the plan's changes, the config in force)
+        #[arg(long, value_name = "PATH")]
+        html: Option<PathBuf>,
         /// Report format [default: from the report's extension]
         #[arg(long, value_enum, requires = "report")]
         format: Option<ReportFormat>,

@@ -126,6 +126,8 @@ impl Stdout {
 /// not commit and then fail to leave its report behind for a reason known in advance.
 struct Outputs {
     report: Option<(PathBuf, ReportFormat)>,
+    /// The audit page (`--html`, or `--report PATH.html`).
+    html: Option<PathBuf>,
     plan: Option<PathBuf>,
 }
 
@@ -176,13 +178,45 @@ impl Outputs {
     fn check(
         report: Option<PathBuf>,
         format: Option<ReportFormat>,
+        html: Option<PathBuf>,
         per_referral: bool,
         grants: bool,
         plan: Option<PathBuf>,
     ) -> Result<Outputs, Failure> {
-        let report = report
+        let mut report = report
             .map(|p| ReportFormat::resolve(&p, format).map(|f| (p, f)))
             .transpose()?;
+        let html = match report.take() {
+            Some((path, ReportFormat::Html)) => {
+                if html.is_some() {
+                    return Err(usage(
+                        "--report PATH.html and --html both ask for the audit page; give one"
+                            .into(),
+                    ));
+                }
+                if per_referral {
+                    return Err(usage(format!(
+                        "--per-referral {}: the per-referral rows are a table; give --report a .csv, .json or .parquet name (and --html for the page)",
+                        path.display()
+                    )));
+                }
+                Some(path)
+            }
+            other => {
+                report = other;
+                html
+            }
+        };
+        if let Some(path) = &html {
+            check_writable(
+                if report.is_none() {
+                    "--report"
+                } else {
+                    "--html"
+                },
+                path,
+            )?;
+        }
         if let Some((path, format)) = &report {
             check_writable("--report", path)?;
             let mut beside = vec![];
@@ -212,7 +246,7 @@ impl Outputs {
             }
             check_writable("--save-plan", path)?;
         }
-        Ok(Outputs { report, plan })
+        Ok(Outputs { report, html, plan })
     }
 }
 
@@ -220,6 +254,7 @@ impl Outputs {
 /// it wrote, for the summary.
 async fn write_outputs(
     run: std::sync::Arc<engine::RunReport>,
+    config: Config,
     outputs: Outputs,
     per_referral: bool,
     only_changes: bool,
@@ -285,6 +320,14 @@ async fn write_outputs(
                 push("programs", &beside, frame.height(), started);
             }
         }
+        if let Some(path) = &outputs.html {
+            let started = std::time::Instant::now();
+            let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
+            let diff = referral_rewards::diff::diff(&saved);
+            let page = referral_rewards::audit_page::render(&run, &config, &diff);
+            report::write_page(&page, path)?;
+            push("audit_page", path, diff.totals.changed as usize, started);
+        }
         if let Some(path) = &outputs.plan {
             let started = std::time::Instant::now();
             let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
@@ -318,6 +361,10 @@ fn written_text(files: &[WrittenFile], digest: &str) -> String {
                 f.rows, f.path, f.seconds
             ),
             "programs" => format!("grant programs report: {} rows to {}", f.rows, f.path),
+            "audit_page" => format!(
+                "audit page: {} changed referrers to {} in {:.2} s",
+                f.rows, f.path, f.seconds
+            ),
             _ => format!("plan saved to {} (digest {digest})", f.path),
         };
         s.push_str(&line);
@@ -456,6 +503,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
             dry_run,
             as_of,
             report,
+            html,
             format,
             per_referral,
             only_changes,
@@ -470,6 +518,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
             let outputs = Outputs::check(
                 report,
                 format,
+                html,
                 per_referral,
                 !config.grants.is_empty(),
                 save_plan,
@@ -533,7 +582,15 @@ pub async fn dispatch(cli: Cli) -> Result<(), Failure> {
             // keep them from being written.
             let mut files = vec![];
             let mut output_errors = vec![];
-            match write_outputs(run.clone(), outputs, per_referral, only_changes).await {
+            match write_outputs(
+                run.clone(),
+                config.clone(),
+                outputs,
+                per_referral,
+                only_changes,
+            )
+            .await
+            {
                 Ok(written) => files = written,
                 Err(f) if run.run_id.is_none() => return Err(f),
                 Err(f) => output_errors.push(f.message),
