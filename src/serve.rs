@@ -81,6 +81,9 @@ struct App {
     /// When this process started serving: `/healthz`'s staleness counts from here until the
     /// first successful full run.
     started: instant::Instant,
+    /// The audit page of the latest full dry run (`GET /v1/audit`) and when it was made: one
+    /// dry run at a time, and requests that arrive while it runs are answered with its page.
+    audit: Mutex<Option<(std::time::Instant, Arc<String>)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +160,7 @@ pub async fn serve(config: Config, store: Store, settings: Settings) -> Result<(
         last_tick: std::sync::Mutex::new(None),
         http_open: AtomicU64::new(0),
         started: instant::from_datetime(chrono::Utc::now()),
+        audit: Mutex::new(None),
         config,
     });
 
@@ -469,6 +473,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/referrers/{id}/reconcile", post(reconcile_referrer))
         .route("/v1/referrers/{id}", get(explain_referrer))
         .route("/v1/users/{id}", get(explain_user))
+        .route("/v1/audit", get(audit_page))
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(show_run))
         .route("/v1/changes", get(list_changes))
@@ -724,6 +729,52 @@ async fn explain_referrer(
         Ok(e) => Json(e).into_response(),
         Err(e) => engine_error(e),
     }
+}
+
+/// `GET /v1/audit`: the audit page (`reconcile --dry-run --report PATH.html`) of a full dry run
+/// at now. Requests that arrive while one is being made share it.
+async fn audit_page(State(app): State<Arc<App>>) -> Response {
+    let asked = std::time::Instant::now();
+    let mut latest = app.audit.lock().await;
+    if let Some((made, page)) = latest.as_ref()
+        && *made >= asked
+    {
+        return html_response(page.clone());
+    }
+    let req = RunRequest {
+        scope: Scope::Full,
+        as_of: instant::from_datetime(chrono::Utc::now()),
+        dry_run: true,
+    };
+    let run = match engine::run(&app.store, &app.config, req).await {
+        Ok(r) => r,
+        Err(e) => return engine_error(e),
+    };
+    let config = app.config.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        let saved = crate::report::saved_plan(&run.plan, &run.grants, run.request.as_of);
+        crate::audit_page::render(&run, &config, &crate::diff::diff(&saved))
+    })
+    .await;
+    match page {
+        Ok(page) => {
+            let page = Arc::new(page);
+            *latest = Some((std::time::Instant::now(), page.clone()));
+            html_response(page)
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering the page: {e}"),
+        ),
+    }
+}
+
+fn html_response(page: Arc<String>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        page.as_str().to_owned(),
+    )
+        .into_response()
 }
 
 /// `GET /v1/users/{id}`: a referred user from its own side (`explain --user`).

@@ -993,6 +993,41 @@ async fn a_referred_user_is_explained_over_http_as_on_the_command_line() {
     assert_eq!(get("/v1/users/abc".into()).await.0, 400);
 }
 
+/// `GET /v1/audit` serves the audit page of a full dry run at now, behind the token like the
+/// rest: self-contained HTML whose data counts every referrer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_page_is_served_behind_the_token() {
+    let db = demo_db(Backend::Sqlite).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, dir.path(), "0 0 0 1 1 *", false, 5);
+    let http = client();
+    let url = format!("{}/v1/audit", server.base);
+    let denied = http.get(&url).send().await.unwrap();
+    assert_eq!(denied.status().as_u16(), 401);
+    let r = http.get(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "text/html; charset=utf-8"
+    );
+    let page = r.text().await.unwrap();
+    assert!(page.starts_with("<!doctype html>"));
+    assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));
+    let start = page
+        .find(r#"<script type="application/json" id="data">"#)
+        .unwrap();
+    let json = &page[start..];
+    let json = &json[json.find('>').unwrap() + 1..json.find("</script>").unwrap()];
+    let data: serde_json::Value = serde_json::from_str(json).unwrap();
+    let referrers = db
+        .scalar("SELECT COUNT(*) FROM users WHERE invite_code IS NOT NULL")
+        .await;
+    assert_eq!(data["referrers"], referrers);
+    assert!(data["dry_run"].as_bool().unwrap());
+    // Nothing was written: no run row.
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM reward_runs").await, 0);
+}
+
 /// `GET /v1/referrers/{id}` pages its referrals; the pages together are every referral once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_over_http_is_paged() {
