@@ -33,7 +33,7 @@ BASH_COMPLETIONS := $(DATADIR)/bash-completion/completions/referral-rewards
 ZSH_COMPLETIONS := $(DATADIR)/zsh/site-functions/_referral-rewards
 FISH_COMPLETIONS := $(DATADIR)/fish/vendor_completions.d/referral-rewards.fish
 
-.PHONY: help build demo test lint fmt bench install uninstall
+.PHONY: help build demo test chromium lint fmt bench install uninstall
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -57,8 +57,18 @@ demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summari
 	$(DEMO) runs
 	@echo; echo "The demo database is $(DEMO_DB), its config $(DEMO_CONFIG)."
 
-test: ## Every test: unit, SQLite and PostgreSQL integration, CLI, serve, property tests
-	$(CARGO) test --lib --bins --tests
+test: chromium ## Every test: unit, SQLite and PostgreSQL integration, CLI, serve, property tests, the audit page in Chromium
+	REFERRAL_REWARDS_TEST_CHROMIUM="$$(command -v chromium || true)" $(CARGO) test --lib --bins --tests
+
+# The audit page's browser test runs headless Chromium: Debian's package, installed where missing
+# (as root, or through sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	    echo "installing Debian's chromium for the audit page's browser test"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null \
+	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null; } \
+	    || echo "could not install chromium: the browser test fails under CI=true and is skipped elsewhere"; }
 
 bench: ## Release build; 100k and 1M datasets (cached); figures per backend (BENCH_SIZES, BENCH_BACKENDS, BENCH_PARTS)
 	$(CARGO) bench --bench reconcile

@@ -1,0 +1,415 @@
+//! The audit page in a real browser: headless Chromium, driven over the DevTools protocol,
+//! renders the page of a demo dry run; it loads with no console error and no network request,
+//! its charts and tables hold the numbers of the run's JSON summary, and sorting, filtering and
+//! the referrals of a referrer work.
+//!
+//! Chromium comes from `REFERRAL_REWARDS_TEST_CHROMIUM` (the Makefile sets it, installing
+//! Debian's `chromium` where missing), else `chromium` on PATH. Without it the test fails when
+//! `CI=true` and says loudly that it was skipped elsewhere.
+//! `REFERRAL_REWARDS_AUDIT_SCREENSHOT=PATH` also saves a PNG of the page there (docs/).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
+const AS_OF: &str = "2026-11-01T00:00:00Z";
+
+fn chromium() -> Option<PathBuf> {
+    let given = std::env::var_os("REFERRAL_REWARDS_TEST_CHROMIUM")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    let found = given.or_else(|| {
+        ["chromium", "chromium-browser", "google-chrome"]
+            .iter()
+            .find_map(|name| {
+                std::env::var_os("PATH").and_then(|paths| {
+                    std::env::split_paths(&paths)
+                        .map(|d| d.join(name))
+                        .find(|p| p.is_file())
+                })
+            })
+    });
+    if found.is_none() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "CI=true and no Chromium: set REFERRAL_REWARDS_TEST_CHROMIUM or install Debian's chromium (make test does)"
+            );
+        }
+        eprintln!(
+            "\n*** SKIPPED: the audit page's browser test needs Chromium (Debian's chromium; `make test` installs it) ***\n"
+        );
+    }
+    found
+}
+
+fn run(dir: &Path, args: &[&str]) -> std::process::Output {
+    let o = Command::new(BIN)
+        .current_dir(dir)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// The browser, killed when dropped.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A DevTools-protocol session on one page target, over the browser's WebSocket.
+struct Cdp {
+    ws: tungstenite::WebSocket<TcpStream>,
+    next: u64,
+    session: Option<String>,
+    /// Every event seen, in order.
+    events: Vec<Value>,
+}
+
+impl Cdp {
+    fn connect(url: &str) -> Cdp {
+        let addr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let stream = TcpStream::connect(&addr).unwrap();
+        // A browser that stops answering fails the test instead of hanging it.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let (ws, _) = tungstenite::client(url, stream).unwrap();
+        Cdp {
+            ws,
+            next: 0,
+            session: None,
+            events: vec![],
+        }
+    }
+
+    fn read(&mut self) -> Value {
+        loop {
+            match self.ws.read().expect("the browser answers") {
+                tungstenite::Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a command and returns its result; events that arrive meanwhile are kept.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if let Some(s) = &self.session {
+            msg["sessionId"] = s.clone().into();
+        }
+        self.ws
+            .send(tungstenite::Message::text(msg.to_string()))
+            .unwrap();
+        loop {
+            let v = self.read();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+            self.events.push(v);
+        }
+    }
+
+    /// Waits for an event (or finds it among those already seen).
+    fn wait_for(&mut self, method: &str) -> Value {
+        if let Some(e) = self.events.iter().find(|e| e["method"] == method) {
+            return e.clone();
+        }
+        loop {
+            let v = self.read();
+            self.events.push(v.clone());
+            if v["method"] == method {
+                return v;
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression in the page and returns its value.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
+        );
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+}
+
+/// Starts headless Chromium and returns it with its DevTools WebSocket URL, read from the log
+/// line it prints when it listens (no sleep: the line is the handshake).
+fn launch(chromium: &Path) -> (Browser, String) {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--remote-debugging-port=0",
+            "--window-size=1280,2000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("Chromium printed its DevTools address before exiting")
+            .unwrap();
+        if let Some(at) = line.find("ws://") {
+            break line[at..].trim().to_owned();
+        }
+    };
+    // Keep draining its log so that it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (
+        Browser {
+            child,
+            _profile: profile,
+        },
+        url,
+    )
+}
+
+/// The demo's config: config.toml with its two example grant programs enabled (as `make demo`).
+fn demo_config() -> String {
+    let text = include_str!("../config.toml");
+    let mut out = String::new();
+    let mut grants = false;
+    for line in text.lines() {
+        if line.starts_with("# [[grants]]") {
+            grants = true;
+        }
+        out.push_str(if grants {
+            line.strip_prefix("# ").unwrap_or(line)
+        } else {
+            line
+        });
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_report() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("config.toml"), demo_config()).unwrap();
+    let db = format!("sqlite://{}", d.join("demo.db").display());
+    let base = ["--config", "config.toml", "--database-url", db.as_str()];
+    let with =
+        |args: &[&str]| -> Vec<String> { base.iter().chain(args).map(|s| s.to_string()).collect() };
+    let args = with(&[
+        "demo-data",
+        "--users",
+        "4000",
+        "--seed",
+        "7",
+        "--anchor",
+        AS_OF,
+    ]);
+    run(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let args = with(&[
+        "reconcile",
+        "--dry-run",
+        "--as-of",
+        AS_OF,
+        "--report",
+        "audit.html",
+        "--diff",
+        "--output",
+        "json",
+    ]);
+    let o = run(d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let totals = &report["diff"]["totals"];
+    let page_path = std::fs::canonicalize(d.join("audit.html")).unwrap();
+    let page_url = format!("file://{}", page_path.display());
+
+    let (_browser, ws) = launch(&chromium);
+    let mut cdp = Cdp::connect(&ws);
+    let target = cdp.call("Target.createTarget", json!({ "url": "about:blank" }));
+    let attached = cdp.call(
+        "Target.attachToTarget",
+        json!({ "targetId": target["targetId"], "flatten": true }),
+    );
+    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
+    for domain in ["Page", "Runtime", "Log", "Network"] {
+        cdp.call(&format!("{domain}.enable"), json!({}));
+    }
+    cdp.events.clear();
+    cdp.call("Page.navigate", json!({ "url": page_url }));
+    cdp.wait_for("Page.loadEventFired");
+    let load_ms = cdp.eval(
+        "(() => { const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd || performance.now(); })()",
+    );
+    eprintln!(
+        "audit page: {} bytes, loaded in {load_ms} ms",
+        std::fs::metadata(&page_path).unwrap().len()
+    );
+
+    // A picture of the page as it opens (the viewport), for the docs when asked.
+    let shot = cdp.call("Page.captureScreenshot", json!({ "format": "png" }));
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(shot["data"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    if let Some(path) = std::env::var_os("REFERRAL_REWARDS_AUDIT_SCREENSHOT") {
+        std::fs::write(path, &png).unwrap();
+    }
+
+    // No console error, no exception, no request but the page itself.
+    let errors: Vec<&Value> = cdp
+        .events
+        .iter()
+        .filter(|e| {
+            e["method"] == "Runtime.exceptionThrown"
+                || (e["method"] == "Runtime.consoleAPICalled" && e["params"]["type"] == "error")
+                || (e["method"] == "Log.entryAdded" && e["params"]["entry"]["level"] == "error")
+        })
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let requests: Vec<&str> = cdp
+        .events
+        .iter()
+        .filter(|e| e["method"] == "Network.requestWillBeSent")
+        .map(|e| e["params"]["request"]["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        requests,
+        [page_url.as_str()],
+        "the page alone, nothing else"
+    );
+
+    // The charts hold the JSON report's numbers: the slots outcomes and each grant program's.
+    let mut bars = |chart: &str| -> Value {
+        cdp.eval(&format!(
+            "Object.fromEntries([...document.querySelectorAll('#{chart} g.bar')].map(g => [g.dataset.label, Number(g.dataset.value)]))"
+        ))
+    };
+    let slots = bars("chart-slots");
+    for (outcome, n) in report["outcomes"].as_object().unwrap() {
+        assert_eq!(slots[outcome], *n, "{outcome}");
+    }
+    let programs = report["grant_programs"].as_array().unwrap();
+    assert_eq!(programs.len(), 2);
+    for p in programs {
+        let chart = bars(&format!("chart-grants-{}", p["program"].as_str().unwrap()));
+        for (outcome, n) in p["outcomes"].as_object().unwrap() {
+            assert_eq!(chart[outcome], *n, "{} {outcome}", p["program"]);
+        }
+    }
+    let text = |cdp: &mut Cdp, id: &str| -> String {
+        cdp.eval(&format!("document.getElementById('{id}').textContent"))
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(text(&mut cdp, "digest"), report["digest"].as_str().unwrap());
+    assert_eq!(
+        text(&mut cdp, "bonus-delta"),
+        format!("{:+}", report["stats"]["bonus_delta"].as_i64().unwrap())
+    );
+
+    // The changes table: every change once, paged by 100.
+    let all = totals["changed"].as_u64().unwrap()
+        + totals["grants"].as_u64().unwrap()
+        + totals["reversals"].as_u64().unwrap();
+    assert!(all > 100, "enough changes to page: {all}");
+    assert_eq!(text(&mut cdp, "shown"), format!("rows 1–100 of {all}"));
+    let rows = |cdp: &mut Cdp| -> Vec<Vec<String>> {
+        serde_json::from_value(cdp.eval(
+            "[...document.querySelectorAll('#changes tbody tr')].map(tr => [...tr.cells].map(td => td.textContent))",
+        ))
+        .unwrap()
+    };
+    assert_eq!(rows(&mut cdp).len(), 100);
+
+    // Sorting by delta: the largest first, then on a second click the smallest first.
+    let deltas: Vec<i64> = ["up", "down", "revoked", "new_subscriptions", "counts_only"]
+        .iter()
+        .flat_map(|g| report["diff"][g].as_array().unwrap().iter())
+        .map(|r| r["bonus_delta"].as_i64().unwrap())
+        .collect();
+    let delta = |row: &Vec<String>| row[5].trim_start_matches('+').parse::<i64>().unwrap();
+    cdp.eval("document.querySelector('#changes th[data-col=\"5\"]').click()");
+    let sorted = rows(&mut cdp);
+    assert_eq!(delta(&sorted[0]), *deltas.iter().max().unwrap());
+    assert!(sorted.windows(2).all(|w| delta(&w[0]) >= delta(&w[1])));
+    cdp.eval("document.querySelector('#changes th[data-col=\"5\"]').click()");
+    let sorted = rows(&mut cdp);
+    assert_eq!(delta(&sorted[0]), (*deltas.iter().min().unwrap()).min(0));
+    assert!(sorted.windows(2).all(|w| delta(&w[0]) <= delta(&w[1])));
+
+    // Filtering by kind: the revoked ones, as many as the report counts.
+    cdp.eval(
+        "(() => { const s = document.getElementById('kind'); s.value = 'revoked'; s.dispatchEvent(new Event('change')); })()",
+    );
+    let revoked = totals["revoked"].as_u64().unwrap();
+    assert!(revoked > 0);
+    assert!(text(&mut cdp, "shown").ends_with(&format!(" of {revoked}")));
+    assert!(rows(&mut cdp).iter().all(|r| r[0] == "revoked"));
+    // Filtering by text: one referrer's rows.
+    let one = report["diff"]["up"][0]["referrer_user_id"]
+        .as_i64()
+        .unwrap();
+    cdp.eval(&format!(
+        "(() => {{ document.getElementById('kind').value = ''; const f = document.getElementById('filter'); f.value = '{one}'; f.dispatchEvent(new Event('input')); }})()"
+    ));
+    let filtered = rows(&mut cdp);
+    assert!(!filtered.is_empty());
+    assert!(
+        filtered
+            .iter()
+            .all(|r| r.iter().any(|c| c.contains(&one.to_string())))
+    );
+
+    // A top referrer's referrals, one click away.
+    cdp.eval("document.querySelector('#top a.ref').click()");
+    let shown = cdp.eval(
+        "(() => { const b = document.getElementById('referrals'); return [b.hidden, b.querySelectorAll('tbody tr').length]; })()",
+    );
+    assert_eq!(shown[0], false);
+    let first_top = cdp.eval("Number(document.querySelector('#top a.ref').dataset.id)");
+    let data = cdp.eval("JSON.parse(document.getElementById('data').textContent).referrals");
+    let expected = data[first_top.to_string()].as_array().unwrap().len();
+    assert_eq!(shown[1], expected);
+    assert!(expected > 0);
+}
