@@ -18,6 +18,10 @@ use referral_rewards::report::{self, ReportFormat};
 use referral_rewards::snapshot::Scope;
 use referral_rewards::store::{ConnectOptions, Store};
 
+// The audit page's load time in headless Chromium (the browser test's DevTools client).
+#[path = "../tests/cdp/mod.rs"]
+mod cdp;
+
 const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
 const ANCHOR: &str = "2026-11-01T00:00:00Z";
 const SEED: &str = "42";
@@ -783,6 +787,51 @@ async fn bench_grants(d: &Dataset) {
     );
 }
 
+/// The audit page of a full dry run with the grant programs, on the dataset as generated (no run
+/// applied yet: every referrer changes, the page's worst case): the extra time and memory of
+/// writing it, its size, and its load time in headless Chromium (median of three loads).
+fn bench_audit(d: &Dataset) {
+    let cfg = grants_config();
+    let page = bench_dir().join(format!("audit-{}-{}.html", d.users, name(d.backend)));
+    let plain = [
+        "--config",
+        cfg.as_str(),
+        "reconcile",
+        "--dry-run",
+        "--as-of",
+        ANCHOR,
+    ];
+    let mut with_page = plain.to_vec();
+    let page_arg = page.display().to_string();
+    with_page.extend(["--html", page_arg.as_str()]);
+    let (without, without_rss) = median_of_three(&d.url, &plain);
+    let (with, with_rss) = median_of_three(&d.url, &with_page);
+    let bytes = std::fs::metadata(&page).unwrap().len();
+    println!();
+    println!("| audit page ({} indexes) | wall | peak RSS | |", d.indexes);
+    println!("| --- | ---: | ---: | --- |");
+    println!("| dry run with grant programs | {without:.2} s | {without_rss:.0} MiB | |");
+    println!(
+        "| the same with --html | {with:.2} s | {with_rss:.0} MiB | page {:.1} MB |",
+        bytes as f64 / 1e6
+    );
+    let Some(chromium) = cdp::find_chromium() else {
+        println!("| load in Chromium | | | no Chromium here |");
+        return;
+    };
+    let (_browser, ws) = cdp::launch(&chromium);
+    let mut c = cdp::Cdp::connect(&ws);
+    c.open_page();
+    let url = format!("file://{}", std::fs::canonicalize(&page).unwrap().display());
+    let mut loads: Vec<f64> = (0..3).map(|_| c.load(&url)).collect();
+    loads.sort_by(f64::total_cmp);
+    let rows = c.eval("JSON.parse(document.getElementById('data').textContent).changes.length");
+    println!(
+        "| load in headless Chromium (median of 3) | {:.0} ms | | {rows} table rows |",
+        loads[1]
+    );
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
@@ -811,9 +860,14 @@ async fn main() {
                 continue;
             }
             let d = dataset(backend, users, indexes);
-            // BENCH_PARTS=slots or =grants: one of the two tables.
-            let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "slots,grants".into());
+            // BENCH_PARTS=audit, =slots or =grants: one of the three tables. The audit page
+            // comes first, before any apply: its worst case.
+            let parts =
+                std::env::var("BENCH_PARTS").unwrap_or_else(|_| "audit,slots,grants".into());
             let part = |p: &str| parts.split(',').any(|x| x.trim() == p);
+            if part("audit") {
+                bench_audit(&d);
+            }
             if part("slots") {
                 bench(&d).await;
             }

@@ -18,7 +18,22 @@ use crate::program::slots::rules::Outcome;
 pub const TOP_N: usize = 20;
 /// At most this many referral rows are embedded (top referrers first, then changed referrers
 /// by the size of their bonus change); the page says how many referrers it left out.
-pub const REFERRAL_BUDGET: usize = 200_000;
+pub const REFERRAL_BUDGET: usize = 100_000;
+/// At most this many changed referrers, and this many grants and reversals, go into the
+/// changes table (the largest bonus changes first); the totals count them all, and the page
+/// says how many rows `plan show --limit 0` has beyond it. A first run over a million users
+/// changes every referrer and grants hundreds of thousands of referrals.
+pub const CHANGED_REFERRERS_BUDGET: usize = 40_000;
+pub const GRANT_ROWS_BUDGET: usize = 20_000;
+
+/// Short names of the stored fields for the table's detail column.
+fn short(field: &str) -> &str {
+    match field {
+        "referred_users_total" => "referred",
+        "qualified_referrals" => "qualified",
+        f => f.strip_prefix("disqualified_").unwrap_or(f),
+    }
+}
 
 /// The data the page's script reads (also the numbers its charts and tables show).
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +63,8 @@ pub struct PageData {
     pub referrals: std::collections::BTreeMap<i64, Vec<(i64, u8, Option<u32>)>>,
     /// Referrers whose referrals did not fit the budget (`explain --referrer ID` lists them).
     pub referrals_left_out: u64,
+    /// Changes beyond the table's budgets (`plan show --limit 0` lists them all).
+    pub changes_left_out: u64,
 }
 
 /// One row of the changes table.
@@ -116,72 +133,12 @@ pub fn data(run: &RunReport, diff: &PlanDiff) -> PageData {
         })
         .collect();
 
-    let mut changes: Vec<ChangeRow> = vec![];
-    let groups = [
-        ("up", &diff.up),
-        ("down", &diff.down),
-        ("revoked", &diff.revoked),
-        ("new_subscription", &diff.new_subscriptions),
-        ("counts_only", &diff.counts_only),
-    ];
-    for (kind, rows) in groups {
-        for r in rows.iter() {
-            let host = r
-                .changes
-                .iter()
-                .find(|f| f.field == crate::program::slots::plan::HOST_FIELD);
-            let bonus = |v: &Option<String>| v.as_deref().and_then(|s| s.parse::<i64>().ok());
-            let detail: Vec<String> = r
-                .changes
-                .iter()
-                .filter(|f| f.field != crate::program::slots::plan::HOST_FIELD)
-                .map(|f| {
-                    format!(
-                        "{} {} → {}",
-                        f.field,
-                        f.old.as_deref().unwrap_or("none"),
-                        f.new.as_deref().unwrap_or("none")
-                    )
-                })
-                .chain(r.write_error.iter().map(|e| format!("NOT WRITTEN: {e}")))
-                .collect();
-            changes.push((
-                kind,
-                r.referrer_user_id,
-                None,
-                host.and_then(|h| bonus(&h.old))
-                    .or(Some(current(r.referrer_user_id))),
-                host.and_then(|h| bonus(&h.new))
-                    .or(Some(current(r.referrer_user_id) + r.bonus_delta)),
-                r.bonus_delta,
-                detail.join(", "),
-            ));
-        }
-    }
-    for (kind, rows) in [("grant", &diff.grants), ("reversal", &diff.reversals)] {
-        for g in rows.iter() {
-            changes.push((
-                kind,
-                g.referrer_user_id,
-                Some(g.referred_user_id),
-                None,
-                None,
-                0,
-                format!(
-                    "{}: {} {} to user {} ({}{})",
-                    g.program,
-                    g.party,
-                    amount(g.credit_days, g.credit_cents),
-                    g.credited_user_id,
-                    g.outcome,
-                    g.cause
-                        .as_deref()
-                        .map(|c| format!(", {c}"))
-                        .unwrap_or_default()
-                ),
-            ));
-        }
-    }
+    let (changes, changes_left_out) = change_rows(
+        diff,
+        current,
+        CHANGED_REFERRERS_BUDGET,
+        GRANT_ROWS_BUDGET,
+    );
 
     // The referrals: the top referrers', then the changed referrers' by the size of their
     // bonus change, while the budget lasts.
@@ -255,7 +212,103 @@ pub fn data(run: &RunReport, diff: &PlanDiff) -> PageData {
             .collect(),
         referrals,
         referrals_left_out: left_out,
+        changes_left_out,
     }
+}
+
+/// The changes table's rows and how many were left out: the changed referrers, largest bonus
+/// change first, at most `referrers_budget`; then reversals and grants in the plan's order, at
+/// most `grants_budget`. `current` is a referrer's host value now.
+pub fn change_rows(
+    diff: &PlanDiff,
+    current: impl Fn(i64) -> i64,
+    referrers_budget: usize,
+    grants_budget: usize,
+) -> (Vec<ChangeRow>, u64) {
+    let groups = [
+        ("up", &diff.up),
+        ("down", &diff.down),
+        ("revoked", &diff.revoked),
+        ("new_subscription", &diff.new_subscriptions),
+        ("counts_only", &diff.counts_only),
+    ];
+    let mut referrer_rows: Vec<(&'static str, &crate::diff::ReferrerDiff)> = groups
+        .iter()
+        .flat_map(|(kind, rows)| rows.iter().map(move |r| (*kind, r)))
+        .collect();
+    referrer_rows
+        .sort_by_key(|(_, r)| (std::cmp::Reverse(r.bonus_delta.abs()), r.referrer_user_id));
+    let mut left_out = referrer_rows.len().saturating_sub(referrers_budget) as u64;
+    referrer_rows.truncate(referrers_budget);
+    let mut changes: Vec<ChangeRow> = vec![];
+    for (kind, r) in referrer_rows {
+        let host = r
+            .changes
+            .iter()
+            .find(|f| f.field == crate::program::slots::plan::HOST_FIELD);
+        let bonus = |v: &Option<String>| v.as_deref().and_then(|s| s.parse::<i64>().ok());
+        let detail: Vec<String> = r
+            .changes
+            .iter()
+            .filter(|f| {
+                f.field != crate::program::slots::plan::HOST_FIELD
+                    // The bonus columns show it, unless the stored row says otherwise.
+                    && !(f.field == "bonus_slots" && host.is_some())
+            })
+            .map(|f| {
+                format!(
+                    "{} {} → {}",
+                    short(&f.field),
+                    f.old.as_deref().unwrap_or("none"),
+                    f.new.as_deref().unwrap_or("none")
+                )
+            })
+            .chain(r.write_error.iter().map(|e| format!("NOT WRITTEN: {e}")))
+            .collect();
+        let now = current(r.referrer_user_id);
+        changes.push((
+            kind,
+            r.referrer_user_id,
+            None,
+            host.and_then(|h| bonus(&h.old)).or(Some(now)),
+            host.and_then(|h| bonus(&h.new))
+                .or(Some(now + r.bonus_delta)),
+            r.bonus_delta,
+            detail.join(", "),
+        ));
+    }
+    // Reversals first: rarer than grants, and what a reviewer looks for.
+    let grant_rows = diff.grants.len() + diff.reversals.len();
+    left_out += grant_rows.saturating_sub(grants_budget) as u64;
+    let rows = diff
+        .reversals
+        .iter()
+        .map(|g| ("reversal", g))
+        .chain(diff.grants.iter().map(|g| ("grant", g)))
+        .take(grants_budget);
+    for (kind, g) in rows {
+        changes.push((
+            kind,
+            g.referrer_user_id,
+            Some(g.referred_user_id),
+            None,
+            None,
+            0,
+            format!(
+                "{}: {} {} to user {} ({}{})",
+                g.program,
+                g.party,
+                amount(g.credit_days, g.credit_cents),
+                g.credited_user_id,
+                g.outcome,
+                g.cause
+                    .as_deref()
+                    .map(|c| format!(", {c}"))
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    (changes, left_out)
 }
 
 /// Escapes text for HTML.
@@ -450,6 +503,7 @@ pre { background: #f8f9fb; padding: 8px; overflow: auto; }
 <span id="shown"></span>
 <button id="prev" type="button">previous</button><button id="next" type="button">next</button>
 </div>
+<p id="changes-left-out" hidden></p>
 <table id="changes"><thead><tr>
 <th data-col="0">kind</th><th data-col="1" class="num">referrer</th><th data-col="2" class="num">referred user</th><th data-col="3" class="num">bonus now</th><th data-col="4" class="num">bonus after</th><th data-col="5" class="num">delta</th><th data-col="6">detail</th>
 </tr></thead><tbody></tbody></table>
@@ -534,5 +588,86 @@ document.addEventListener("click", (e) => {
   const a = e.target.closest("a.ref");
   if (a) { e.preventDefault(); showReferrals(a.dataset.id); }
 });
+if (D.changes_left_out > 0) {
+  const p = document.getElementById("changes-left-out");
+  p.textContent = D.changes_left_out + " more changes are not on this page (it holds the " + D.changes.length +
+    " largest): referral-rewards plan show PLAN.json --limit 0 lists them all.";
+  p.hidden = false;
+}
 apply();
 "##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::{FieldChange, GrantDiff, ReferrerDiff};
+    use crate::program::slots::plan::HOST_FIELD;
+
+    fn referrer(id: i64, delta: i64) -> ReferrerDiff {
+        ReferrerDiff {
+            referrer_user_id: id,
+            bonus_delta: delta,
+            changes: vec![
+                FieldChange {
+                    field: "qualified_referrals".into(),
+                    old: Some("1".into()),
+                    new: Some("2".into()),
+                },
+                FieldChange {
+                    field: HOST_FIELD.into(),
+                    old: Some("5".into()),
+                    new: Some((5 + delta).to_string()),
+                },
+            ],
+            write_error: None,
+        }
+    }
+
+    fn grant(referred: i64, cents: i64) -> GrantDiff {
+        GrantDiff {
+            program: "p".into(),
+            referrer_user_id: 1,
+            referred_user_id: referred,
+            outcome: "granted".into(),
+            cause: None,
+            party: "referrer".into(),
+            credited_user_id: 1,
+            credit_days: None,
+            credit_cents: Some(cents),
+        }
+    }
+
+    /// Over budget, the table keeps the largest bonus changes and the reversals, and counts
+    /// what it left out.
+    #[test]
+    fn the_table_keeps_the_largest_changes_within_its_budgets() {
+        let mut d = crate::diff::diff(&crate::report::SavedPlan {
+            format: "referral-rewards-plan/3".into(),
+            as_of: "2026-11-01T00:00:00Z".into(),
+            digest: "d".into(),
+            referrers: vec![],
+            programs: vec![],
+            current: Some(vec![]),
+        });
+        d.up = vec![referrer(1, 5), referrer(2, 1)];
+        d.down = vec![referrer(3, -10)];
+        d.grants = vec![grant(10, 100), grant(11, 100)];
+        d.reversals = vec![grant(12, -100)];
+        let (rows, left_out) = change_rows(&d, |_| 5, 2, 2);
+        let kinds: Vec<(&str, i64, Option<i64>)> = rows.iter().map(|r| (r.0, r.1, r.2)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("down", 3, None),
+                ("up", 1, None),
+                ("reversal", 1, Some(12)),
+                ("grant", 1, Some(10))
+            ]
+        );
+        assert_eq!(left_out, 2, "referrer 2 and the grant of user 11");
+        assert_eq!((rows[0].3, rows[0].4, rows[0].5), (Some(5), Some(-5), -10));
+        assert_eq!(rows[0].6, "qualified 1 → 2");
+        let (all, none_left) = change_rows(&d, |_| 5, 10, 10);
+        assert_eq!((all.len(), none_left), (6, 0));
+    }
+}

@@ -8,32 +8,19 @@
 //! `CI=true` and says loudly that it was skipped elsewhere.
 //! `REFERRAL_REWARDS_AUDIT_SCREENSHOT=PATH` also saves a PNG of the page there (docs/).
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::{Value, json};
+
+mod cdp;
+use cdp::{Cdp, launch};
 
 const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
 const AS_OF: &str = "2026-11-01T00:00:00Z";
 
 fn chromium() -> Option<PathBuf> {
-    let given = std::env::var_os("REFERRAL_REWARDS_TEST_CHROMIUM")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from);
-    let found = given.or_else(|| {
-        ["chromium", "chromium-browser", "google-chrome"]
-            .iter()
-            .find_map(|name| {
-                std::env::var_os("PATH").and_then(|paths| {
-                    std::env::split_paths(&paths)
-                        .map(|d| d.join(name))
-                        .find(|p| p.is_file())
-                })
-            })
-    });
+    let found = cdp::find_chromium();
     if found.is_none() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!(
@@ -63,166 +50,6 @@ fn run(dir: &Path, args: &[&str]) -> std::process::Output {
     o
 }
 
-/// The browser, killed when dropped.
-struct Browser {
-    child: Child,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A DevTools-protocol session on one page target, over the browser's WebSocket.
-struct Cdp {
-    ws: tungstenite::WebSocket<TcpStream>,
-    next: u64,
-    session: Option<String>,
-    /// Every event seen, in order.
-    events: Vec<Value>,
-}
-
-impl Cdp {
-    fn connect(url: &str) -> Cdp {
-        let addr = url
-            .trim_start_matches("ws://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned();
-        let stream = TcpStream::connect(&addr).unwrap();
-        // A browser that stops answering fails the test instead of hanging it.
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let (ws, _) = tungstenite::client(url, stream).unwrap();
-        Cdp {
-            ws,
-            next: 0,
-            session: None,
-            events: vec![],
-        }
-    }
-
-    fn read(&mut self) -> Value {
-        loop {
-            match self.ws.read().expect("the browser answers") {
-                tungstenite::Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
-                _ => continue,
-            }
-        }
-    }
-
-    /// Sends a command and returns its result; events that arrive meanwhile are kept.
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let mut msg = json!({ "id": id, "method": method, "params": params });
-        if let Some(s) = &self.session {
-            msg["sessionId"] = s.clone().into();
-        }
-        self.ws
-            .send(tungstenite::Message::text(msg.to_string()))
-            .unwrap();
-        loop {
-            let v = self.read();
-            if v["id"] == id {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
-            }
-            self.events.push(v);
-        }
-    }
-
-    /// Waits for an event (or finds it among those already seen).
-    fn wait_for(&mut self, method: &str) -> Value {
-        if let Some(e) = self.events.iter().find(|e| e["method"] == method) {
-            return e.clone();
-        }
-        loop {
-            let v = self.read();
-            self.events.push(v.clone());
-            if v["method"] == method {
-                return v;
-            }
-        }
-    }
-
-    /// Evaluates a JavaScript expression in the page and returns its value.
-    fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call(
-            "Runtime.evaluate",
-            json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
-        );
-        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
-        r["result"]["value"].clone()
-    }
-}
-
-/// Starts headless Chromium and returns it with its DevTools WebSocket URL, read from the log
-/// line it prints when it listens (no sleep: the line is the handshake).
-fn launch(chromium: &Path) -> (Browser, String) {
-    let profile = tempfile::tempdir().unwrap();
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-extensions",
-            "--remote-debugging-port=0",
-            "--window-size=1280,2000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("Chromium printed its DevTools address before exiting")
-            .unwrap();
-        if let Some(at) = line.find("ws://") {
-            break line[at..].trim().to_owned();
-        }
-    };
-    // Keep draining its log so that it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (
-        Browser {
-            child,
-            _profile: profile,
-        },
-        url,
-    )
-}
-
-/// The demo's config: config.toml with its two example grant programs enabled (as `make demo`).
-fn demo_config() -> String {
-    let text = include_str!("../config.toml");
-    let mut out = String::new();
-    let mut grants = false;
-    for line in text.lines() {
-        if line.starts_with("# [[grants]]") {
-            grants = true;
-        }
-        out.push_str(if grants {
-            line.strip_prefix("# ").unwrap_or(line)
-        } else {
-            line
-        });
-        out.push('\n');
-    }
-    out
-}
-
 #[test]
 fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_report() {
     let Some(chromium) = chromium() else {
@@ -230,7 +57,10 @@ fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_repor
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::write(d.join("config.toml"), demo_config()).unwrap();
+    // The demo's config: config.toml with its two example grant programs enabled.
+    let config =
+        referral_rewards::config::enable_grant_examples(include_str!("../config.toml")).unwrap();
+    std::fs::write(d.join("config.toml"), config).unwrap();
     let db = format!("sqlite://{}", d.join("demo.db").display());
     let base = ["--config", "config.toml", "--database-url", db.as_str()];
     let with =
@@ -264,21 +94,8 @@ fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_repor
 
     let (_browser, ws) = launch(&chromium);
     let mut cdp = Cdp::connect(&ws);
-    let target = cdp.call("Target.createTarget", json!({ "url": "about:blank" }));
-    let attached = cdp.call(
-        "Target.attachToTarget",
-        json!({ "targetId": target["targetId"], "flatten": true }),
-    );
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
-    for domain in ["Page", "Runtime", "Log", "Network"] {
-        cdp.call(&format!("{domain}.enable"), json!({}));
-    }
-    cdp.events.clear();
-    cdp.call("Page.navigate", json!({ "url": page_url }));
-    cdp.wait_for("Page.loadEventFired");
-    let load_ms = cdp.eval(
-        "(() => { const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd || performance.now(); })()",
-    );
+    cdp.open_page();
+    let load_ms = cdp.load(&page_url);
     eprintln!(
         "audit page: {} bytes, loaded in {load_ms} ms",
         std::fs::metadata(&page_path).unwrap().len()
