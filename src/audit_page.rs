@@ -133,12 +133,8 @@ pub fn data(run: &RunReport, diff: &PlanDiff) -> PageData {
         })
         .collect();
 
-    let (changes, changes_left_out) = change_rows(
-        diff,
-        current,
-        CHANGED_REFERRERS_BUDGET,
-        GRANT_ROWS_BUDGET,
-    );
+    let (changes, changes_left_out) =
+        change_rows(diff, current, CHANGED_REFERRERS_BUDGET, GRANT_ROWS_BUDGET);
 
     // The referrals: the top referrers', then the changed referrers' by the size of their
     // bonus change, while the budget lasts.

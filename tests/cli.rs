@@ -561,7 +561,9 @@ fn grant_programs_through_the_cli_audit_plan_apply_and_explain() {
         "cause",
         "conversion_payment_id",
         "converted_at",
+        "hold_ends_at",
         "position",
+        "cap",
         "referrer_change_days",
         "referred_change_cents",
     ] {
@@ -569,6 +571,16 @@ fn grant_programs_through_the_cli_audit_plan_apply_and_explain() {
     }
     let granted = rows.iter().filter(|r| r["outcome"] == "granted").count();
     assert!(granted > 0, "the demo population converts");
+    // No hold in either example; the second caps at 10 per referrer.
+    assert!(rows.iter().all(|r| r["hold_ends_at"].is_null()));
+    for r in rows {
+        let cap = if r["program"] == "first_purchase_credit" {
+            serde_json::json!(10)
+        } else {
+            serde_json::Value::Null
+        };
+        assert_eq!(r["cap"], cap, "{r}");
+    }
     let programs = read("r.programs.json");
     assert_eq!(programs.as_array().unwrap().len(), 2);
     let plan = read("plan.json");

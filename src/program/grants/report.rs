@@ -101,14 +101,15 @@ pub fn after_run(d: &Decided) -> Vec<(Party, Amount)> {
     live
 }
 
-/// One row per (program, referral): `NAME.grants.EXT`.
+/// One row per (program, referral): `NAME.grants.EXT`, with the facts `explain` shows (the
+/// conversion, the hold's end, the position against the program's cap).
 pub fn referral_frame<'a>(
     plans: impl IntoIterator<Item = &'a ProgramPlan>,
     keep: impl Fn(&Decided) -> bool,
 ) -> PolarsResult<DataFrame> {
-    let rows: Vec<(&str, &Decided)> = plans
+    let rows: Vec<(&ProgramPlan, &Decided)> = plans
         .into_iter()
-        .flat_map(|p| p.referrals.iter().map(move |d| (p.name.as_str(), d)))
+        .flat_map(|p| p.referrals.iter().map(move |d| (p, d)))
         .filter(|(_, d)| keep(d))
         .collect();
     let held = |party: Party, days: bool| -> Vec<Option<i64>> {
@@ -133,14 +134,16 @@ pub fn referral_frame<'a>(
             .collect()
     };
     df!(
-        "program" => rows.iter().map(|(p, _)| *p).collect::<Vec<&str>>(),
+        "program" => rows.iter().map(|(p, _)| p.name.as_str()).collect::<Vec<&str>>(),
         "referrer_user_id" => rows.iter().map(|(_, d)| d.referrer_id).collect::<Vec<i64>>(),
         "referred_user_id" => rows.iter().map(|(_, d)| d.user_id).collect::<Vec<i64>>(),
         "outcome" => rows.iter().map(|(_, d)| d.outcome.as_str()).collect::<Vec<&str>>(),
         "cause" => rows.iter().map(|(_, d)| d.cause.map(Outcome::as_str)).collect::<Vec<Option<&str>>>(),
         "conversion_payment_id" => rows.iter().map(|(_, d)| d.conversion.map(|c| c.payment_id)).collect::<Vec<Option<i64>>>(),
         "converted_at" => rows.iter().map(|(_, d)| d.conversion.map(|c| instant::to_rfc3339(c.at))).collect::<Vec<Option<String>>>(),
+        "hold_ends_at" => rows.iter().map(|(p, d)| d.conversion.filter(|_| p.hold_days > 0).map(|c| instant::to_rfc3339(c.at + p.hold_days * MICROS_PER_DAY))).collect::<Vec<Option<String>>>(),
         "position" => rows.iter().map(|(_, d)| d.position.map(i64::from)).collect::<Vec<Option<i64>>>(),
+        "cap" => rows.iter().map(|(p, _)| (p.cap > 0).then_some(p.cap)).collect::<Vec<Option<i64>>>(),
         "referrer_held_days" => held(Party::Referrer, true),
         "referrer_held_cents" => held(Party::Referrer, false),
         "referrer_change_days" => change(Party::Referrer, true),
