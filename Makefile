@@ -46,7 +46,9 @@ demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summari
 	@sed -e '/^# \[\[grants\]\]/,$$ s/^# //' config.toml > $(DEMO_CONFIG)
 	$(DEMO) demo-data --users $(DEMO_USERS) --seed 42 --anchor $(DEMO_AS_OF)
 	@echo; echo "== dry run: what a run would write, and why (writes nothing); the slots program and two grant programs"
-	$(DEMO) reconcile --dry-run --as-of $(DEMO_AS_OF)
+	$(DEMO) reconcile --dry-run --as-of $(DEMO_AS_OF) --html $(dir $(DEMO_DB))audit.html --save-plan $(dir $(DEMO_DB))plan.json
+	@echo; echo "== the plan's changes, grouped (the first 3 of each group)"
+	$(BIN) plan show $(dir $(DEMO_DB))plan.json --limit 3
 	@echo; echo "== apply"
 	$(DEMO) reconcile --as-of $(DEMO_AS_OF)
 	@echo; echo "== apply again: nothing left to write, nothing granted twice"
@@ -55,7 +57,8 @@ demo: build ## Synthetic SQLite database, a dry-run audit, an apply, the summari
 	$(DEMO) explain --referrer 2611 --as-of $(DEMO_AS_OF)
 	@echo; echo "== run history"
 	$(DEMO) runs
-	@echo; echo "The demo database is $(DEMO_DB), its config $(DEMO_CONFIG)."
+	@echo; echo "The demo database is $(DEMO_DB), its config $(DEMO_CONFIG);"
+	@echo "open $(dir $(DEMO_DB))audit.html in a browser for the audit page."
 
 test: chromium ## Every test: unit, SQLite and PostgreSQL integration, CLI, serve, property tests, the audit page in Chromium
 	REFERRAL_REWARDS_TEST_CHROMIUM="$$(command -v chromium || true)" $(CARGO) test --lib --bins --tests

@@ -418,7 +418,8 @@ pub fn render(run: &RunReport, cfg: &Config, diff: &PlanDiff) -> String {
 <dt>as of</dt><dd id="as-of">{as_of}</dd>
 <dt>digest</dt><dd id="digest"><code>{digest}</code></dd>
 <dt>run</dt><dd>{scope} on {backend}{dry}</dd>
-<dt>referrers</dt><dd id="referrers">{referrers}</dd>
+<dt>referrers (invite code)</dt><dd id="referrers">{referrers}</dd>
+<dt>users in the plan</dt><dd id="planned">{planned} (referrers, and non-referrers holding a reward)</dd>
 <dt>referred users</dt><dd id="referred-users">{referred}</dd>
 <dt>bonus up / down</dt><dd id="up-down">{up} / {down}</dd>
 <dt>bonus delta</dt><dd id="bonus-delta">{delta:+}</dd>
@@ -431,6 +432,7 @@ pub fn render(run: &RunReport, cfg: &Config, diff: &PlanDiff) -> String {
         backend = d.backend,
         dry = if d.dry_run { ", dry run" } else { ", applied" },
         referrers = d.referrers,
+        planned = s.referrers,
         referred = d.referred_users,
         up = s.rewards_up,
         down = s.rewards_down,
