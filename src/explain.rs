@@ -94,6 +94,9 @@ pub struct UserGrant {
 /// A time of the facts (RFC 3339 with microseconds) as a person reads it: `2026-11-08 14:03:00
 /// UTC`.
 pub fn when(rfc3339: &str) -> String {
+    if !rfc3339.starts_with(|c: char| c.is_ascii_digit()) {
+        return rfc3339.to_owned(); // infinity, -infinity
+    }
     let mut s: String = rfc3339.chars().take(19).collect();
     if s.len() > 10 {
         s.replace_range(10..11, " ");
@@ -730,9 +733,9 @@ async fn add_last_use(
         .filter(|r| r.outcome == Outcome::SharedIp.as_str())
     {
         if let Some(&at) = r.signup_ip.as_deref().and_then(|ip| last.get(ip)) {
-            r.facts.referrer_last_used_ip_at = Some(instant::to_rfc3339(at));
-            r.facts.shared_ip_until = Some(instant::to_rfc3339(
-                at + cfg.rules.ip_window_days * instant::MICROS_PER_DAY,
+            r.facts.referrer_last_used_ip_at = Some(instant::to_rfc3339_or_infinite(at));
+            r.facts.shared_ip_until = Some(instant::to_rfc3339_or_infinite(
+                at.saturating_add(cfg.rules.ip_window_days * instant::MICROS_PER_DAY),
             ));
             let (reason, change) = slots_reason(&as_outcome(r), &r.facts, cfg);
             r.reason = reason;

@@ -43,6 +43,16 @@ pub fn to_rfc3339(t: Instant) -> String {
     to_datetime(t).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// [`to_rfc3339`], or `infinity` / `-infinity` for an instant beyond chrono's range (PostgreSQL's
+/// infinite times, and what adding days to them gives): the facts shown to people may hold them.
+pub fn to_rfc3339_or_infinite(t: Instant) -> String {
+    match Utc.timestamp_micros(t).single() {
+        Some(d) => d.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        None if t > 0 => "infinity".into(),
+        None => "-infinity".into(),
+    }
+}
+
 /// Parses a SQLite time column: `YYYY-MM-DD HH:MM:SS[.ffffff]`, a `T` separator accepted,
 /// an optional `Z` or numeric offset honoured, and a bare date read as midnight UTC.
 pub fn parse_sql_text(s: &str) -> Option<Instant> {

@@ -364,6 +364,19 @@ each_pg_backend!(postgres_infinite_times_are_data, |db: TestDb| async move {
         outcome(16),
         referral_rewards::program::slots::rules::Outcome::Qualified
     );
+    // explain shows them as infinite times, and its text words them.
+    let cfg = referral_rewards::config::Config::default();
+    let e = referral_rewards::explain::referrer(&explain, &cfg, 1, None);
+    let facts = |id: i64| {
+        &e.referrals
+            .iter()
+            .find(|r| r.referred_user_id == id)
+            .unwrap()
+            .facts
+    };
+    assert_eq!(facts(16).expires_at.as_deref(), Some("infinity"));
+    assert_eq!(facts(15).subscribed_at.as_deref(), Some("-infinity"));
+    assert!(referral_rewards::explain::referrer_text(&e, &cfg).contains("-infinity"));
 });
 
 // The grant programs' host state is in the reference schema: payments, and each user's balances

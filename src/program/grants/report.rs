@@ -140,8 +140,8 @@ pub fn referral_frame<'a>(
         "outcome" => rows.iter().map(|(_, d)| d.outcome.as_str()).collect::<Vec<&str>>(),
         "cause" => rows.iter().map(|(_, d)| d.cause.map(Outcome::as_str)).collect::<Vec<Option<&str>>>(),
         "conversion_payment_id" => rows.iter().map(|(_, d)| d.conversion.map(|c| c.payment_id)).collect::<Vec<Option<i64>>>(),
-        "converted_at" => rows.iter().map(|(_, d)| d.conversion.map(|c| instant::to_rfc3339(c.at))).collect::<Vec<Option<String>>>(),
-        "hold_ends_at" => rows.iter().map(|(p, d)| d.conversion.filter(|_| p.hold_days > 0).map(|c| instant::to_rfc3339(c.at + p.hold_days * MICROS_PER_DAY))).collect::<Vec<Option<String>>>(),
+        "converted_at" => rows.iter().map(|(_, d)| d.conversion.map(|c| instant::to_rfc3339_or_infinite(c.at))).collect::<Vec<Option<String>>>(),
+        "hold_ends_at" => rows.iter().map(|(p, d)| d.conversion.filter(|_| p.hold_days > 0).map(|c| instant::to_rfc3339_or_infinite(c.at.saturating_add(p.hold_days * MICROS_PER_DAY)))).collect::<Vec<Option<String>>>(),
         "position" => rows.iter().map(|(_, d)| d.position.map(i64::from)).collect::<Vec<Option<i64>>>(),
         "cap" => rows.iter().map(|(p, _)| (p.cap > 0).then_some(p.cap)).collect::<Vec<Option<i64>>>(),
         "referrer_held_days" => held(Party::Referrer, true),
@@ -292,11 +292,12 @@ pub fn referrer_view(plan: &ProgramPlan, id: i64) -> ReferrerView {
                 outcome: d.outcome.as_str(),
                 cause: d.cause.map(Outcome::as_str),
                 conversion_payment_id: d.conversion.map(|c| c.payment_id),
-                converted_at: d.conversion.map(|c| instant::to_rfc3339(c.at)),
-                hold_ends_at: d
-                    .conversion
-                    .filter(|_| plan.hold_days > 0)
-                    .map(|c| instant::to_rfc3339(c.at + plan.hold_days * MICROS_PER_DAY)),
+                converted_at: d.conversion.map(|c| instant::to_rfc3339_or_infinite(c.at)),
+                hold_ends_at: d.conversion.filter(|_| plan.hold_days > 0).map(|c| {
+                    instant::to_rfc3339_or_infinite(
+                        c.at.saturating_add(plan.hold_days * MICROS_PER_DAY),
+                    )
+                }),
                 position: d.position,
                 held: d
                     .held

@@ -51,7 +51,9 @@ pub fn cooldown_ends(
     p: &RuleParams,
 ) -> Option<Instant> {
     (p.cooldown_days > 0).then(|| {
-        created_at.max(started_at.unwrap_or(created_at)) + p.cooldown_days * MICROS_PER_DAY
+        created_at
+            .max(started_at.unwrap_or(created_at))
+            .saturating_add(p.cooldown_days * MICROS_PER_DAY)
     })
 }
 
@@ -70,7 +72,7 @@ pub fn referral_facts(
             claimed.insert((r.referrer_user_id, ip), r.referred_user_id);
         }
     }
-    let t = |i: Option<Instant>| i.map(instant::to_rfc3339);
+    let t = |i: Option<Instant>| i.map(instant::to_rfc3339_or_infinite);
     listed
         .iter()
         .map(|r| {
