@@ -68,7 +68,7 @@ test: chromium ## Every test: unit, SQLite and PostgreSQL integration, CLI, serv
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	    echo "installing Debian's chromium for the audit page's browser test"; \
-	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
 	    $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null \
 	    || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null; } \
 	    || echo "could not install chromium: the browser test fails under CI=true and is skipped elsewhere"; }

@@ -614,7 +614,7 @@ async fn bench(d: &Dataset) {
                 .unwrap();
         report::write(&mut referrers, &path, format).unwrap();
         let mut referrals = report::referral_frame(
-            &r.computation.referrals,
+            &r.computation.listed(),
             &r.computation.facts,
             r.request.as_of,
             None,

@@ -144,14 +144,19 @@ pub fn data(run: &RunReport, diff: &PlanDiff) -> PageData {
         .filter(|r| r.2.is_none())
         .map(|r| (r.1, r.5))
         .collect();
-    changed.sort_by_key(|&(id, delta)| (std::cmp::Reverse(delta.abs()), id));
+    changed.sort_by_key(|&(id, delta)| (std::cmp::Reverse(delta.unsigned_abs()), id));
     wanted.extend(changed.into_iter().map(|(id, _)| id));
     let listed = c.listed();
     let mut referrals = std::collections::BTreeMap::new();
     let mut used = 0usize;
     let mut left_out = 0u64;
     for id in wanted {
-        if referrals.contains_key(&id) {
+        // A non-referrer's referrals are not read by a full run: none to show.
+        if referrals.contains_key(&id)
+            || c.results
+                .binary_search_by_key(&id, |r| r.referrer_user_id)
+                .is_err()
+        {
             continue;
         }
         let start = listed.partition_point(|r| r.referrer_user_id < id);
@@ -232,8 +237,12 @@ pub fn change_rows(
         .iter()
         .flat_map(|(kind, rows)| rows.iter().map(move |r| (*kind, r)))
         .collect();
-    referrer_rows
-        .sort_by_key(|(_, r)| (std::cmp::Reverse(r.bonus_delta.abs()), r.referrer_user_id));
+    referrer_rows.sort_by_key(|(_, r)| {
+        (
+            std::cmp::Reverse(r.bonus_delta.unsigned_abs()),
+            r.referrer_user_id,
+        )
+    });
     let mut left_out = referrer_rows.len().saturating_sub(referrers_budget) as u64;
     referrer_rows.truncate(referrers_budget);
     let mut changes: Vec<ChangeRow> = vec![];
@@ -248,8 +257,9 @@ pub fn change_rows(
             .iter()
             .filter(|f| {
                 f.field != crate::program::slots::plan::HOST_FIELD
-                    // The bonus columns show it, unless the stored row says otherwise.
-                    && !(f.field == "bonus_slots" && host.is_some())
+                    // The bonus columns show the host value; the stored one only where it
+                    // differs from it.
+                    && !(f.field == "bonus_slots" && host.is_some_and(|h| h.old == f.old))
             })
             .map(|f| {
                 format!(
@@ -370,12 +380,51 @@ fn rules_toml(cfg: &Config) -> String {
     .unwrap_or_else(|e| format!("# cannot show the config: {e}"))
 }
 
+/// JSON to embed in a `<script>` element: `<`, `>` and `&` written as JSON escapes.
+fn script_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v)
+        .expect("plain data")
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+/// Fills `{{name}}` placeholders in one pass over the template: text put in is never searched
+/// again, so a badge or program name holding `{{data}}` stays text.
+fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out =
+        String::with_capacity(template.len() + values.iter().map(|v| v.1.len()).sum::<usize>());
+    let mut rest = template;
+    while let Some(at) = rest.find("{{") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 2..];
+        match after.find("}}").map(|end| (&after[..end], end)) {
+            Some((name, end)) if values.iter().any(|v| v.0 == name) => {
+                out.push_str(
+                    values
+                        .iter()
+                        .find(|v| v.0 == name)
+                        .map(|v| v.1)
+                        .unwrap_or(""),
+                );
+                rest = &after[end + 2..];
+            }
+            _ => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The whole page.
 pub fn render(run: &RunReport, cfg: &Config, diff: &PlanDiff) -> String {
     let d = data(run, diff);
-    let mut json = serde_json::to_string(&d).expect("plain data");
-    // Inside <script>, "</" would end the element early.
-    json = json.replace("</", "<\\/");
+    // Inside <script>, "</script" or "<!--" in a string would end or change the element: JSON
+    // may write <, > and & as escapes, so no such sequence is left.
+    let json = script_json(&d);
     let mut charts = String::new();
     charts.push_str(&bar_chart(
         "chart-slots",
@@ -448,17 +497,22 @@ pub fn render(run: &RunReport, cfg: &Config, diff: &PlanDiff) -> String {
         grants = t.grants,
         reversals = t.reversals,
     );
-    PAGE.replace(
-        "{{title}}",
-        &esc(&format!("referral-rewards audit, {}", d.as_of)),
+    let title = esc(&format!("referral-rewards audit, {}", d.as_of));
+    let config = esc(&rules_toml(cfg));
+    let top_n = TOP_N.to_string();
+    fill(
+        PAGE,
+        &[
+            ("title", &title),
+            ("summary", &summary),
+            ("charts", &charts),
+            ("top", &top),
+            ("top_n", &top_n),
+            ("config", &config),
+            ("script", SCRIPT),
+            ("data", &json),
+        ],
     )
-    .replace("{{summary}}", &summary)
-    .replace("{{charts}}", &charts)
-    .replace("{{top}}", &top)
-    .replace("{{top_n}}", &TOP_N.to_string())
-    .replace("{{config}}", &esc(&rules_toml(cfg)))
-    .replace("{{script}}", SCRIPT)
-    .replace("{{data}}", &json)
 }
 
 const PAGE: &str = r##"<!doctype html>
@@ -493,6 +547,7 @@ pre { background: #f8f9fb; padding: 8px; overflow: auto; }
 <h2>Outcomes</h2>
 <div class="charts">{{charts}}</div>
 <h2>Top {{top_n}} referrers</h2>
+<p id="referrals-note"></p>
 <table id="top"><thead><tr><th>referrer</th><th>qualified</th><th>referred</th><th>bonus slots</th><th>current</th><th>badge</th></tr></thead><tbody>{{top}}</tbody></table>
 <h2>Changes of the plan</h2>
 <div class="controls">
@@ -586,6 +641,9 @@ document.addEventListener("click", (e) => {
   const a = e.target.closest("a.ref");
   if (a) { e.preventDefault(); showReferrals(a.dataset.id); }
 });
+document.getElementById("referrals-note").textContent = "Click a referrer for its referrals: " +
+  Object.keys(D.referrals).length + " referrers' are on this page (the top ones, then the changed ones by the size of their bonus change)" +
+  (D.referrals_left_out > 0 ? "; " + D.referrals_left_out + " changed referrers' did not fit: referral-rewards explain --referrer ID lists them." : ".");
 if (D.changes_left_out > 0) {
   const p = document.getElementById("changes-left-out");
   p.textContent = D.changes_left_out + " more changes are not on this page (it holds the " + D.changes.length +
@@ -633,6 +691,21 @@ mod tests {
             credit_days: None,
             credit_cents: Some(cents),
         }
+    }
+
+    /// What a badge or program name holds stays text: placeholders inside inserted text are not
+    /// filled, and embedded JSON cannot end its script element.
+    #[test]
+    fn inserted_text_is_never_markup() {
+        let page = fill(
+            "<pre>{{config}}</pre><script>{{data}}</script>{{unknown}}",
+            &[("config", "{{data}}"), ("data", "x")],
+        );
+        assert_eq!(page, "<pre>{{data}}</pre><script>x</script>{{unknown}}");
+        let evil = "<!--<script></script>&";
+        let json = script_json(&evil);
+        assert!(!json.contains('<') && !json.contains('>') && !json.contains('&'));
+        assert_eq!(serde_json::from_str::<String>(&json).unwrap(), evil);
     }
 
     /// Over budget, the table keeps the largest bonus changes and the reversals, and counts

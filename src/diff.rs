@@ -159,7 +159,8 @@ pub fn diff(plan: &SavedPlan) -> PlanDiff {
         if changes.is_empty() {
             continue;
         }
-        let delta = new.bonus_slots - now_bonus;
+        // Saturating: a hand-edited plan file may hold any integers.
+        let delta = new.bonus_slots.saturating_sub(now_bonus);
         let r = ReferrerDiff {
             referrer_user_id: id,
             bonus_delta: delta,
@@ -170,7 +171,7 @@ pub fn diff(plan: &SavedPlan) -> PlanDiff {
         if r.write_error.is_some() {
             d.totals.unwritable += 1;
         } else {
-            d.totals.bonus_delta += delta;
+            d.totals.bonus_delta = d.totals.bonus_delta.saturating_add(delta);
         }
         let group = if !has_subscription && new.bonus_slots > 0 {
             d.totals.new_subscriptions += 1;
@@ -205,15 +206,16 @@ pub fn diff(plan: &SavedPlan) -> PlanDiff {
                     credit_cents: *cents,
                 };
                 let (days, cents) = (days.unwrap_or(0), cents.unwrap_or(0));
+                let t = &mut d.totals;
                 if days < 0 || cents < 0 {
-                    d.totals.reversals += 1;
-                    d.totals.reversal_days += days;
-                    d.totals.reversal_cents += cents;
+                    t.reversals += 1;
+                    t.reversal_days = t.reversal_days.saturating_add(days);
+                    t.reversal_cents = t.reversal_cents.saturating_add(cents);
                     d.reversals.push(g);
                 } else {
-                    d.totals.grants += 1;
-                    d.totals.grant_days += days;
-                    d.totals.grant_cents += cents;
+                    t.grants += 1;
+                    t.grant_days = t.grant_days.saturating_add(days);
+                    t.grant_cents = t.grant_cents.saturating_add(cents);
                     d.grants.push(g);
                 }
             }
@@ -341,11 +343,24 @@ pub fn text(d: &PlanDiff) -> String {
         grant_lines(&mut s, '-', &d.reversals, t.reversals);
     }
     if t.changed == 0 && t.grants == 0 && t.reversals == 0 {
-        let _ = writeln!(s, "\nNo changes: an apply would write nothing.");
+        let _ = writeln!(
+            s,
+            "\n{}",
+            if d.complete {
+                "No changes: an apply would write nothing."
+            } else {
+                "No host value changes (this plan format does not record the rest)."
+            }
+        );
     }
     let _ = writeln!(
         s,
-        "\nPlan: {} of {} referrers change ({} up, {} down, {} revoked, {} new subscriptions, {} counts only{}); bonus slots {:+}; {} grants ({} days, {} cents), {} reversals ({} days, {} cents).",
+        "\nPlan{}: {} of {} referrers change ({} up, {} down, {} revoked, {} new subscriptions, {} counts only{}); bonus slots {:+}; {} grants ({} days, {} cents), {} reversals ({} days, {} cents).",
+        if d.complete {
+            ""
+        } else {
+            " (host values only)"
+        },
         t.changed,
         t.referrers,
         t.up,
@@ -410,7 +425,12 @@ mod tests {
         assert_eq!(d.up[0].changes.len(), 1);
         assert_eq!(d.up[0].changes[0].field, HOST_FIELD);
         assert!(text(&d).contains("records only the host value"));
-        let t = d.truncated(1);
-        assert_eq!(t.totals.changed, 3, "the totals count everything");
+        let mut two = d.clone();
+        two.up.push(two.up[0].clone());
+        two.totals.up = 2;
+        let t = two.truncated(1);
+        assert_eq!(t.up.len(), 1, "at most one per group");
+        assert_eq!(t.totals.up, 2, "the totals count everything");
+        assert!(text(&t).contains("... and 1 more"), "{}", text(&t));
     }
 }

@@ -105,6 +105,10 @@ pub fn when(rfc3339: &str) -> String {
     s
 }
 
+fn opt_id(id: Option<i64>) -> String {
+    id.map_or_else(|| "-".into(), |i| i.to_string())
+}
+
 fn list(xs: &[String]) -> String {
     xs.join(", ")
 }
@@ -133,15 +137,25 @@ pub fn slots_reason(
         ),
         Outcome::Cooldown => {
             let end = at(&f.cooldown_ends_at);
-            (
-                format!(
-                    "signed up or subscribed less than {} days before the as-of time",
-                    rules.cooldown_days
+            let days = rules.cooldown_days;
+            let change = match f.then_outcome {
+                Some("missing_ip") => format!(
+                    "the {days}-day cooldown ends at {end}, but it would not count then either: its registration event has no usable IP hash (missing_ip)"
                 ),
-                Some(format!(
-                    "counts after {end}, when the {}-day cooldown ends (if nothing else changes)",
-                    rules.cooldown_days
-                )),
+                Some("shared_ip") => format!(
+                    "the {days}-day cooldown ends at {end}, but it would not count then either: the referrer itself used its signup IP hash {ip} inside the IP window (shared_ip)"
+                ),
+                Some("duplicate_ip") => format!(
+                    "the {days}-day cooldown ends at {end}, but it would not count then either: user {} qualified first from the same IP hash {ip} (duplicate_ip)",
+                    opt_id(f.ip_claimed_by)
+                ),
+                _ => format!(
+                    "counts after {end}, when the {days}-day cooldown ends (if nothing else changes)"
+                ),
+            };
+            (
+                format!("signed up or subscribed less than {days} days before the as-of time"),
+                Some(change),
             )
         }
         Outcome::MissingIp => (
@@ -160,22 +174,29 @@ pub fn slots_reason(
                     rules.ip_window_days
                 ),
             };
-            let change = match &f.shared_ip_until {
+            let after = match &f.shared_ip_until {
                 Some(t) => format!(
-                    "counts after {}, when the referrer's last use leaves the IP window, unless the referrer uses that IP again",
+                    "after {}, when the referrer's last use leaves the IP window (unless the referrer uses that IP again)",
                     when(t)
                 ),
                 None => format!(
-                    "counts once the referrer has not used that IP for {} days",
+                    "once the referrer has not used that IP for {} days",
                     rules.ip_window_days
                 ),
+            };
+            let change = if f.then_outcome == Some("duplicate_ip") {
+                format!(
+                    "{after}, an earlier referral from the same IP hash would count instead, and this one would be duplicate_ip"
+                )
+            } else {
+                format!("counts {after}")
             };
             (reason, Some(change))
         }
         Outcome::DuplicateIp => match f.ip_claimed_by {
             Some(first) => (
                 format!(
-                    "user {first}, referred by the same referrer, subscribed earlier and qualified first from the same IP hash {ip}"
+                    "user {first}, referred by the same referrer and earlier in the claim order (subscription start, then id), qualified first from the same IP hash {ip}"
                 ),
                 Some(format!("counts only if user {first} stops qualifying")),
             ),

@@ -113,16 +113,7 @@ fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_repor
     }
 
     // No console error, no exception, no request but the page itself.
-    let errors: Vec<&Value> = cdp
-        .events
-        .iter()
-        .filter(|e| {
-            e["method"] == "Runtime.exceptionThrown"
-                || (e["method"] == "Runtime.consoleAPICalled" && e["params"]["type"] == "error")
-                || (e["method"] == "Log.entryAdded" && e["params"]["entry"]["level"] == "error")
-        })
-        .collect();
-    assert!(errors.is_empty(), "{errors:#?}");
+    assert_no_errors(&cdp);
     let requests: Vec<&str> = cdp
         .events
         .iter()
@@ -217,6 +208,14 @@ fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_repor
             .iter()
             .all(|r| r.iter().any(|c| c.contains(&one.to_string())))
     );
+    // Every row of that referrer passed the filter, on whichever page (the filter matches any
+    // cell holding the text, so other rows pass too).
+    let counts = cdp.eval(&format!(
+        "[D.changes.filter(r => r[1] === {one}).length, view.filter(r => r[1] === {one}).length, view.length]"
+    ));
+    assert_eq!(counts[0], counts[1], "referrer {one}'s rows: {counts}");
+    assert!(counts[0].as_u64().unwrap() > 0);
+    assert!(text(&mut cdp, "shown").ends_with(&format!(" of {}", counts[2])));
 
     // A top referrer's referrals, one click away.
     cdp.eval("document.querySelector('#top a.ref').click()");
@@ -229,4 +228,21 @@ fn the_audit_page_renders_offline_in_chromium_with_the_numbers_of_the_json_repor
     let expected = data[first_top.to_string()].as_array().unwrap().len();
     assert_eq!(shown[1], expected);
     assert!(expected > 0);
+
+    // The handlers above threw nothing either.
+    assert_no_errors(&cdp);
+}
+
+/// No exception, no console error and no logged error among the events seen so far.
+fn assert_no_errors(cdp: &Cdp) {
+    let errors: Vec<&Value> = cdp
+        .events
+        .iter()
+        .filter(|e| {
+            e["method"] == "Runtime.exceptionThrown"
+                || (e["method"] == "Runtime.consoleAPICalled" && e["params"]["type"] == "error")
+                || (e["method"] == "Log.entryAdded" && e["params"]["entry"]["level"] == "error")
+        })
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
 }

@@ -700,6 +700,10 @@ each_backend!(explain_facts_agree_with_the_rows, |db: TestDb| async move {
             );
         }
     }
-    assert!(e.referrals.iter().any(|r| r.outcome == "shared_ip"));
-    assert!(e.referrals.iter().any(|r| r.outcome == "duplicate_ip"));
+    for outcome in ["cooldown", "shared_ip", "duplicate_ip"] {
+        assert!(
+            e.referrals.iter().any(|r| r.outcome == outcome),
+            "{outcome}"
+        );
+    }
 });

@@ -139,7 +139,7 @@ pub enum Command {
         #[arg(long, value_name = "PATH", conflicts_with_all = ["as_of", "referrer", "expect_digest"])]
         plan: Option<PathBuf>,
         /// After the summary, only what the plan changes, old -> new per field, grouped (as
-        /// `plan show`; in --output json, the `diff` object)
+        /// `plan show`, at most 100 per group; in --output json, the `diff` object)
         #[arg(long, requires = "dry_run")]
         diff: bool,
         /// The run summary on stdout: text, or one JSON object for scripts (--format is the

@@ -186,8 +186,10 @@ impl Outputs {
         let mut report = report
             .map(|p| ReportFormat::resolve(&p, format).map(|f| (p, f)))
             .transpose()?;
+        let mut html_flag = "--html";
         let html = match report.take() {
             Some((path, ReportFormat::Html)) => {
+                html_flag = "--report";
                 if html.is_some() {
                     return Err(usage(
                         "--report PATH.html and --html both ask for the audit page; give one"
@@ -208,14 +210,7 @@ impl Outputs {
             }
         };
         if let Some(path) = &html {
-            check_writable(
-                if report.is_none() {
-                    "--report"
-                } else {
-                    "--html"
-                },
-                path,
-            )?;
+            check_writable(html_flag, path)?;
         }
         if let Some((path, format)) = &report {
             check_writable("--report", path)?;
@@ -374,10 +369,14 @@ fn written_text(files: &[WrittenFile], digest: &str) -> String {
 }
 
 /// `--diff`: the plan as `--save-plan` would save it, diffed like `plan show`.
+/// At most `DIFF_LIMIT` entries per group, as `plan show`'s default (the totals count all).
 fn run_diff(run: &engine::RunReport) -> referral_rewards::diff::PlanDiff {
     let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
-    referral_rewards::diff::diff(&saved)
+    referral_rewards::diff::diff(&saved).truncated(DIFF_LIMIT)
 }
+
+/// `plan show --limit`'s default, and `--diff`'s limit.
+pub const DIFF_LIMIT: usize = 100;
 
 /// `plan show`: a saved plan's changes; reads the file only (no configuration, no database).
 pub fn plan_command(command: &PlanCommand) -> Result<(), Failure> {

@@ -36,6 +36,11 @@ pub struct ReferralFacts {
     pub referrer_last_used_ip_at: Option<String>,
     /// `shared_ip`: when that use leaves the IP window, unless the referrer uses it again.
     pub shared_ip_until: Option<String>,
+    /// `cooldown` and `shared_ip`: the outcome once that rule stops applying, all else as now
+    /// (the IP rules still follow: a user in cooldown may then be `missing_ip`, `shared_ip` or
+    /// `duplicate_ip`; of several referrals sharing the referrer's IP only the first in claim
+    /// order would qualify).
+    pub then_outcome: Option<&'static str>,
 }
 
 /// Shortens an IP hash for display (on a character boundary).
@@ -60,18 +65,57 @@ pub fn cooldown_ends(
 /// The facts of each listed referral, in the order of `listed`: users the snapshot read get
 /// their account and subscription; the duplicate IP's first claimant is the qualified referral
 /// of the same referrer with the same signup IP (only a qualified candidate claims its IP).
+/// A referral whose referrer holds no invite code has no facts: the snapshot reads neither its
+/// user row nor its registration.
 pub fn referral_facts(
     snap: &Snapshot,
     listed: &[ReferralOutcome],
     p: &RuleParams,
 ) -> Vec<ReferralFacts> {
     let users: Fast<i64, &ReferredUser> = snap.referred.iter().map(|u| (u.id, u)).collect();
-    let mut claimed: Fast<(i64, &str), i64> = Fast::default();
-    for r in listed.iter().filter(|r| r.outcome == Outcome::Qualified) {
-        if let Some(ip) = r.signup_ip.as_deref() {
-            claimed.insert((r.referrer_user_id, ip), r.referred_user_id);
+    // (R, IP) → the qualified referral that claimed it: (user, claim position).
+    let mut claimed: Fast<(i64, &str), (i64, u32)> = Fast::default();
+    // (R, IP) → the first `shared_ip` referral in claim order.
+    let mut first_shared: Fast<(i64, &str), u32> = Fast::default();
+    for r in listed {
+        let (Some(ip), Some(pos)) = (r.signup_ip.as_deref(), r.position) else {
+            continue;
+        };
+        let key = (r.referrer_user_id, ip);
+        match r.outcome {
+            Outcome::Qualified => {
+                claimed.insert(key, (r.referred_user_id, pos));
+            }
+            Outcome::SharedIp => {
+                let e = first_shared.entry(key).or_insert(pos);
+                *e = (*e).min(pos);
+            }
+            _ => {}
         }
     }
+    let referrer_ips = crate::program::fraud::referrer_ips_by_referrer(&snap.referrer_events);
+    // A candidate's outcome once its cooldown is over: the IP rules, in order.
+    let after_cooldown = |r: &ReferralOutcome| -> (&'static str, Option<i64>) {
+        let Some(ip) = r.signup_ip.as_deref() else {
+            return if p.require_ip_hash {
+                (Outcome::MissingIp.as_str(), None)
+            } else {
+                (Outcome::Qualified.as_str(), None)
+            };
+        };
+        if referrer_ips
+            .get(&r.referrer_user_id)
+            .is_some_and(|ips| ips.contains(ip))
+        {
+            return (Outcome::SharedIp.as_str(), None);
+        }
+        match claimed.get(&(r.referrer_user_id, ip)) {
+            Some(&(user, pos)) if r.position.is_some_and(|mine| pos < mine) => {
+                (Outcome::DuplicateIp.as_str(), Some(user))
+            }
+            _ => (Outcome::Qualified.as_str(), None),
+        }
+    };
     let t = |i: Option<Instant>| i.map(instant::to_rfc3339_or_infinite);
     listed
         .iter()
@@ -90,14 +134,32 @@ pub fn referral_facts(
                     u.and_then(|u| cooldown_ends(u.created_at, s.and_then(|s| s.started_at), p))
                 ),
                 signup_ip_short: r.signup_ip.as_deref().map(short_ip),
-                ip_claimed_by: (r.outcome == Outcome::DuplicateIp)
-                    .then(|| {
-                        let ip = r.signup_ip.as_deref()?;
-                        claimed.get(&(r.referrer_user_id, ip)).copied()
-                    })
-                    .flatten(),
+                ip_claimed_by: match r.outcome {
+                    Outcome::DuplicateIp => r
+                        .signup_ip
+                        .as_deref()
+                        .and_then(|ip| claimed.get(&(r.referrer_user_id, ip)))
+                        .map(|c| c.0),
+                    Outcome::Cooldown => after_cooldown(r).1,
+                    _ => None,
+                },
                 referrer_last_used_ip_at: None,
                 shared_ip_until: None,
+                then_outcome: match r.outcome {
+                    Outcome::Cooldown => Some(after_cooldown(r).0),
+                    Outcome::SharedIp => {
+                        let first = r
+                            .signup_ip
+                            .as_deref()
+                            .and_then(|ip| first_shared.get(&(r.referrer_user_id, ip)));
+                        Some(if first.is_some_and(|&f| Some(f) < r.position) {
+                            Outcome::DuplicateIp.as_str()
+                        } else {
+                            Outcome::Qualified.as_str()
+                        })
+                    }
+                    _ => None,
+                },
             }
         })
         .collect()
@@ -166,6 +228,50 @@ mod tests {
         assert_eq!(f[0].ip_claimed_by, None);
         assert_eq!(f[2].signup_ip_short.as_deref(), Some("abcdef01"));
         assert_eq!(f[0].tier.as_deref(), Some("trader"));
+    }
+
+    /// What `explain` promises once the cooldown or the referrer's use of an IP is over: the IP
+    /// rules still apply, in claim order.
+    #[test]
+    fn the_outcome_after_the_cooldown_or_the_shared_ip_follows_the_ip_rules() {
+        let cfg = Config::default();
+        let p = RuleParams::new(&cfg.rules, now());
+        let snap = Snapshot {
+            referrers: vec![10],
+            referred: vec![
+                user(1, 100, Some(90)), // qualified from "a"
+                user(2, 100, Some(2)),  // cooldown, same IP "a", later in claim order
+                user(3, 100, Some(1)),  // cooldown, the referrer's IP "r"
+                user(4, 100, Some(3)),  // cooldown, its own IP "d"
+                user(5, 100, Some(80)), // shared "r", first
+                user(6, 100, Some(70)), // shared "r", second
+            ],
+            registrations: vec![
+                (1, "a".into()),
+                (2, "a".into()),
+                (3, "r".into()),
+                (4, "d".into()),
+                (5, "r".into()),
+                (6, "r".into()),
+            ],
+            referrer_events: vec![(10, "r".into())],
+            ..Default::default()
+        };
+        let c = compute(&snap, &cfg, now()).unwrap();
+        let f = referral_facts(&snap, &c.referrals, &p);
+        let then: Vec<Option<&str>> = f.iter().map(|f| f.then_outcome).collect();
+        assert_eq!(
+            then,
+            [
+                None,
+                Some("duplicate_ip"),
+                Some("shared_ip"),
+                Some("qualified"),
+                Some("qualified"),
+                Some("duplicate_ip")
+            ]
+        );
+        assert_eq!(f[1].ip_claimed_by, Some(1));
     }
 
     #[test]
