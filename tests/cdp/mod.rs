@@ -189,6 +189,8 @@ impl Cdp {
 
     /// Navigates and waits for the load event; returns the navigation's load time in ms.
     pub fn load(&mut self, url: &str) -> f64 {
+        // Only this navigation's events: an earlier load event must not end the wait.
+        self.events.clear();
         self.call("Page.navigate", json!({ "url": url }));
         self.wait_for("Page.loadEventFired");
         self.eval(
