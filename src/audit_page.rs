@@ -18,7 +18,7 @@ use crate::program::slots::rules::Outcome;
 pub const TOP_N: usize = 20;
 /// At most this many referral rows are embedded (top referrers first, then changed referrers
 /// by the size of their bonus change); the page says how many referrers it left out.
-pub const REFERRAL_BUDGET: usize = 100_000;
+pub const REFERRAL_BUDGET: usize = 300_000;
 /// At most this many changed referrers, and this many grants and reversals, go into the
 /// changes table (the largest bonus changes first); the totals count them all, and the page
 /// says how many rows `plan show --limit 0` has beyond it. A first run over a million users
@@ -139,11 +139,17 @@ pub fn data(run: &RunReport, diff: &PlanDiff) -> PageData {
     // The referrals: the top referrers', then the changed referrers' by the size of their
     // bonus change, while the budget lasts.
     let mut wanted: Vec<i64> = top.iter().map(|t| t.0).collect();
-    let mut changed: Vec<(i64, i64)> = changes
-        .iter()
-        .filter(|r| r.2.is_none())
-        .map(|r| (r.1, r.5))
-        .collect();
+    // Every changed referrer, also those beyond the table's budget.
+    let mut changed: Vec<(i64, i64)> = [
+        &diff.up,
+        &diff.down,
+        &diff.revoked,
+        &diff.new_subscriptions,
+        &diff.counts_only,
+    ]
+    .iter()
+    .flat_map(|g| g.iter().map(|r| (r.referrer_user_id, r.bonus_delta)))
+    .collect();
     changed.sort_by_key(|&(id, delta)| (std::cmp::Reverse(delta.unsigned_abs()), id));
     wanted.extend(changed.into_iter().map(|(id, _)| id));
     let listed = c.listed();

@@ -3,10 +3,9 @@
 //! The plan holds one entry per referrer in scope (and per non-referrer who still holds a
 //! reward, to be revoked); the writes are derived from the entries that differ.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 
+use crate::program::Fast;
 use crate::program::slots::rewards::RewardResult;
 use crate::snapshot::Scope;
 
@@ -131,12 +130,13 @@ impl Plan {
         host_bonus: &[(i64, i64)],
         scope: Scope,
     ) -> Plan {
-        let mut stored: HashMap<i64, RewardResult> = stored
+        // Keyed by the snapshot's own user ids: foldhash (SipHash showed in the profile).
+        let mut stored: Fast<i64, RewardResult> = stored
             .into_iter()
             .map(|r| (r.referrer_user_id, r))
             .collect();
-        let mut host: HashMap<i64, i64> = host_bonus.iter().copied().collect();
-        let take_host = |host: &mut HashMap<i64, i64>, id| {
+        let mut host: Fast<i64, i64> = host_bonus.iter().copied().collect();
+        let take_host = |host: &mut Fast<i64, i64>, id| {
             host.remove(&id)
                 .map_or(HostBonus::NoSubscription, HostBonus::Value)
         };
