@@ -89,14 +89,6 @@ const BUCKETS: [(&str, i64, i64); 8] = [
     ("50+", 50, i64::MAX),
 ];
 
-fn amount(days: Option<i64>, cents: Option<i64>) -> String {
-    match (days, cents) {
-        (Some(d), _) => format!("{d} days"),
-        (_, Some(c)) => format!("{c} cents"),
-        _ => "-".into(),
-    }
-}
-
 /// The page's data from a run and the diff of its plan.
 pub fn data(run: &RunReport, diff: &PlanDiff) -> PageData {
     let c = &run.computation;
@@ -310,7 +302,7 @@ pub fn change_rows(
                 "{}: {} {} to user {} ({}{})",
                 g.program,
                 g.party,
-                amount(g.credit_days, g.credit_cents),
+                crate::program::grants::report::amount_text(g.credit_days, g.credit_cents),
                 g.credited_user_id,
                 g.outcome,
                 g.cause

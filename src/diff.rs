@@ -275,14 +275,6 @@ fn more(s: &mut String, shown: u64, total: u64) {
     }
 }
 
-fn amount(days: Option<i64>, cents: Option<i64>) -> String {
-    match (days, cents) {
-        (Some(d), _) => format!("{d} days"),
-        (_, Some(c)) => format!("{c} cents"),
-        _ => "-".into(),
-    }
-}
-
 fn grant_lines(s: &mut String, sign: char, rows: &[GrantDiff], total: u64) {
     for g in rows {
         let _ = writeln!(
@@ -297,7 +289,7 @@ fn grant_lines(s: &mut String, sign: char, rows: &[GrantDiff], total: u64) {
                 .map(|c| format!(", {c}"))
                 .unwrap_or_default(),
             g.party,
-            amount(g.credit_days, g.credit_cents),
+            crate::program::grants::report::amount_text(g.credit_days, g.credit_cents),
             g.credited_user_id
         );
     }

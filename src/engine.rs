@@ -229,8 +229,9 @@ async fn plan_listing(
                     None => vec![],
                 });
                 let computation = compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
-                    // The facts behind each outcome, for the people who read a listing.
-                    if uncounted || matches!(req.scope, Scope::Referrer(_)) {
+                    // The facts behind each outcome, for the people who read a listing (not
+                    // for every one-referrer apply: that is a hot path).
+                    if uncounted {
                         let params = rules::RuleParams::new(&cfg.rules, req.as_of);
                         c.facts = facts::referral_facts(&snapshot, &c.listed(), &params);
                     }
@@ -325,7 +326,8 @@ pub struct RunControl {
     pub trigger: Option<Trigger>,
     /// The per-referral listing: also read the referrals whose referrer holds no invite code
     /// (one more query in a full or shard run) and derive each referral's facts
-    /// ([`Computation::facts`]); a one-user run does both anyway.
+    /// ([`Computation::facts`]); a one-user run reads those referrals anyway, and derives the
+    /// facts only when asked (`explain`).
     pub list_uncounted: bool,
 }
 

@@ -11,7 +11,9 @@ use serde::Serialize;
 use crate::config::{Config, GrantProgramConfig};
 use crate::engine::RunReport;
 use crate::instant;
-use crate::program::grants::report::{GrantView, ReferralView, ReferrerView, referrer_view};
+use crate::program::grants::report::{
+    GrantView, ReferralView, ReferrerView, amount_text, referrer_view,
+};
 use crate::program::slots::compute::ReferralOutcome;
 use crate::program::slots::facts::{ReferralFacts, short_ip};
 use crate::program::slots::rules::Outcome;
@@ -585,12 +587,12 @@ pub fn referrer_text(e: &ReferrerExplanation, cfg: &Config) -> String {
 fn grant_amounts(gs: &[GrantView]) -> String {
     gs.iter()
         .map(|g| {
-            let amount = match (g.credit_days, g.credit_cents) {
-                (Some(d), _) => format!("{d} days"),
-                (_, Some(c)) => format!("{c} cents"),
-                _ => String::new(),
-            };
-            format!("{} {amount} to user {}", g.party, g.credited_user_id)
+            format!(
+                "{} {} to user {}",
+                g.party,
+                amount_text(g.credit_days, g.credit_cents),
+                g.credited_user_id
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -732,7 +734,12 @@ async fn dry_run(
         as_of,
         dry_run: true,
     };
-    crate::engine::run(store, cfg, req).await
+    // A listing: with each referral's facts.
+    let ctl = crate::engine::RunControl {
+        list_uncounted: true,
+        ..Default::default()
+    };
+    crate::engine::run_controlled(store, cfg, req, &ctl).await
 }
 
 /// The `shared_ip` facts: when the referrer last used each shared IP (one query, only when a

@@ -342,7 +342,22 @@ each_pg_backend!(postgres_infinite_times_are_data, |db: TestDb| async move {
             Some("verified_referrer")
         )
     );
-    let explain = db.reconcile(Scope::Referrer(1), now(), true).await.unwrap();
+    // As `explain` runs it: a listing, with the facts.
+    let store = db.store().await;
+    let listing = referral_rewards::engine::RunControl {
+        list_uncounted: true,
+        ..Default::default()
+    };
+    let req = referral_rewards::engine::RunRequest {
+        scope: Scope::Referrer(1),
+        as_of: now(),
+        dry_run: true,
+    };
+    let explain =
+        referral_rewards::engine::run_controlled(&store, &Config::default(), req, &listing)
+            .await
+            .unwrap();
+    store.close().await;
     let outcome = |id| {
         explain
             .computation

@@ -315,18 +315,19 @@ async fn write_outputs(
                 push("programs", &beside, frame.height(), started);
             }
         }
-        if let Some(path) = &outputs.html {
+        // The page shows the diff of the plan `--save-plan` saves: built once for both.
+        let saved = (outputs.html.is_some() || outputs.plan.is_some())
+            .then(|| report::saved_plan(&run.plan, &run.grants, run.request.as_of));
+        if let (Some(path), Some(saved)) = (&outputs.html, &saved) {
             let started = std::time::Instant::now();
-            let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
-            let diff = referral_rewards::diff::diff(&saved);
+            let diff = referral_rewards::diff::diff(saved);
             let page = referral_rewards::audit_page::render(&run, &config, &diff);
             report::write_page(&page, path)?;
             push("audit_page", path, diff.totals.changed as usize, started);
         }
-        if let Some(path) = &outputs.plan {
+        if let (Some(path), Some(saved)) = (&outputs.plan, &saved) {
             let started = std::time::Instant::now();
-            let saved = report::saved_plan(&run.plan, &run.grants, run.request.as_of);
-            report::save_plan(&saved, path)?;
+            report::save_plan(saved, path)?;
             push("plan", path, saved.referrers.len(), started);
         }
         Ok(out)

@@ -193,15 +193,7 @@ pub fn snapshot(
     grants: Option<GrantsRead>,
     uncounted: bool,
 ) -> Result<Snapshot, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-            | OpenFlags::SQLITE_OPEN_URI,
-    )
-    .map_err(sql_err("opening the database"))?;
-    conn.busy_timeout(open.busy_timeout)
-        .map_err(sql_err("opening the database"))?;
+    let conn = open_read_only(path, open.busy_timeout)?;
     // Pages read through a read-only map: no pread and copy per page (a third of the
     // snapshot's time at 1M users). The connection never writes, so the map is never written.
     conn.pragma_update(None, "mmap_size", open.mmap_bytes)
@@ -352,38 +344,18 @@ fn read(
             sw.lap(&mut snap.timings, "registrations", snap.registrations.len());
         }
 
-        // Whole dates around the window as text, a day wider on each side for offsets up to
-        // ±24 h; the exact bounds are checked on the parsed instants.
-        let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
-        let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
         let sql = pick(
             include_str!("../../sql/queries/sqlite/referrer_events.sql"),
             include_str!("../../sql/queries/sqlite/referrer_events_one.sql"),
             include_str!("../../sql/queries/sqlite/referrer_events_shard.sql"),
         );
-        let mut st = conn
-            .prepare(sql)
-            .map_err(sql_err("reading referrer events"))?;
-        let mut rows = if matches!(scope, Scope::Full) {
-            st.query(named_params! {"$1": lo, "$2": hi})
-        } else {
-            st.query(named_params! {"$1": lo, "$2": hi, "$3": key})
-        }
-        .map_err(sql_err("reading referrer events"))?;
+        let key = (!matches!(scope, Scope::Full)).then_some(key);
         let mut seen: HashSet<(i64, String)> = HashSet::new();
-        const EV: &str = "reading referrer events";
-        while let Some(r) = rows.next().map_err(sql_err(EV))? {
-            let id = At::id("telemetry_events").int(r, 3, "id", EV)?;
-            let row = At::of("telemetry_events", id);
-            let user = row.int(r, 0, "user_id", EV)?;
-            let ip = row.text(r, 1, "ip_hash", EV)?.unwrap_or_default();
-            let at = row.time_not_null(r, 2, "created_at", EV)?;
-            if rules::in_ip_window(at, window) && seen.insert((user, ip.to_owned())) {
+        referrer_events(conn, sql, key, window, |user, ip, _| {
+            if seen.insert((user, ip.to_owned())) {
                 snap.referrer_events.push((user, ip.to_owned()));
             }
-        }
-        drop(rows);
-        drop(st);
+        })?;
         sw.lap(
             &mut snap.timings,
             "referrer_events",
@@ -878,15 +850,9 @@ pub(super) fn read_grants(
     Ok(g)
 }
 
-/// The newest time the user used each IP hash inside the window (blank hashes included; what
-/// is blank is a rule's call): the `shared_ip` facts of `explain`.
-pub fn ip_last_used(
-    path: &Path,
-    busy_timeout: Duration,
-    user: i64,
-    window: (Instant, Instant),
-) -> Result<std::collections::HashMap<String, Instant>, StoreError> {
-    const EV: &str = "reading referrer events";
+/// Opens the database read-only (no writes can happen through it), waiting `busy_timeout` on a
+/// locked file.
+fn open_read_only(path: &Path, busy_timeout: Duration) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY
@@ -896,26 +862,62 @@ pub fn ip_last_used(
     .map_err(sql_err("opening the database"))?;
     conn.busy_timeout(busy_timeout)
         .map_err(sql_err("opening the database"))?;
+    Ok(conn)
+}
+
+/// Each referrer event of `sql` (one of the `referrer_events*.sql` variants; `key` its `$3`, if
+/// it has one) inside the inclusive IP window: `f(user, ip_hash, created_at)`. Blank hashes are
+/// passed on (what is blank is a rule's call).
+fn referrer_events(
+    conn: &Connection,
+    sql: &str,
+    key: Option<rusqlite::types::Value>,
+    window: (Instant, Instant),
+    mut f: impl FnMut(i64, &str, Instant),
+) -> Result<(), StoreError> {
+    const EV: &str = "reading referrer events";
+    // Whole dates around the window as text, a day wider on each side for offsets up to ±24 h;
+    // the exact bounds are checked on the parsed instants.
     let lo = instant::date_text(window.0 - instant::MICROS_PER_DAY);
     let hi = instant::date_text(window.1 + 2 * instant::MICROS_PER_DAY);
-    let mut st = conn
-        .prepare(include_str!(
-            "../../sql/queries/sqlite/referrer_events_one.sql"
-        ))
-        .map_err(sql_err(EV))?;
-    let mut rows = st
-        .query(named_params! {"$1": lo, "$2": hi, "$3": user})
-        .map_err(sql_err(EV))?;
-    let mut last: std::collections::HashMap<String, Instant> = Default::default();
+    let mut st = conn.prepare(sql).map_err(sql_err(EV))?;
+    let mut rows = match key {
+        None => st.query(named_params! {"$1": lo, "$2": hi}),
+        Some(key) => st.query(named_params! {"$1": lo, "$2": hi, "$3": key}),
+    }
+    .map_err(sql_err(EV))?;
     while let Some(r) = rows.next().map_err(sql_err(EV))? {
         let id = At::id("telemetry_events").int(r, 3, "id", EV)?;
         let row = At::of("telemetry_events", id);
+        let user = row.int(r, 0, "user_id", EV)?;
         let ip = row.text(r, 1, "ip_hash", EV)?.unwrap_or_default();
         let at = row.time_not_null(r, 2, "created_at", EV)?;
         if rules::in_ip_window(at, window) {
-            let e = last.entry(ip.to_owned()).or_insert(at);
-            *e = (*e).max(at);
+            f(user, ip, at);
         }
     }
+    Ok(())
+}
+
+/// The newest time the user used each IP hash inside the window (blank hashes included; what
+/// is blank is a rule's call): the `shared_ip` facts of `explain`.
+pub fn ip_last_used(
+    path: &Path,
+    busy_timeout: Duration,
+    user: i64,
+    window: (Instant, Instant),
+) -> Result<std::collections::HashMap<String, Instant>, StoreError> {
+    let conn = open_read_only(path, busy_timeout)?;
+    let mut last: std::collections::HashMap<String, Instant> = Default::default();
+    referrer_events(
+        &conn,
+        include_str!("../../sql/queries/sqlite/referrer_events_one.sql"),
+        Some(rusqlite::types::Value::Integer(user)),
+        window,
+        |_, ip, at| {
+            let e = last.entry(ip.to_owned()).or_insert(at);
+            *e = (*e).max(at);
+        },
+    )?;
     Ok(last)
 }

@@ -257,6 +257,15 @@ impl GrantView {
     }
 }
 
+/// A grant's amount for people: `45 days` or `1000 cents` (negative for a reversal).
+pub fn amount_text(days: Option<i64>, cents: Option<i64>) -> String {
+    match (days, cents) {
+        (Some(d), _) => format!("{d} days"),
+        (_, Some(c)) => format!("{c} cents"),
+        _ => "-".into(),
+    }
+}
+
 /// Referrer `id`'s view of a program: its referrals (by referred user id) and its figures.
 pub fn referrer_view(plan: &ProgramPlan, id: i64) -> ReferrerView {
     let mine: Vec<&Decided> = plan
@@ -349,12 +358,12 @@ pub fn referrer_text(v: &ReferrerView) -> String {
         "referred_user", "outcome", "position", "converted_at (payment)"
     );
     let show = |g: &GrantView| {
-        let amount = match (g.credit_days, g.credit_cents) {
-            (Some(d), _) => format!("{d} days"),
-            (_, Some(c)) => format!("{c} cents"),
-            _ => String::new(),
-        };
-        format!("{} {} {amount}", g.party, g.credited_user_id)
+        format!(
+            "{} {} {}",
+            g.party,
+            g.credited_user_id,
+            amount_text(g.credit_days, g.credit_cents)
+        )
     };
     for r in &v.referrals {
         let outcome = match r.cause {

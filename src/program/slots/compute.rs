@@ -37,7 +37,7 @@ pub struct Computation {
     /// user id. Counted nowhere.
     pub uncounted: Vec<ReferralOutcome>,
     /// The facts of each referral of [`Computation::listed`], in its order; empty unless the
-    /// run lists its referrals (a one-user run, or the per-referral report).
+    /// run lists its referrals (`explain`, the per-referral report: `RunControl::list_uncounted`).
     pub facts: Vec<ReferralFacts>,
 }
 
