@@ -1,11 +1,10 @@
-//! Human-readable output: the run summary, `explain` and `runs`.
+//! Human-readable output: the run summary, program analytics and `runs` (`explain` is `explain.rs`).
 
 use std::fmt::Write;
 
 use crate::engine::RunReport;
 use crate::instant;
 use crate::program::grants::{self, plan::ProgramPlan, plan::Totals, report as grant_report};
-use crate::program::slots::compute::ReferralOutcome;
 use crate::program::slots::plan::PlanEntry;
 use crate::program::slots::rules::Outcome;
 use crate::snapshot::Scope;
@@ -207,85 +206,6 @@ pub fn entry_line(e: &PlanEntry) -> String {
         e.current_bonus_slots(),
         d.badge.as_deref().unwrap_or("none")
     )
-}
-
-/// `explain`: every referred user of one referrer with its outcome, as a table.
-pub fn explain(
-    entry: Option<&PlanEntry>,
-    is_referrer: bool,
-    referrals: &[ReferralOutcome],
-    referrer: i64,
-) -> String {
-    let mut s = String::new();
-    if !is_referrer {
-        let _ = writeln!(
-            s,
-            "user {referrer} is not a referrer (no invite code): it earns nothing, and any reward it holds is revoked"
-        );
-    }
-    if let Some(e) = entry {
-        s.push_str(entry_line(e).trim_start());
-    }
-    if referrals.is_empty() {
-        let _ = writeln!(s, "no referred users");
-        return s;
-    }
-    let _ = writeln!(
-        s,
-        "{:>14}  {:<16}  {:>8}  signup_ip",
-        "referred_user", "outcome", "position"
-    );
-    for r in referrals {
-        let _ = writeln!(
-            s,
-            "{:>14}  {:<16}  {:>8}  {}",
-            r.referred_user_id,
-            r.outcome.as_str(),
-            r.position
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "-".into()),
-            r.signup_ip
-                .as_deref()
-                .map(|ip| format!("{ip:?}"))
-                .unwrap_or_else(|| "-".into()),
-        );
-    }
-    let why: Vec<&str> = Outcome::ALL
-        .iter()
-        .chain([Outcome::ReferrerWithoutInviteCode].iter())
-        .filter(|o| **o != Outcome::Qualified && referrals.iter().any(|r| r.outcome == **o))
-        .map(|o| reason(*o))
-        .collect();
-    if !why.is_empty() {
-        let _ = writeln!(s, "why:");
-        for w in why {
-            let _ = writeln!(s, "  {w}");
-        }
-    }
-    s
-}
-
-/// What each outcome means, for support agents.
-pub fn reason(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Qualified => "qualified: counts towards the reward",
-        Outcome::SelfReferral => "self_referral: the user referred itself",
-        Outcome::Cooldown => "cooldown: signed up or subscribed too recently (rules.cooldown_days)",
-        Outcome::MissingIp => "missing_ip: no usable IP hash on its registration event",
-        Outcome::SharedIp => "shared_ip: signed up from an IP the referrer used in the IP window",
-        Outcome::DuplicateIp => {
-            "duplicate_ip: an earlier subscriber of this referrer already qualified from the same IP"
-        }
-        Outcome::Inactive => "inactive: the account is not active",
-        Outcome::Unverified => "unverified: the account is not verified",
-        Outcome::NoSubscription => "no_subscription: the user has no subscription",
-        Outcome::Tier => "tier: the subscription tier does not qualify",
-        Outcome::Status => "status: the subscription status does not qualify",
-        Outcome::Expired => "expired: the subscription expired before the as-of time",
-        Outcome::ReferrerWithoutInviteCode => {
-            "referrer_without_invite_code: the referrer holds no invite code, so the referral counts for nobody in the slots program (grant programs may still reward it)"
-        }
-    }
 }
 
 /// What a program owner asks of a full run: who refers best, what the rules catch, what the
