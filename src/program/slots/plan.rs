@@ -296,15 +296,24 @@ pub struct PlanStats {
 /// Example line: `[42,5,3,0,1,0,1,0,5,"verified_referrer",0]`.
 pub fn digest(entries: &[PlanEntry]) -> String {
     let mut hasher = blake3::Hasher::new();
+    let mut line = Vec::with_capacity(128);
     for e in entries {
-        hasher.update(canonical_line(e).as_bytes());
+        line.clear();
+        canonical_line(e, &mut line);
+        hasher.update(&line);
     }
     hasher.finalize().to_hex().to_string()
 }
 
-fn canonical_line(e: &PlanEntry) -> String {
+/// One entry's line, written into `out` without building a JSON value (a tenth of a second
+/// per million entries went to the values' allocations); the badge is escaped by serde_json.
+fn canonical_line(e: &PlanEntry, out: &mut Vec<u8>) {
+    use std::io::Write;
     let d = &e.desired;
-    let line = serde_json::json!([
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
+        "[{},{},{},{},{},{},{},{},{},",
         d.referrer_user_id,
         d.referred_users_total,
         d.qualified_referrals,
@@ -314,10 +323,9 @@ fn canonical_line(e: &PlanEntry) -> String {
         d.disqualified_shared_ip,
         d.disqualified_duplicate_ip,
         d.bonus_slots,
-        d.badge,
-        e.current_bonus_slots(),
-    ]);
-    format!("{line}\n")
+    );
+    let _ = serde_json::to_writer(&mut *out, &d.badge);
+    let _ = writeln!(out, ",{}]", e.current_bonus_slots());
 }
 
 #[cfg(test)]
@@ -398,6 +406,38 @@ mod tests {
             ]
         );
         assert_eq!(plan.ledger(|_| false).len(), 4);
+    }
+
+    #[test]
+    fn canonical_line_is_the_compact_json_array_of_the_eleven_fields() {
+        for badge in [None, Some("verified_referrer"), Some("a \"q\" \\ é\n\u{1}")] {
+            let entry = PlanEntry {
+                desired: RewardResult {
+                    badge: badge.map(str::to_owned),
+                    disqualified_cooldown: -3,
+                    ..result(i64::MAX, 12, 10)
+                },
+                stored: None,
+                host: HostBonus::Value(i64::MIN),
+            };
+            let d = &entry.desired;
+            let expected = serde_json::json!([
+                d.referrer_user_id,
+                d.referred_users_total,
+                d.qualified_referrals,
+                d.disqualified_self_referral,
+                d.disqualified_cooldown,
+                d.disqualified_missing_ip,
+                d.disqualified_shared_ip,
+                d.disqualified_duplicate_ip,
+                d.bonus_slots,
+                d.badge,
+                entry.current_bonus_slots(),
+            ]);
+            let mut line = vec![];
+            canonical_line(&entry, &mut line);
+            assert_eq!(String::from_utf8(line).unwrap(), format!("{expected}\n"));
+        }
     }
 
     #[test]
@@ -488,9 +528,8 @@ mod tests {
             stored: None,
             host: HostBonus::NoSubscription,
         };
-        assert_eq!(
-            canonical_line(&e),
-            "[42,5,3,0,0,0,0,0,5,\"verified_referrer\",0]\n"
-        );
+        let mut line = vec![];
+        canonical_line(&e, &mut line);
+        assert_eq!(line, b"[42,5,3,0,0,0,0,0,5,\"verified_referrer\",0]\n");
     }
 }
