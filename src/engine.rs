@@ -15,7 +15,7 @@ use crate::program::slots::facts;
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::program::slots::rules;
 use crate::snapshot::{GrantsRead, QueryTiming, Scope};
-use crate::store::{ApplyOutcome, RunFinish, Store, StoreError, Trigger, Writes};
+use crate::store::{ApplyOutcome, Begun, RunFinish, Store, StoreError, Trigger, Writes};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RunRequest {
@@ -215,20 +215,8 @@ async fn plan_listing(
             let grants_snapshot = snapshot.grants.take();
             // The grant programs decide on a thread of their own beside the slots program's
             // computation: they share nothing but the (read-only) configuration.
-            let (computation, grants) = std::thread::scope(|s| {
-                let grants = s.spawn(|| match &grants_snapshot {
-                    Some(g) => {
-                        let facts = Facts::new(g);
-                        cfg.grants
-                            .iter()
-                            .map(|p| {
-                                ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope)
-                            })
-                            .collect::<Vec<ProgramPlan>>()
-                    }
-                    None => vec![],
-                });
-                let computation = compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
+            let slots = || {
+                compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
                     // The facts behind each outcome, for the people who read a listing (not
                     // for every one-referrer apply: that is a hot path).
                     if uncounted {
@@ -236,12 +224,27 @@ async fn plan_listing(
                         c.facts = facts::referral_facts(&snapshot, &c.listed(), &params);
                     }
                     c
-                });
-                let grants = grants
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                (computation, grants)
-            });
+                })
+            };
+            let (computation, grants) = match &grants_snapshot {
+                None => (slots(), vec![]),
+                Some(g) => std::thread::scope(|s| {
+                    let grants = s.spawn(|| {
+                        let facts = Facts::new(g);
+                        cfg.grants
+                            .iter()
+                            .map(|p| {
+                                ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope)
+                            })
+                            .collect::<Vec<ProgramPlan>>()
+                    });
+                    let computation = slots();
+                    let grants = grants
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    (computation, grants)
+                }),
+            };
             let computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
             let compute_time = t.elapsed();
             let t = Clock::now();
@@ -348,7 +351,10 @@ pub async fn run_controlled(
     ctl: &RunControl,
 ) -> Result<RunReport, EngineError> {
     let started = Clock::now();
-    if let Scope::Referrer(id) = req.scope {
+    // An applying run without an expected digest checks the id as it starts (`begin_run`).
+    if let Scope::Referrer(id) = req.scope
+        && (req.dry_run || ctl.expect_digest.is_some())
+    {
         check_known(store, cfg, req, id).await?;
     }
     if req.dry_run {
@@ -386,15 +392,14 @@ pub async fn run_controlled(
     if fault("panic-before-run").is_some() {
         panic!("fault injected before the run");
     }
-    let mut lock = store
-        .try_lock(req.scope)
-        .await?
-        .ok_or(EngineError::Locked)?;
     // With an expected digest the plan comes first, under the lock, so that a refusal writes
     // nothing; otherwise the run row comes first, so that a failing snapshot is recorded too.
-    let planned = match &ctl.expect_digest {
-        None => None,
+    let (mut lock, planned, abandoned_runs, run_id) = match &ctl.expect_digest {
         Some(expected) => {
+            let lock = store
+                .try_lock(req.scope)
+                .await?
+                .ok_or(EngineError::Locked)?;
             let planned =
                 plan_listing(store, cfg, req, ctl.progress.as_ref(), ctl.list_uncounted).await?;
             if planned.plan.digest != *expected {
@@ -403,13 +408,52 @@ pub async fn run_controlled(
                     plan: Box::new(planned.plan),
                 });
             }
-            Some(planned)
+            let (abandoned, run_id) = store
+                .start_locked(&lock, req.scope, req.as_of, now(), ctl.trigger)
+                .await?;
+            (lock, Some(planned), abandoned, run_id)
+        }
+        None => {
+            let begun = store
+                .begin_run(
+                    req.scope,
+                    req.scope.referrer(),
+                    req.as_of,
+                    now(),
+                    ctl.trigger,
+                )
+                .await?;
+            match begun {
+                Begun::Locked => return Err(EngineError::Locked),
+                Begun::Started {
+                    lock,
+                    abandoned,
+                    run_id,
+                } => (lock, None, abandoned, run_id),
+                // Not a user: a run only revokes what it still holds.
+                Begun::UnknownUser(lock) => {
+                    let known = match req.scope {
+                        Scope::Referrer(id) => holds_reward(store, cfg, req, id).await,
+                        _ => Ok(()),
+                    };
+                    let started = match known {
+                        Ok(()) => store
+                            .start_locked(&lock, req.scope, req.as_of, now(), ctl.trigger)
+                            .await
+                            .map_err(EngineError::from),
+                        Err(e) => Err(e),
+                    };
+                    match started {
+                        Ok((abandoned, run_id)) => (lock, None, abandoned, run_id),
+                        Err(e) => {
+                            store.release(lock).await;
+                            return Err(e);
+                        }
+                    }
+                }
+            }
         }
     };
-    let abandoned_runs = store.abandon_orphans(&lock, now()).await?;
-    let run_id = store
-        .start_run(req.scope, req.as_of, now(), ctl.trigger)
-        .await?;
     let work = async {
         let Planned {
             plan,
@@ -580,6 +624,16 @@ async fn check_known(
     if store.user_exists(id).await? {
         return Ok(());
     }
+    holds_reward(store, cfg, req, id).await
+}
+
+/// An id that is not a user is known only if it still holds a stored reward or a bonus.
+async fn holds_reward(
+    store: &Store,
+    cfg: &Config,
+    req: RunRequest,
+    id: i64,
+) -> Result<(), EngineError> {
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let snap = store.snapshot(req.scope, window, None).await?;
     if snap.stored_rewards.is_empty() && snap.host_bonus.is_empty() {

@@ -427,6 +427,23 @@ pub struct Writes<'a> {
     pub progress: Option<&'a crate::engine::Progress>,
 }
 
+/// What an orphaned run's row says (`abandoned`): recorded by the next run that holds the lock.
+pub const ORPHAN_ERROR: &str = "no end was recorded: the process running it was killed, or lost the database (or its lock) before it could record one";
+
+/// The start of an applying run ([`Store::begin_run`]).
+pub enum Begun {
+    /// Another run holds the lock: nothing was done.
+    Locked,
+    /// The one referrer asked about is not a user: the lock is held, nothing was written.
+    UnknownUser(RunLock),
+    /// The lock is held, the orphans are marked and the run's `running` row is in.
+    Started {
+        lock: RunLock,
+        abandoned: u64,
+        run_id: i64,
+    },
+}
+
 /// Held for the whole of an applying run; dropping it releases the lock.
 pub struct RunLock {
     /// `None`: exclusive (a full or one-referrer run); `Some`: one shard's.
@@ -552,6 +569,61 @@ impl Store {
             Store::Sqlite(s) => s.try_lock(scope.shard()),
             Store::Postgres(s) => s.try_lock(scope.shard()).await,
         }
+    }
+
+    /// An applying run's start: the lock, then (if `user` is given, only when it is a user)
+    /// the orphans marked and the run's row. On PostgreSQL a full or one-referrer run does it
+    /// in one statement on the lock's connection; elsewhere it is [`Store::try_lock`],
+    /// [`Store::abandon_orphans`] and [`Store::start_run`].
+    pub async fn begin_run(
+        &self,
+        scope: Scope,
+        user: Option<i64>,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+    ) -> Result<Begun, StoreError> {
+        if let (Store::Postgres(s), None) = (self, scope.shard()) {
+            return s.begin_run(scope, user, as_of, now, trigger).await;
+        }
+        let Some(lock) = self.try_lock(scope).await? else {
+            return Ok(Begun::Locked);
+        };
+        if let Some(id) = user {
+            match self.user_exists(id).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(Begun::UnknownUser(lock)),
+                Err(e) => {
+                    self.release(lock).await;
+                    return Err(e);
+                }
+            }
+        }
+        match self.start_locked(&lock, scope, as_of, now, trigger).await {
+            Ok((abandoned, run_id)) => Ok(Begun::Started {
+                lock,
+                abandoned,
+                run_id,
+            }),
+            Err(e) => {
+                self.release(lock).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Under a held lock: the orphans marked, then the run's `running` row.
+    pub async fn start_locked(
+        &self,
+        lock: &RunLock,
+        scope: Scope,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+    ) -> Result<(u64, i64), StoreError> {
+        let abandoned = self.abandon_orphans(lock, now).await?;
+        let run_id = self.start_run(scope, as_of, now, trigger).await?;
+        Ok((abandoned, run_id))
     }
 
     /// Releases the run lock (on PostgreSQL keeping its connection for the next run).

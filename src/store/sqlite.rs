@@ -383,6 +383,7 @@ impl SqliteStore {
         let r = sqlx::query(include_str!("../../sql/queries/abandon_orphans.sql"))
             .bind(instant::to_sql_text(now))
             .bind(shard.map(|s| s.to_string()))
+            .bind(crate::store::ORPHAN_ERROR)
             .execute(&self.pool)
             .await
             .map_err(q("marking abandoned runs"))?;

@@ -1,7 +1,7 @@
 //! The run lock (advisory locks on a dedicated connection) and the run history rows.
 
 use super::*;
-use crate::store::{RUN_COLUMNS, Trigger};
+use crate::store::{Begun, RUN_COLUMNS, Trigger};
 
 impl PgStore {
     /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full
@@ -18,6 +18,78 @@ impl PgStore {
         }
     }
 
+    /// [`crate::store::Store::begin_run`] for a full or one-referrer run: `begin_run.sql` on the
+    /// lock's connection (a kept one if there is one; a stale one fails: then a fresh one).
+    pub async fn begin_run(
+        &self,
+        scope: Scope,
+        user: Option<i64>,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+    ) -> Result<Begun, StoreError> {
+        let kept = self.lock_conns.lock().await.pop();
+        match kept {
+            Some(conn) => match self.begin_on(conn, scope, user, as_of, now, trigger).await {
+                Ok(r) => Ok(r),
+                Err(_) => {
+                    let conn = self.lock_connection().await?;
+                    self.begin_on(conn, scope, user, as_of, now, trigger).await
+                }
+            },
+            None => {
+                let conn = self.lock_connection().await?;
+                self.begin_on(conn, scope, user, as_of, now, trigger).await
+            }
+        }
+    }
+
+    /// An error drops `conn`: a session lock the failed statement took is not released by its
+    /// rollback, but closing the connection releases it.
+    async fn begin_on(
+        &self,
+        mut conn: sqlx::PgConnection,
+        scope: Scope,
+        user: Option<i64>,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+    ) -> Result<Begun, StoreError> {
+        let (got, known, abandoned, run_id): (bool, bool, i64, Option<i64>) =
+            sqlx::query_as(include_str!("../../../sql/queries/postgres/begin_run.sql"))
+                .bind(LOCK_KEY)
+                .bind(dt(now))
+                .bind(user)
+                .bind(scope.mode())
+                .bind(dt(as_of))
+                .bind(trigger.map(Trigger::as_str))
+                .bind(crate::store::ORPHAN_ERROR)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(q("taking the run lock and recording the run"))?;
+        let lock = |conn: sqlx::PgConnection| RunLock {
+            shard: None,
+            _held: Held::Postgres {
+                conn: Some(Box::new(conn)),
+            },
+        };
+        match (got, known, run_id) {
+            (false, _, _) => {
+                self.keep(conn).await;
+                Ok(Begun::Locked)
+            }
+            (true, false, _) => Ok(Begun::UnknownUser(lock(conn))),
+            (true, true, Some(run_id)) => Ok(Begun::Started {
+                lock: lock(conn),
+                abandoned: abandoned as u64,
+                run_id,
+            }),
+            (true, true, None) => Err(StoreError::Runtime(
+                "recording the run: the run's row was not inserted".into(),
+            )),
+        }
+    }
+
     /// The lock's connection sits idle while the run reads and computes: a server-side
     /// `idle_session_timeout` (PostgreSQL 14+) would close it and free the lock mid-run. It is
     /// switched off for this one session; if the connection is lost anyway, the fence in
@@ -30,6 +102,14 @@ impl PgStore {
             "SELECT set_config('idle_session_timeout', '0', false) \
              WHERE current_setting('server_version_num')::int >= 140000",
         )
+        .execute(&mut conn)
+        .await
+        .map_err(q("connecting for the run lock"))?;
+        // The run's start (begin_run.sql) runs here outside a transaction: bounded by the
+        // run's timeouts for the whole session, as the apply is by its own `SET LOCAL`s.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(
+            self.timeouts.replace("SET LOCAL", "SET"),
+        ))
         .execute(&mut conn)
         .await
         .map_err(q("connecting for the run lock"))?;
@@ -138,6 +218,7 @@ impl PgStore {
         let r = sqlx::query(include_str!("../../../sql/queries/abandon_orphans.sql"))
             .bind(dt(now))
             .bind(shard.map(|s| s.to_string()))
+            .bind(crate::store::ORPHAN_ERROR)
             .execute(&self.pool)
             .await
             .map_err(q("marking abandoned runs"))?;

@@ -1,6 +1,7 @@
 //! The apply: one transaction on the run lock's connection, set-based writes.
 
 use super::*;
+use crate::store::RunFinish;
 
 impl PgStore {
     /// The write runs on the run lock's own connection: the lock is a session lock of that
@@ -27,6 +28,17 @@ impl PgStore {
             ));
         };
         let mut out = ApplyOutcome::default();
+        // Nothing to write but the run's end (a one-referrer recompute that finds its rewards
+        // right, the common case): that one statement is its own transaction, two round trips
+        // fewer than BEGIN … COMMIT. The lock's connection fences it all the same.
+        if grants.is_empty()
+            && plan.reward_upserts().next().is_none()
+            && plan.host_changes().next().is_none()
+        {
+            crate::engine::inside_write(progress).await;
+            finish_run(conn, finish, &out, run_id).await?;
+            return Ok(out);
+        }
         // BEGIN and the transaction's settings (see `utc`) in one round trip.
         let begin = format!("BEGIN; SET LOCAL TIME ZONE 'UTC'; {}", self.timeouts);
         let mut tx = conn
@@ -165,38 +177,48 @@ impl PgStore {
                 .map_err(q("recording the run"))?;
         }
 
-        let s = &finish.stats;
-        let finished = sqlx::query(include_str!("../../../sql/queries/postgres/finish_run.sql"))
-            .bind(s.referrers as i64)
-            .bind(s.rewards_up as i64)
-            .bind(s.rewards_down as i64)
-            .bind(s.bonus_delta)
-            .bind(out.reward_rows_written as i64)
-            .bind(out.host_values_written as i64)
-            .bind(out.conflicts.len() as i64)
-            .bind(&finish.outcome_counts)
-            .bind(&finish.digest)
-            .bind(run_id)
-            .bind(dt(instant::from_datetime(Utc::now())))
-            .bind(&finish.error)
-            .execute(&mut *tx)
-            .await
-            .map_err(q("recording the run"))?;
-        if finished.rows_affected() != 1 {
-            let status: Option<String> = sqlx::query_scalar(RUN_STATUS)
-                .bind(run_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(q("reading the run"))?;
-            return Err(StoreError::NotRunning {
-                run_id,
-                status: status.unwrap_or_else(|| "missing".into()),
-            });
-        }
-
+        finish_run(&mut tx, finish, &out, run_id).await?;
         tx.commit().await.map_err(q("committing the run"))?;
         Ok(out)
     }
+}
+
+/// Marks the run `succeeded` with its counts, only while its row still says `running`.
+async fn finish_run(
+    conn: &mut sqlx::PgConnection,
+    finish: &RunFinish,
+    out: &ApplyOutcome,
+    run_id: i64,
+) -> Result<(), StoreError> {
+    let s = &finish.stats;
+    let finished = sqlx::query(include_str!("../../../sql/queries/postgres/finish_run.sql"))
+        .bind(s.referrers as i64)
+        .bind(s.rewards_up as i64)
+        .bind(s.rewards_down as i64)
+        .bind(s.bonus_delta)
+        .bind(out.reward_rows_written as i64)
+        .bind(out.host_values_written as i64)
+        .bind(out.conflicts.len() as i64)
+        .bind(&finish.outcome_counts)
+        .bind(&finish.digest)
+        .bind(run_id)
+        .bind(dt(instant::from_datetime(Utc::now())))
+        .bind(&finish.error)
+        .execute(&mut *conn)
+        .await
+        .map_err(q("recording the run"))?;
+    if finished.rows_affected() != 1 {
+        let status: Option<String> = sqlx::query_scalar(RUN_STATUS)
+            .bind(run_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(q("reading the run"))?;
+        return Err(StoreError::NotRunning {
+            run_id,
+            status: status.unwrap_or_else(|| "missing".into()),
+        });
+    }
+    Ok(())
 }
 
 /// insert_host.sql with the casts to the host's own types of `subscriptions.tier` and
