@@ -208,56 +208,56 @@ async fn plan_listing(
         snapshot.referred.len()
     ));
     let cfg = cfg.clone();
-    let (plan, grants, computation, compute_time, plan_time) =
-        tokio::task::spawn_blocking(move || {
-            fault_injection(req.scope);
-            let t = Clock::now();
-            let grants_snapshot = snapshot.grants.take();
-            // The grant programs decide on a thread of their own beside the slots program's
-            // computation: they share nothing but the (read-only) configuration.
-            let slots = || {
-                compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
-                    // The facts behind each outcome, for the people who read a listing (not
-                    // for every one-referrer apply: that is a hot path).
-                    if uncounted {
-                        let params = rules::RuleParams::new(&cfg.rules, req.as_of);
-                        c.facts = facts::referral_facts(&snapshot, &c.listed(), &params);
-                    }
-                    c
-                })
-            };
-            let (computation, grants) = match &grants_snapshot {
-                None => (slots(), vec![]),
-                Some(g) => std::thread::scope(|s| {
-                    let grants = s.spawn(|| {
-                        let facts = Facts::new(g);
-                        cfg.grants
-                            .iter()
-                            .map(|p| {
-                                ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope)
-                            })
-                            .collect::<Vec<ProgramPlan>>()
-                    });
-                    let computation = slots();
-                    let grants = grants
-                        .join()
-                        .unwrap_or_else(|p| std::panic::resume_unwind(p));
-                    (computation, grants)
-                }),
-            };
-            let computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
-            let compute_time = t.elapsed();
-            let t = Clock::now();
-            let mut plan = Plan::build(
-                computation.results.clone(),
-                snapshot.stored_rewards,
-                &snapshot.host_bonus,
-                req.scope,
-            );
-            // One digest over every program's plan (the slots digest alone without grants).
-            plan.digest = grants::plan::digest(&plan.digest, &grants);
-            Ok::<_, EngineError>((plan, grants, computation, compute_time, t.elapsed()))
-        })
+    let work = move || {
+        fault_injection(req.scope);
+        let t = Clock::now();
+        let grants_snapshot = snapshot.grants.take();
+        // The grant programs decide on a thread of their own beside the slots program's
+        // computation: they share nothing but the (read-only) configuration.
+        let slots = || {
+            compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
+                // The facts behind each outcome, for the people who read a listing (not
+                // for every one-referrer apply: that is a hot path).
+                if uncounted {
+                    let params = rules::RuleParams::new(&cfg.rules, req.as_of);
+                    c.facts = facts::referral_facts(&snapshot, &c.listed(), &params);
+                }
+                c
+            })
+        };
+        let (computation, grants) = match &grants_snapshot {
+            None => (slots(), vec![]),
+            Some(g) => std::thread::scope(|s| {
+                let grants = s.spawn(|| {
+                    let facts = Facts::new(g);
+                    cfg.grants
+                        .iter()
+                        .map(|p| ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope))
+                        .collect::<Vec<ProgramPlan>>()
+                });
+                let computation = slots();
+                let grants = grants
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (computation, grants)
+            }),
+        };
+        let computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
+        let compute_time = t.elapsed();
+        let t = Clock::now();
+        let mut plan = Plan::build(
+            computation.results.clone(),
+            snapshot.stored_rewards,
+            &snapshot.host_bonus,
+            req.scope,
+        );
+        // One digest over every program's plan (the slots digest alone without grants).
+        plan.digest = grants::plan::digest(&plan.digest, &grants);
+        Ok::<_, EngineError>((plan, grants, computation, compute_time, t.elapsed()))
+    };
+    // CPU-bound, and polars blocks in place (tokio's `block_in_place`) while it plans: a
+    // blocking thread, even for one user's few rows.
+    let (plan, grants, computation, compute_time, plan_time) = tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| match e.try_into_panic() {
             Ok(payload) => EngineError::Panicked(panic_message(&*payload)),

@@ -5,7 +5,13 @@
 -- start_run.sql). The lock's CTE calls a volatile function, so it is evaluated once, before
 -- the others read its result. Its rows: whether the lock was taken, whether the user exists,
 -- how many orphans were marked, and the run's id (NULL when nothing was written).
-WITH lock AS (SELECT pg_try_advisory_lock($1) AS got),
+-- The statement's commit does not wait for its WAL to reach the disk (synchronous_commit off
+-- for this transaction alone): should the server crash before, the `running` row and the
+-- orphans' marks are lost with the run itself, which had written nothing yet; the run's end
+-- commits synchronously, and with it everything logged before.
+WITH lock AS (
+  SELECT pg_try_advisory_lock($1) AS got, set_config('synchronous_commit', 'off', true)
+),
 known AS (SELECT $3::bigint IS NULL OR EXISTS (SELECT 1 FROM users WHERE id = $3) AS known),
 go AS (SELECT (SELECT got FROM lock) AND (SELECT known FROM known) AS go),
 orphans AS (
