@@ -333,7 +333,7 @@ fn read_ceiling(d: &Dataset) -> (Duration, Option<Duration>) {
                 ][..],
                 &[
                     include_str!("../sql/queries/postgres/scan_subscriptions.sql"),
-                    include_str!("../sql/queries/postgres/referrer_events.sql"),
+                    include_str!("../sql/queries/postgres/scan_events.sql"),
                 ][..],
             ]
             .iter()

@@ -22,7 +22,7 @@ use crate::snapshot::QueryTiming;
 const USERS: &str = include_str!("../../../sql/queries/postgres/scan_users.sql");
 const SUBSCRIPTIONS: &str = include_str!("../../../sql/queries/postgres/scan_subscriptions.sql");
 const REGISTRATIONS: &str = include_str!("../../../sql/queries/postgres/scan_registrations.sql");
-const EVENTS: &str = include_str!("../../../sql/queries/postgres/referrer_events.sql");
+const EVENTS: &str = include_str!("../../../sql/queries/postgres/scan_events.sql");
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -263,13 +263,17 @@ impl PgStore {
         let sql = EVENTS
             .replace("$1", &ts(window.0))
             .replace("$2", &ts(window.1));
+        // The referrers come first (the snapshot's own connection reads them while the users'
+        // scan starts): the events are kept for them alone, in scope.
+        let Some(referrers) = wait(&mut referrers).await else {
+            return Ok(None);
+        };
         let mut events = vec![];
-        // The query joins the referrers; a shard keeps its own.
         let Some(ev) = self
             .scan(&mut tx, "referrer_events", &sql, 2, |t| {
                 let user = t.i64()?;
                 let ip = t.field()?;
-                if user.is_none_or(|u| scope.covers(u)) {
+                if user.is_some_and(|u| referrers.contains(&u)) {
                     events.push(pair(user, ip).map_err(|b| Fail("reading referrer events", b))?);
                 }
                 Ok(())
@@ -278,8 +282,10 @@ impl PgStore {
         else {
             return Ok(None);
         };
-        let (Some(referrers), Some(index)) = (wait(&mut referrers).await, wait(&mut index).await)
-        else {
+        // Distinct pairs, as the joined query's DISTINCT (bytewise, as its COLLATE "C").
+        events.sort_unstable();
+        events.dedup();
+        let Some(index) = wait(&mut index).await else {
             return Ok(None);
         };
         let mut part = PartB {

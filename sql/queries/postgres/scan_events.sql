@@ -1,0 +1,7 @@
+-- A full or shard snapshot's IP hashes inside the window [$1, $2] (both ends included), as one
+-- sequential scan of every user's events: the job keeps the referrers' in memory and makes the
+-- pairs distinct there (as referrer_events.sql's DISTINCT), where the database would join the
+-- referrers and hash or sort the pairs (at 10M users, past work_mem: spilled to disk).
+SELECT user_id, ip_hash
+FROM telemetry_events
+WHERE ip_hash IS NOT NULL AND created_at >= $1 AND created_at <= $2
