@@ -165,31 +165,32 @@ impl PgStore {
         }
     }
 
-    async fn scan_a(
+    /// [`PgStore::scan`] for rows that need the referrers, which the snapshot's own connection
+    /// reads meanwhile: the scan starts at once, the chunks that arrive before the referrers are
+    /// known are kept as they came and decoded once they are. `None`: COPY was refused, or the
+    /// snapshot ended without the referrers.
+    async fn scan_with_referrers(
         &self,
-        conn: &mut sqlx::PgConnection,
-        snapshot_id: &str,
-        mut referrers: tokio::sync::watch::Receiver<Option<Referrers>>,
-        index_tx: tokio::sync::watch::Sender<Option<Index>>,
-    ) -> Result<Option<PartA>, SideError> {
-        let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
-        // The users' rows are read from the start; until the referrers are known (the
-        // snapshot's own connection reads them meanwhile) they are kept as they came.
+        tx: &mut sqlx::PgConnection,
+        name: &'static str,
+        sql: &str,
+        fields: usize,
+        referrers: &mut tokio::sync::watch::Receiver<Option<Referrers>>,
+        mut row: impl FnMut(Row<'_, '_>, &Referrers) -> Result<(), Fail>,
+    ) -> Result<Option<(Timing, Referrers)>, SideError> {
         let t = std::time::Instant::now();
-        let mut referred = vec![];
-        let mut index = Fast::default();
-        let mut stream = pgcopy::Stream::new(5);
+        let mut stream = pgcopy::Stream::new(fields);
         let mut early: Vec<u8> = vec![];
         let mut known: Option<Referrers> = None;
         let mut rows = 0;
         let mut feed = |chunk: &[u8], known: &Referrers| {
             stream.feed(chunk, |t: Row<'_, '_>| {
                 rows += 1;
-                user(t, known, &mut referred, &mut index)
+                row(t, known)
             })
         };
         let read = self
-            .copy_out_each(&mut tx, USERS, &[], "scan_users", |chunk| {
+            .copy_out_each(tx, sql, &[], name, |chunk| {
                 if known.is_none() {
                     known = referrers.borrow().clone();
                     if let Some(k) = &known {
@@ -211,16 +212,41 @@ impl PgStore {
             Some(Err(Fail(what, b))) => return Err(SideError::Decode(what, b)),
             Some(Ok(())) => {}
         }
-        if known.is_none() {
-            let Some(k) = wait(&mut referrers).await else {
-                return Ok(None);
-            };
-            feed(&std::mem::take(&mut early), &k).map_err(|Fail(w, b)| SideError::Decode(w, b))?;
-        }
+        let known = match known {
+            Some(k) => k,
+            None => {
+                let Some(k) = wait(referrers).await else {
+                    return Ok(None);
+                };
+                feed(&std::mem::take(&mut early), &k)
+                    .map_err(|Fail(w, b)| SideError::Decode(w, b))?;
+                k
+            }
+        };
         stream
             .finish()
-            .map_err(|e| SideError::Decode("scan_users", e.into()))?;
-        let users = ("scan_users", rows, t.elapsed());
+            .map_err(|e| SideError::Decode(name, e.into()))?;
+        Ok(Some(((name, rows, t.elapsed()), known)))
+    }
+
+    async fn scan_a(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        snapshot_id: &str,
+        mut referrers: tokio::sync::watch::Receiver<Option<Referrers>>,
+        index_tx: tokio::sync::watch::Sender<Option<Index>>,
+    ) -> Result<Option<PartA>, SideError> {
+        let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
+        let mut referred = vec![];
+        let mut index = Fast::default();
+        let Some((users, _)) = self
+            .scan_with_referrers(&mut tx, "scan_users", USERS, 5, &mut referrers, |t, k| {
+                user(t, k, &mut referred, &mut index)
+            })
+            .await?
+        else {
+            return Ok(None);
+        };
         let index = Arc::new(index);
         // The receiver is gone only when the snapshot ended without the scans.
         let _ = index_tx.send(Some(Arc::clone(&index)));
@@ -263,21 +289,25 @@ impl PgStore {
         let sql = EVENTS
             .replace("$1", &ts(window.0))
             .replace("$2", &ts(window.1));
-        // The referrers come first (the snapshot's own connection reads them while the users'
-        // scan starts): the events are kept for them alone, in scope.
-        let Some(referrers) = wait(&mut referrers).await else {
-            return Ok(None);
-        };
+        // The events are kept for the referrers alone (in scope).
         let mut events = vec![];
-        let Some(ev) = self
-            .scan(&mut tx, "referrer_events", &sql, 2, |t| {
-                let user = t.i64()?;
-                let ip = t.field()?;
-                if user.is_some_and(|u| referrers.contains(&u)) {
-                    events.push(pair(user, ip).map_err(|b| Fail("reading referrer events", b))?);
-                }
-                Ok(())
-            })
+        let Some((ev, referrers)) = self
+            .scan_with_referrers(
+                &mut tx,
+                "referrer_events",
+                &sql,
+                2,
+                &mut referrers,
+                |t, k| {
+                    let user = t.i64()?;
+                    let ip = t.field()?;
+                    if user.is_some_and(|u| k.contains(&u)) {
+                        events
+                            .push(pair(user, ip).map_err(|b| Fail("reading referrer events", b))?);
+                    }
+                    Ok(())
+                },
+            )
             .await?
         else {
             return Ok(None);
