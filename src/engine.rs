@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::instant::{self, Instant};
 use crate::program::grants::{self, plan::ProgramPlan, rules::Facts};
-use crate::program::slots::compute::{self, Computation};
+use crate::program::slots::compute::{self, Computation, PARALLEL_FROM};
 use crate::program::slots::facts;
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::program::slots::rules;
@@ -230,10 +230,23 @@ async fn plan_listing(
             Some(g) => std::thread::scope(|s| {
                 let grants = s.spawn(|| {
                     let facts = Facts::new(g);
-                    cfg.grants
-                        .iter()
-                        .map(|p| ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope))
-                        .collect::<Vec<ProgramPlan>>()
+                    let build = |p| ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope);
+                    // A large run decides each program on a thread of its own: they read the
+                    // same facts and nothing else (for a few referrals a thread costs more).
+                    if g.referrals.len() < PARALLEL_FROM || cfg.grants.len() < 2 {
+                        return cfg.grants.iter().map(build).collect::<Vec<ProgramPlan>>();
+                    }
+                    std::thread::scope(|t| {
+                        let threads: Vec<_> = cfg
+                            .grants
+                            .iter()
+                            .map(|p| t.spawn(move || build(p)))
+                            .collect();
+                        threads
+                            .into_iter()
+                            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                            .collect()
+                    })
                 });
                 let computation = slots();
                 let grants = grants

@@ -4,15 +4,21 @@
 //! and may put a rule of its own between rules 1 and 3 (the slots program's cooldown, rule 2).
 //! Pure: plain data in, verdicts out.
 
-use std::collections::HashSet;
-
 use crate::instant::{Instant, MICROS_PER_DAY};
-use crate::program::Fast;
+use crate::program::{Fast, FastSet};
+
+/// A set of IP hashes: foldhash rather than SipHash (a lookup per referral, and the hashes
+/// are the host's, seeded per process).
+pub type IpSet<'a> = FastSet<&'a str>;
 
 /// "An empty or blank `ip_hash` counts as missing. Blank means made only of Unicode
 /// White_Space characters (what Rust's `str::trim` removes)."
 pub fn is_blank(ip_hash: &str) -> bool {
-    ip_hash.trim().is_empty()
+    // A hash that starts with a visible ASCII character is not blank: no trim for those.
+    match ip_hash.as_bytes().first() {
+        Some(b) if b.is_ascii_graphic() => false,
+        _ => ip_hash.trim().is_empty(),
+    }
 }
 
 /// "Signup IP of U: the greatest non-blank `ip_hash` among U's events with
@@ -37,7 +43,7 @@ pub fn in_ip_window(t: Instant, window: (Instant, Instant)) -> bool {
 }
 
 /// "Referrer IPs of R: the distinct non-blank `ip_hash` of R's events" in the window.
-pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> HashSet<&'a str> {
+pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> IpSet<'a> {
     ip_hashes.into_iter().filter(|h| !is_blank(h)).collect()
 }
 
@@ -62,7 +68,7 @@ pub fn signup_ips(registrations: &[(i64, String)]) -> Fast<i64, &str> {
 }
 
 /// Each referrer's IPs in the window ([`referrer_ips`]).
-pub fn referrer_ips_by_referrer(events: &[(i64, String)]) -> Fast<i64, HashSet<&str>> {
+pub fn referrer_ips_by_referrer(events: &[(i64, String)]) -> Fast<i64, IpSet<'_>> {
     let mut by_referrer: Fast<i64, Vec<&str>> = Fast::default();
     for (referrer, ip) in events {
         by_referrer.entry(*referrer).or_default().push(ip);
@@ -84,7 +90,7 @@ pub fn is_missing_ip(signup_ip: Option<&str>, require_ip_hash: bool) -> bool {
 }
 
 /// Rule 4, `shared_ip`: "U's signup IP is one of R's referrer IPs".
-pub fn is_shared_ip(signup_ip: &str, referrer_ips: &HashSet<&str>) -> bool {
+pub fn is_shared_ip(signup_ip: &str, referrer_ips: &IpSet<'_>) -> bool {
     referrer_ips.contains(signup_ip)
 }
 
@@ -106,22 +112,18 @@ pub enum Verdict {
 /// is off) skips rules 4 and 5 and claims nothing.
 pub struct Claims<'r, 'a> {
     referrer_id: i64,
-    referrer_ips: &'r HashSet<&'a str>,
+    referrer_ips: &'r IpSet<'a>,
     require_ip_hash: bool,
-    claimed: HashSet<&'a str>,
+    claimed: IpSet<'a>,
 }
 
 impl<'r, 'a> Claims<'r, 'a> {
-    pub fn new(
-        referrer_id: i64,
-        referrer_ips: &'r HashSet<&'a str>,
-        require_ip_hash: bool,
-    ) -> Self {
+    pub fn new(referrer_id: i64, referrer_ips: &'r IpSet<'a>, require_ip_hash: bool) -> Self {
         Claims {
             referrer_id,
             referrer_ips,
             require_ip_hash,
-            claimed: HashSet::new(),
+            claimed: IpSet::default(),
         }
     }
 
@@ -156,7 +158,7 @@ mod tests {
 
     #[test]
     fn rules_apply_in_spec_order_and_only_a_pass_claims() {
-        let ips: HashSet<&str> = ["r"].into_iter().collect();
+        let ips: IpSet = ["r"].into_iter().collect();
         let mut c = Claims::new(1, &ips, true);
         // Self-referral comes before everything, even a shared IP.
         assert_eq!(c.judge(1, Some("r"), true), Verdict::SelfReferral);
@@ -175,7 +177,7 @@ mod tests {
 
     #[test]
     fn without_required_ips_a_missing_ip_passes_and_claims_nothing() {
-        let ips = HashSet::new();
+        let ips = IpSet::default();
         let mut c = Claims::new(1, &ips, false);
         assert_eq!(c.judge(2, None, false), Verdict::Pass);
         assert_eq!(c.judge(3, None, false), Verdict::Pass);

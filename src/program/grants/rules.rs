@@ -2,7 +2,7 @@
 //! conversion order, the outcome of each referral, the desired set, and the grants and
 //! reversals that follow. Pure: plain data in, decisions out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::config::{GrantProgramConfig, OnRefund, RulesConfig};
 use crate::instant::{Instant, MICROS_PER_DAY};
@@ -104,7 +104,7 @@ pub struct Decided {
 /// The facts every grant program reads, indexed once per run.
 pub struct Facts<'a> {
     signup_ips: Fast<i64, &'a str>,
-    referrer_ips: Fast<i64, HashSet<&'a str>>,
+    referrer_ips: Fast<i64, fraud::IpSet<'a>>,
     payments: &'a [Payment],
     /// Program → U → its ledger grants, live or reversed.
     ledger: HashMap<&'a str, Fast<i64, Vec<&'a LedgerGrant>>>,
@@ -210,6 +210,9 @@ pub fn decide(
     now: Instant,
 ) -> Vec<Decided> {
     let conversions = conversions(facts.payments, program, now);
+    // The program's part of the ledger, looked up once; the scratch space reused by referrer.
+    let ledger = facts.ledger.get(program.name.as_str());
+    let mut scratch = Scratch::default();
     let mut out = Vec::with_capacity(facts.referrals.len());
     let mut start = 0;
     while start < facts.referrals.len() {
@@ -223,9 +226,11 @@ pub fn decide(
             program,
             rules,
             facts,
+            ledger,
             &conversions,
             &facts.referrals[start..end],
             now,
+            &mut scratch,
             &mut out,
         );
         start = end;
@@ -233,33 +238,58 @@ pub fn decide(
     out
 }
 
+/// One program's ledger grants by U.
+type Ledger<'a> = Fast<i64, Vec<&'a LedgerGrant>>;
+
+/// [`decide_referrer`]'s working vectors, kept from one referrer to the next (one allocation
+/// each per run rather than per referrer).
+#[derive(Default)]
+struct Scratch {
+    conversions: Vec<Option<Conversion>>,
+    order: Vec<usize>,
+    natural: Vec<Natural>,
+    position: Vec<Option<u32>>,
+    held: Vec<Vec<Held>>,
+    desired: Vec<bool>,
+}
+
 /// One referrer's referrals (sorted by U), decided together: the claims and the cap are R's.
+#[allow(clippy::too_many_arguments)] // the program, its facts, and the run's buffers
 fn decide_referrer(
     program: &GrantProgramConfig,
     rules: &RulesConfig,
     facts: &Facts<'_>,
+    ledger: Option<&Ledger<'_>>,
     converted: &Fast<i64, Conversion>,
     referrals: &[&Referral],
     now: Instant,
+    scratch: &mut Scratch,
     out: &mut Vec<Decided>,
 ) {
     let referrer = referrals[0].referrer_id;
-    let conversions: Vec<Option<Conversion>> = referrals
-        .iter()
-        .map(|x| converted.get(&x.user_id).copied())
-        .collect();
+    let Scratch {
+        conversions,
+        order,
+        natural,
+        position,
+        held,
+        desired,
+    } = scratch;
+    conversions.clear();
+    conversions.extend(referrals.iter().map(|x| converted.get(&x.user_id).copied()));
     // R's conversion order: conversion time, then payment id, then U's id.
-    let mut order: Vec<usize> = (0..referrals.len())
-        .filter(|&i| conversions[i].is_some())
-        .collect();
+    order.clear();
+    order.extend((0..referrals.len()).filter(|&i| conversions[i].is_some()));
     order.sort_unstable_by_key(|&i| {
         let c = conversions[i].expect("filtered");
         (c.at, c.payment_id, referrals[i].user_id)
     });
 
-    let mut natural = vec![Natural::Out(Outcome::NoConversion); referrals.len()];
-    let mut position = vec![None; referrals.len()];
-    let no_ips = HashSet::new();
+    natural.clear();
+    natural.resize(referrals.len(), Natural::Out(Outcome::NoConversion));
+    position.clear();
+    position.resize(referrals.len(), None);
+    let no_ips = fraud::IpSet::default();
     let ips = facts.referrer_ips.get(&referrer).unwrap_or(&no_ips);
     let mut claims = Claims::new(referrer, ips, rules.require_ip_hash);
     for (rank, &i) in order.iter().enumerate() {
@@ -288,11 +318,9 @@ fn decide_referrer(
         };
     }
 
-    let mut held: Vec<Vec<Held>> = referrals
-        .iter()
-        .map(|x| live_grants(facts, &program.name, x.user_id))
-        .collect();
-    let desired = desired_set(program, &order, &natural, &held);
+    held.clear();
+    held.extend(referrals.iter().map(|x| live_grants(ledger, x.user_id)));
+    desired_set(program, order, natural, held, desired);
 
     for (i, x) in referrals.iter().enumerate() {
         let holds = !held[i].is_empty();
@@ -304,7 +332,7 @@ fn decide_referrer(
             let changes = if holds {
                 vec![]
             } else {
-                new_grants(program, facts, x, conversions[i].expect("eligible"))
+                new_grants(program, ledger, x, conversions[i].expect("eligible"))
             };
             (Outcome::Granted, None, changes)
         } else if holds {
@@ -349,10 +377,12 @@ fn desired_set(
     order: &[usize],
     natural: &[Natural],
     held: &[Vec<Held>],
-) -> Vec<bool> {
+    set: &mut Vec<bool>,
+) {
     let cap = program.max_rewarded_per_referrer;
     let keep = matches!(program.on_refund, OnRefund::Keep);
-    let mut set = vec![false; held.len()];
+    set.clear();
+    set.resize(held.len(), false);
     let mut size = 0i64;
     if keep {
         // Holders first, whatever the cap: grants are final.
@@ -371,15 +401,12 @@ fn desired_set(
             size += 1;
         }
     }
-    set
 }
 
 /// The live grants of `(program, U)`: a referral holds a grant when U does, in this program
 /// (the ledger allows one live grant per program, U and party, whoever referred U).
-fn live_grants(facts: &Facts<'_>, program: &str, user_id: i64) -> Vec<Held> {
-    let mut held: Vec<Held> = facts
-        .ledger
-        .get(program)
+fn live_grants(ledger: Option<&Ledger<'_>>, user_id: i64) -> Vec<Held> {
+    let mut held: Vec<Held> = ledger
         .and_then(|l| l.get(&user_id))
         .into_iter()
         .flatten()
@@ -397,10 +424,8 @@ fn live_grants(facts: &Facts<'_>, program: &str, user_id: i64) -> Vec<Held> {
 }
 
 /// The next sequence number of `(program, U, party)`: one more than any grant it ever had.
-fn next_seq(facts: &Facts<'_>, program: &str, user_id: i64, party: Party) -> i64 {
-    facts
-        .ledger
-        .get(program)
+fn next_seq(ledger: Option<&Ledger<'_>>, user_id: i64, party: Party) -> i64 {
+    ledger
         .and_then(|l| l.get(&user_id))
         .into_iter()
         .flatten()
@@ -415,7 +440,7 @@ fn next_seq(facts: &Facts<'_>, program: &str, user_id: i64, party: Party) -> i64
 /// without fraud checks is granted once, as `referred`; a missing R gets none."
 fn new_grants(
     program: &GrantProgramConfig,
-    facts: &Facts<'_>,
+    ledger: Option<&Ledger<'_>>,
     x: &Referral,
     conversion: Conversion,
 ) -> Vec<GrantChange> {
@@ -441,7 +466,7 @@ fn new_grants(
             party,
             credited_user_id: credited,
             amount,
-            seq: next_seq(facts, &program.name, x.user_id, party),
+            seq: next_seq(ledger, x.user_id, party),
             payment_id: Some(conversion.payment_id),
             reversal: false,
         });

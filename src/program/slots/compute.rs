@@ -3,7 +3,7 @@
 //!
 //! CPU-bound: callers run it on a blocking thread (`tokio::task::spawn_blocking`).
 
-use std::collections::HashSet;
+use crate::program::fraud;
 
 use polars::prelude::*;
 use polars_core::runtime::THREAD_POOL;
@@ -75,7 +75,7 @@ impl Computation {
 
 /// From how many referred users a run computes on every core (below, the thread pool's
 /// hand-offs cost more than they save: a one-referrer run stays on its thread).
-const PARALLEL_FROM: usize = 20_000;
+pub const PARALLEL_FROM: usize = 20_000;
 
 /// `(a(), b())`, side by side when `parallel` (called on polars' pool).
 fn both<A: Send, B: Send>(
@@ -143,7 +143,7 @@ fn compute_with(
             order
         },
     );
-    let empty = HashSet::new();
+    let empty = fraud::IpSet::default();
 
     // Each referrer's referrals are judged on their own (the rules look at one referrer at a
     // time), so a large run spreads the referrers over the cores; the order stays the same.

@@ -5,8 +5,6 @@
 //! code is a code) and "a referred user is one with `referred_by_user_id = R`". The IP window's
 //! bounds are computed here ([`ip_window`]) and handed to the store.
 
-use std::collections::HashSet;
-
 use crate::config::RulesConfig;
 use crate::instant::{Instant, MICROS_PER_DAY};
 use crate::program::fraud::{Claims, Verdict};
@@ -169,7 +167,7 @@ pub struct ReferredFacts<'a> {
 pub fn classify_referrer(
     referrer_id: i64,
     referred: &[ReferredFacts<'_>],
-    referrer_ips: &HashSet<&str>,
+    referrer_ips: &crate::program::fraud::IpSet<'_>,
     p: &RuleParams,
 ) -> Vec<(Outcome, Option<u32>)> {
     let mut out: Vec<(Outcome, Option<u32>)> = referred
@@ -262,7 +260,7 @@ mod tests {
                 signup_ip: *ip,
             })
             .collect();
-        let ips: HashSet<&str> = referrer_ips.iter().copied().collect();
+        let ips: crate::program::fraud::IpSet = referrer_ips.iter().copied().collect();
         classify_referrer(1, &facts, &ips, &params())
             .into_iter()
             .map(|(o, _)| o)
@@ -420,7 +418,7 @@ mod tests {
                 signup_ip: None,
             },
         ];
-        let got = classify_referrer(1, &facts, &HashSet::from(["x"]), &p);
+        let got = classify_referrer(1, &facts, &["x"].into_iter().collect(), &p);
         assert_eq!(got[0].0, Outcome::Qualified);
         assert_eq!(got[1].0, Outcome::Qualified);
     }
@@ -494,7 +492,7 @@ mod tests {
                 signup_ip: Some("ip"),
             },
         ];
-        let got = classify_referrer(1, &facts, &HashSet::new(), &params());
+        let got = classify_referrer(1, &facts, &Default::default(), &params());
         assert_eq!(
             got,
             [(Outcome::Inactive, None), (Outcome::Qualified, Some(1))]

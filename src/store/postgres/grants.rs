@@ -77,8 +77,8 @@ impl Cells<'_, '_> {
 /// exported snapshot (`pg_export_snapshot`, as `pg_dump -j` does) while the first connection
 /// reads the rest: the same rows, in about the time of the longer of the two.
 pub(super) struct SideRead {
-    /// Every referrer (`grants_referrers.sql`).
-    referrers: Vec<i64>,
+    /// Every referrer (`grants_referrers.sql`), unless the users' scan gives them.
+    referrers: Option<Vec<i64>>,
     payments: Vec<Payment>,
     ledger: Vec<(crate::program::grants::LedgerGrant, bool)>,
     timings: Vec<QueryTiming>,
@@ -158,6 +158,7 @@ impl PgStore {
         permit: std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
         as_of: Instant,
         read: GrantsRead,
+        referrers: bool,
     ) -> Side {
         let me = std::sync::Arc::clone(self);
         Side(tokio::spawn(async move {
@@ -168,7 +169,7 @@ impl PgStore {
                 })?;
             let mut conn = CloseUnlessDone { conn, done: false };
             let r = me
-                .side_read(&mut conn.conn, &snapshot_id, as_of, &read)
+                .side_read(&mut conn.conn, &snapshot_id, as_of, &read, referrers)
                 .await;
             conn.done = r.is_ok();
             r
@@ -181,15 +182,20 @@ impl PgStore {
         snapshot_id: &str,
         as_of: Instant,
         read: &GrantsRead,
+        with_referrers: bool,
     ) -> Result<SideRead, SideError> {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
         let mut sw = Stopwatch::start();
         let mut timings = vec![];
-        let referrers = self
-            .read_referrers(&mut tx)
-            .await
-            .map_err(SideError::Read)?;
-        sw.lap(&mut timings, "grants_referrers", referrers.len());
+        let mut referrers = None;
+        if with_referrers {
+            let all = self
+                .read_referrers(&mut tx)
+                .await
+                .map_err(SideError::Read)?;
+            sw.lap(&mut timings, "grants_referrers", all.len());
+            referrers = Some(all);
+        }
         let payments = self
             .read_payments(&mut tx, &None, as_of, read)
             .await
@@ -313,6 +319,7 @@ impl PgStore {
         window: (Instant, Instant),
         read: &GrantsRead,
         slots: &Snapshot,
+        others: Option<Vec<i64>>,
         timings: &mut Vec<QueryTiming>,
         side: Option<Side>,
     ) -> Result<(GrantsSnapshot, bool), StoreError> {
@@ -360,9 +367,11 @@ impl PgStore {
                 (ids.clone(), Some(ids))
             }
             _ => {
-                let all = match &side {
-                    Some(read) => read.referrers.clone(),
-                    None => self.read_referrers(tx).await?,
+                // `others`: the referrers the users' scan found without an invite code in
+                // scope; else every referrer, from the side read or read here.
+                let all = match (others, side.as_ref().and_then(|r| r.referrers.clone())) {
+                    (Some(o), _) | (None, Some(o)) => o,
+                    (None, None) => self.read_referrers(tx).await?,
                 };
                 let holders: HashSet<i64> = slots.referrers.iter().copied().collect();
                 let rest = all

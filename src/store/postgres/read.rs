@@ -478,7 +478,8 @@ impl PgStore {
                         scans = Some(self.spawn_scans(&id, permit.clone(), window, scope));
                     }
                     if let Some(gr) = grants {
-                        side = Some(self.spawn_side_read(id, permit, window.1, gr.clone()));
+                        // With the scans, the referrers come from the users' scan.
+                        side = Some(self.spawn_side_read(id, permit, window.1, gr.clone(), !copy));
                     }
                 }
                 Err(e) => {
@@ -589,15 +590,16 @@ impl PgStore {
 
         // The scans, read meanwhile on their own connections; without them (COPY refused, no
         // second connection), the joined queries on this one.
-        let joined = match scans {
+        let others = match scans {
             Some(scans) => {
                 sw.lap(&mut snap.timings, "before the scans", 0);
-                let joined = self.join_scans(&mut tx, scans, &mut snap).await?;
+                let others = self.join_scans(&mut tx, scans, &mut snap).await?;
                 sw = Stopwatch::start();
-                joined
+                others
             }
-            None => false,
+            None => None,
         };
+        let joined = others.is_some();
         if !joined && !snap.referrers.is_empty() {
             const REFERRED: &str = "reading referred users";
             let ids = &snap.referrers;
@@ -821,7 +823,16 @@ impl PgStore {
         if let Some(gr) = grants {
             let mut timings = vec![];
             let (grants, side_read) = self
-                .read_grants(&mut tx, scope, window, gr, &snap, &mut timings, side)
+                .read_grants(
+                    &mut tx,
+                    scope,
+                    window,
+                    gr,
+                    &snap,
+                    others,
+                    &mut timings,
+                    side,
+                )
                 .await?;
             snap.grants = Some(grants);
             snap.side_read = side_read;

@@ -66,6 +66,8 @@ type Timing = (&'static str, usize, Duration);
 
 struct PartA {
     referred: Vec<ReferredUser>,
+    /// The referrers of the other users with a referrer: not invite-code holders in scope.
+    others: FastSet<i64>,
     registrations: Vec<(i64, String)>,
     timings: Vec<Timing>,
 }
@@ -238,10 +240,11 @@ impl PgStore {
     ) -> Result<Option<PartA>, SideError> {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
         let mut referred = vec![];
+        let mut others = FastSet::default();
         let mut index = Fast::default();
         let Some((users, _)) = self
             .scan_with_referrers(&mut tx, "scan_users", USERS, 5, &mut referrers, |t, k| {
-                user(t, k, &mut referred, &mut index)
+                user(t, k, &mut referred, &mut others, &mut index)
             })
             .await?
         else {
@@ -270,6 +273,7 @@ impl PgStore {
             .map_err(|e| SideError::Read(q("ending a snapshot connection")(e)))?;
         Ok(Some(PartA {
             referred,
+            others,
             registrations,
             timings: vec![users, regs],
         }))
@@ -342,21 +346,22 @@ impl PgStore {
 
     /// Hands the scans the referrers in `snap.referrers` (already in scope) and joins what
     /// they read into the snapshot's referred users, registrations, referrer events and host
-    /// bonus values. `Ok(false)`: no scans (COPY refused, no connection to import the snapshot
-    /// on); read the joined queries instead. A cell that cannot be decoded is looked up and
-    /// named on `tx`, the snapshot's own connection.
+    /// bonus values, and returns the referrers of the other users with a referrer (the
+    /// grant programs read their referrals). `Ok(None)`: no scans (COPY refused, no connection
+    /// to import the snapshot on); read the joined queries instead. A cell that cannot be
+    /// decoded is looked up and named on `tx`, the snapshot's own connection.
     pub(super) async fn join_scans(
         &self,
         tx: &mut sqlx::PgConnection,
         mut scans: Scans,
         snap: &mut Snapshot,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Vec<i64>>, StoreError> {
         let referrers: FastSet<i64> = snap.referrers.iter().copied().collect();
         let _ = scans.referrers.send(Some(Arc::new(referrers)));
         let a = settle(tx, &mut scans.a).await?;
         let b = settle(tx, &mut scans.b).await?;
         let (Some(a), Some(b)) = (a, b) else {
-            return Ok(false);
+            return Ok(None);
         };
         let t = std::time::Instant::now();
         snap.referred = a.referred;
@@ -383,7 +388,7 @@ impl PgStore {
             elapsed: t.elapsed(),
         });
         snap.via_copy = true;
-        Ok(true)
+        Ok(Some(a.others.into_iter().collect()))
     }
 }
 
@@ -417,13 +422,18 @@ fn user(
     t: Row<'_, '_>,
     referrers: &FastSet<i64>,
     referred: &mut Vec<ReferredUser>,
+    others: &mut FastSet<i64>,
     index: &mut Fast<i64, usize>,
 ) -> Result<(), Fail> {
     let at = |b: Bad| Fail(REFERRED, b);
     let (id, referrer) = (t.i64()?, t.i64()?);
-    let Some(referrer) = referrer.filter(|r| referrers.contains(r)) else {
+    let Some(referrer) = referrer else {
         return Ok(());
     };
+    if !referrers.contains(&referrer) {
+        others.insert(referrer);
+        return Ok(());
+    }
     let id = id.ok_or_else(|| at(null("users", "id", None, "an id")))?;
     let user = |column, expected| at(null("users", column, Some(id), expected));
     let created_at = pg_time(instant_of(t.i64()?), "users", "created_at", id)
