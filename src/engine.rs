@@ -258,6 +258,14 @@ async fn plan_listing(
         let computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
         let compute_time = t.elapsed();
         let t = Clock::now();
+        // The plan reads only the stored rewards and the host values: the rest of the snapshot
+        // (most of a large run's memory) goes before it is built, where the run's peak was.
+        drop((
+            std::mem::take(&mut snapshot.referred),
+            std::mem::take(&mut snapshot.registrations),
+            std::mem::take(&mut snapshot.referrer_events),
+            std::mem::take(&mut snapshot.uncounted),
+        ));
         let mut plan = Plan::build(
             computation.results.clone(),
             snapshot.stored_rewards,

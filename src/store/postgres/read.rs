@@ -557,31 +557,40 @@ impl PgStore {
 
         // The current state: a shard reads all of it and keeps its own users'.
         snap.stored_rewards = match scope {
-            Scope::Referrer(id) => {
-                sqlx::query(include_str!(
-                    "../../../sql/queries/postgres/stored_rewards_one.sql"
-                ))
-                .bind(id)
-                .fetch_all(&mut *tx)
-                .await
-            }
+            Scope::Referrer(id) => sqlx::query(include_str!(
+                "../../../sql/queries/postgres/stored_rewards_one.sql"
+            ))
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(q("reading referral_rewards"))?
+            .iter()
+            .map(reward_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(q("decoding referral_rewards"))?,
             _ => {
-                sqlx::query(include_str!(
+                // Decoded row by row as they arrive: the rows of a whole answer held at once
+                // cost more than the rewards (a million rows at 10M users), and a shard keeps
+                // an eighth of them.
+                use futures_util::TryStreamExt;
+                let mut rows = sqlx::query(include_str!(
                     "../../../sql/queries/postgres/stored_rewards.sql"
                 ))
-                .fetch_all(&mut *tx)
-                .await
+                .fetch(&mut *tx);
+                let mut kept = vec![];
+                while let Some(row) = rows
+                    .try_next()
+                    .await
+                    .map_err(q("reading referral_rewards"))?
+                {
+                    let r = reward_from_row(&row).map_err(q("decoding referral_rewards"))?;
+                    if scope.covers(r.referrer_user_id) {
+                        kept.push(r);
+                    }
+                }
+                kept
             }
-        }
-        .map_err(q("reading referral_rewards"))?
-        .iter()
-        .map(reward_from_row)
-        .filter(|r| {
-            r.as_ref()
-                .map_or(true, |r| scope.covers(r.referrer_user_id))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(q("decoding referral_rewards"))?;
+        };
         sw.lap(
             &mut snap.timings,
             "stored_rewards",
