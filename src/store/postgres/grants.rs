@@ -330,7 +330,7 @@ impl PgStore {
         // The referrers, the payments and the ledger: from the side read started with the
         // snapshot when there is one (done by now: this connection has read the slots part
         // meanwhile), else here.
-        let side = match side {
+        let mut side = match side {
             Some(mut handle) => match (&mut handle.0).await {
                 Ok(Ok(read)) => Some(read),
                 Ok(Err(SideError::Import(e))) => {
@@ -369,7 +369,7 @@ impl PgStore {
             _ => {
                 // `others`: the referrers the users' scan found without an invite code in
                 // scope; else every referrer, from the side read or read here.
-                let all = match (others, side.as_ref().and_then(|r| r.referrers.clone())) {
+                let all = match (others, side.as_mut().and_then(|r| r.referrers.take())) {
                     (Some(o), _) | (None, Some(o)) => o,
                     (None, None) => self.read_referrers(tx).await?,
                 };

@@ -7,19 +7,28 @@ impl PgStore {
     /// Session advisory locks on a dedicated connection: exclusive on [`LOCK_KEY`] for a full
     /// or one-referrer run; shared on it plus exclusive on the shard's own key for a shard.
     pub async fn try_lock(&self, shard: Option<Shard>) -> Result<Option<RunLock>, StoreError> {
-        // A kept connection if there is one (a stale one fails the query: then a fresh one).
+        self.on_lock_connection(|conn| self.lock_on(conn, shard))
+            .await
+    }
+
+    /// `f` on a kept lock connection if there is one; a stale one fails `f`: then on a fresh
+    /// one.
+    async fn on_lock_connection<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(sqlx::PgConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let kept = self.lock_conns.lock().await.pop();
-        match kept {
-            Some(conn) => match self.lock_on(conn, shard).await {
-                Ok(r) => Ok(r),
-                Err(_) => self.lock_on(self.lock_connection().await?, shard).await,
-            },
-            None => self.lock_on(self.lock_connection().await?, shard).await,
+        if let Some(conn) = kept
+            && let Ok(r) = f(conn).await
+        {
+            return Ok(r);
         }
+        f(self.lock_connection().await?).await
     }
 
     /// [`crate::store::Store::begin_run`] for a full or one-referrer run: `begin_run.sql` on the
-    /// lock's connection (a kept one if there is one; a stale one fails: then a fresh one).
+    /// lock's connection ([`PgStore::on_lock_connection`]).
     pub async fn begin_run(
         &self,
         scope: Scope,
@@ -28,20 +37,8 @@ impl PgStore {
         now: Instant,
         trigger: Option<Trigger>,
     ) -> Result<Begun, StoreError> {
-        let kept = self.lock_conns.lock().await.pop();
-        match kept {
-            Some(conn) => match self.begin_on(conn, scope, user, as_of, now, trigger).await {
-                Ok(r) => Ok(r),
-                Err(_) => {
-                    let conn = self.lock_connection().await?;
-                    self.begin_on(conn, scope, user, as_of, now, trigger).await
-                }
-            },
-            None => {
-                let conn = self.lock_connection().await?;
-                self.begin_on(conn, scope, user, as_of, now, trigger).await
-            }
-        }
+        self.on_lock_connection(|conn| self.begin_on(conn, scope, user, as_of, now, trigger))
+            .await
     }
 
     /// An error drops `conn`: a session lock the failed statement took is not released by its

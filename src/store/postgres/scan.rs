@@ -256,13 +256,12 @@ impl PgStore {
         let mut registrations = vec![];
         let Some(regs) = self
             .scan(&mut tx, "scan_registrations", REGISTRATIONS, 2, |t| {
-                let user = t.i64()?;
-                let ip = t.field()?;
-                if user.is_some_and(|u| index.contains_key(&u)) {
-                    registrations
-                        .push(pair(user, ip).map_err(|b| Fail("reading registration events", b))?);
-                }
-                Ok(())
+                keep_pair(
+                    t,
+                    |u| index.contains_key(&u),
+                    &mut registrations,
+                    "reading registration events",
+                )
             })
             .await?
         else {
@@ -303,13 +302,12 @@ impl PgStore {
                 2,
                 &mut referrers,
                 |t, k| {
-                    let user = t.i64()?;
-                    let ip = t.field()?;
-                    if user.is_some_and(|u| k.contains(&u)) {
-                        events
-                            .push(pair(user, ip).map_err(|b| Fail("reading referrer events", b))?);
-                    }
-                    Ok(())
+                    keep_pair(
+                        t,
+                        |u| k.contains(&u),
+                        &mut events,
+                        "reading referrer events",
+                    )
                 },
             )
             .await?
@@ -415,6 +413,21 @@ async fn settle<T>(
             message: e.to_string(),
         }),
     }
+}
+
+/// A `(user, ip_hash)` row, pushed onto `out` when its user is one `keep` wants.
+fn keep_pair(
+    t: Row<'_, '_>,
+    keep: impl FnOnce(i64) -> bool,
+    out: &mut Vec<(i64, String)>,
+    what: &'static str,
+) -> Result<(), Fail> {
+    let user = t.i64()?;
+    let ip = t.field()?;
+    if user.is_some_and(keep) {
+        out.push(pair(user, ip).map_err(|b| Fail(what, b))?);
+    }
+    Ok(())
 }
 
 /// A user with a referrer: kept if its referrer holds an invite code (and is in scope).
