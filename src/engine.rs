@@ -229,7 +229,7 @@ async fn plan_listing(
             None => (slots(), vec![]),
             Some(g) => std::thread::scope(|s| {
                 let grants = s.spawn(|| {
-                    let facts = Facts::new(g);
+                    let facts = Facts::new(g, Some(&snapshot));
                     let build = |p| ProgramPlan::build(p, &cfg.rules, &facts, req.as_of, req.scope);
                     // A large run decides each program on a thread of its own: they read the
                     // same facts and nothing else (for a few referrals a thread costs more).

@@ -195,3 +195,45 @@ fn every_outcome_shifted() -> Fixture {
     }
     f
 }
+
+/// `demo-data` on PostgreSQL writes its rows frozen and all-visible (COPY FREEZE, after a
+/// TRUNCATE in its transaction), as a host's tables are once vacuumed; where TRUNCATE is
+/// refused (here: another table's key on `users`) it loads the same rows without FREEZE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_data_on_postgres_loads_frozen_rows_unless_truncate_is_refused() {
+    let all_visible = "SELECT count(*) FROM pg_class \
+        WHERE relname IN ('users', 'payments') AND relpages > 0 AND relallvisible = relpages";
+    let spec = DemoSpec {
+        users: 500,
+        seed: 3,
+        anchor: now(),
+    };
+    let Some(frozen) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    frozen.store().await.load_demo(&spec).await.unwrap();
+    assert_eq!(
+        frozen.scalar(all_visible).await,
+        2,
+        "every page all-visible"
+    );
+
+    let Some(refused) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    refused
+        .exec("CREATE TABLE app_orders (user_id BIGINT REFERENCES users (id))")
+        .await;
+    refused.store().await.load_demo(&spec).await.unwrap();
+    assert_eq!(
+        refused.scalar(all_visible).await,
+        0,
+        "loaded without FREEZE"
+    );
+    let count = "SELECT count(*) FROM users";
+    assert_eq!(
+        refused.scalar(count).await,
+        frozen.scalar(count).await,
+        "the same rows either way"
+    );
+}

@@ -48,9 +48,12 @@ pub fn referrer_ips<'a>(ip_hashes: impl IntoIterator<Item = &'a str>) -> IpSet<'
 }
 
 /// Each user's signup IP ([`signup_ip`] over its registration events), in one pass.
-pub fn signup_ips(registrations: &[(i64, String)]) -> Fast<i64, &str> {
+pub fn signup_ips<'a>(
+    registrations: impl IntoIterator<Item = &'a (i64, String)>,
+) -> Fast<i64, &'a str> {
+    let registrations = registrations.into_iter();
     let mut by_user: Fast<i64, &str> =
-        Fast::with_capacity_and_hasher(registrations.len(), Default::default());
+        Fast::with_capacity_and_hasher(registrations.size_hint().0, Default::default());
     for (user, ip) in registrations {
         if is_blank(ip) {
             continue;
@@ -68,7 +71,9 @@ pub fn signup_ips(registrations: &[(i64, String)]) -> Fast<i64, &str> {
 }
 
 /// Each referrer's IPs in the window ([`referrer_ips`]).
-pub fn referrer_ips_by_referrer(events: &[(i64, String)]) -> Fast<i64, IpSet<'_>> {
+pub fn referrer_ips_by_referrer<'a>(
+    events: impl IntoIterator<Item = &'a (i64, String)>,
+) -> Fast<i64, IpSet<'a>> {
     let mut by_referrer: Fast<i64, Vec<&str>> = Fast::default();
     for (referrer, ip) in events {
         by_referrer.entry(*referrer).or_default().push(ip);
@@ -124,6 +129,18 @@ impl<'r, 'a> Claims<'r, 'a> {
             referrer_ips,
             require_ip_hash,
             claimed: IpSet::default(),
+        }
+    }
+
+    /// Starts over for another referrer, keeping the claim set's allocation when it is small
+    /// (a run judges a hundred thousand referrers; clearing a large set costs its capacity).
+    pub fn restart(&mut self, referrer_id: i64, referrer_ips: &'r IpSet<'a>) {
+        self.referrer_id = referrer_id;
+        self.referrer_ips = referrer_ips;
+        if self.claimed.capacity() > 1024 {
+            self.claimed = IpSet::default();
+        } else {
+            self.claimed.clear();
         }
     }
 

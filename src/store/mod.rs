@@ -893,10 +893,10 @@ pub(crate) fn live_ledger(
 /// A ledger row as read, checked: the job writes it, so anything odd is a bug or a hand edit.
 #[allow(clippy::too_many_arguments)] // one per column
 pub(crate) fn ledger_grant(
-    program: String,
+    program: &str,
     referrer_id: i64,
     user_id: i64,
-    party: String,
+    party: &str,
     credited_user_id: i64,
     days: Option<i64>,
     cents: Option<i64>,
@@ -913,8 +913,8 @@ pub(crate) fn ledger_grant(
         value: format!("{value} (program {program:?}, referred user {user_id})"),
         expected,
     };
-    let party =
-        Party::parse(&party).ok_or_else(|| bad("party", party.clone(), "referrer or referred"))?;
+    let party = Party::parse(party)
+        .ok_or_else(|| bad("party", party.to_owned(), "referrer or referred"))?;
     let amount = match (days, cents) {
         (Some(d), None) => Amount::Days(d),
         (None, Some(c)) => Amount::Cents(c),
@@ -927,7 +927,7 @@ pub(crate) fn ledger_grant(
         }
     };
     Ok(LedgerGrant {
-        program: interner.intern(&program),
+        program: interner.intern(program),
         referrer_id,
         user_id,
         party,
@@ -1043,8 +1043,9 @@ pub(crate) enum Part {
 
 /// Completes the grant programs' snapshot of a full or shard run with what the slots program's
 /// part of the same transaction read: the referrals of invite-code holders, their referred
-/// users' registrations and their IPs in the window. The grant queries read only the rest, so
-/// that enabling grant programs does not read those rows twice.
+/// users' registrations and their IPs in the window (those two by reference: see
+/// `GrantsSnapshot::fraud_from_slots`). The grant queries read only the rest, so that enabling
+/// grant programs does not read those rows twice.
 pub(crate) fn share_slots_reads(
     g: &mut crate::program::grants::GrantsSnapshot,
     slots: &Snapshot,
@@ -1064,9 +1065,7 @@ pub(crate) fn share_slots_reads(
                     }),
             )
         }
-        Part::Registrations => g.registrations.extend(slots.registrations.iter().cloned()),
-        Part::ReferrerEvents => g
-            .referrer_events
-            .extend(slots.referrer_events.iter().cloned()),
+        // Not copied: `Facts::new` reads them in the slots part (`fraud_from_slots`).
+        Part::Registrations | Part::ReferrerEvents => g.fraud_from_slots = true,
     }
 }

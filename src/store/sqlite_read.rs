@@ -826,11 +826,15 @@ pub(super) fn read_grants(
     let mut all = Vec::new();
     while let Some(r) = rows.next().map_err(sql_err(LED))? {
         let reversal: bool = r.get(9).map_err(sql_err(LED))?;
-        let grant = ledger_grant(
+        let (program, party): (String, String) = (
             r.get(0).map_err(sql_err(LED))?,
+            r.get(3).map_err(sql_err(LED))?,
+        );
+        let grant = ledger_grant(
+            &program,
             r.get(1).map_err(sql_err(LED))?,
             r.get(2).map_err(sql_err(LED))?,
-            r.get(3).map_err(sql_err(LED))?,
+            &party,
             r.get(4).map_err(sql_err(LED))?,
             r.get(5).map_err(sql_err(LED))?,
             r.get(6).map_err(sql_err(LED))?,

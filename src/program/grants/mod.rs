@@ -146,6 +146,11 @@ pub struct GrantsSnapshot {
     pub payments: Vec<Payment>,
     /// The ledger's grant rows of the referred users in scope.
     pub ledger: Vec<LedgerGrant>,
+    /// The registrations and referrer events of the invite-code holders' referrals are the
+    /// slots program's part of the same snapshot (`Snapshot::registrations` and
+    /// `Snapshot::referrer_events`): [`rules::Facts::new`] reads them there rather than from a
+    /// copy here (about a million strings at 1M users). Only in a full or shard run.
+    pub fraud_from_slots: bool,
 }
 
 /// A user's paid access after a run's day grants and reversals (docs/rules.md §7.4):

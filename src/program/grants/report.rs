@@ -54,17 +54,16 @@ pub fn analytics(plan: &ProgramPlan) -> Analytics {
             }
         }
     }
-    let mut by_referrer: std::collections::BTreeMap<i64, u64> = Default::default();
-    for d in &plan.referrals {
-        if d.outcome == Outcome::Granted {
-            *by_referrer.entry(d.referrer_id).or_default() += 1;
-        }
-    }
-    let mut top: Vec<TopReferrer> = by_referrer
-        .into_iter()
-        .map(|(referrer_user_id, granted)| TopReferrer {
-            referrer_user_id,
-            granted,
+    // The referrals come by referrer: one count per run of them.
+    let mut top: Vec<TopReferrer> = plan
+        .referrals
+        .chunk_by(|a, b| a.referrer_id == b.referrer_id)
+        .filter_map(|run| {
+            let granted = run.iter().filter(|d| d.outcome == Outcome::Granted).count() as u64;
+            (granted > 0).then(|| TopReferrer {
+                referrer_user_id: run[0].referrer_id,
+                granted,
+            })
         })
         .collect();
     top.sort_by(|a, b| {
@@ -84,21 +83,19 @@ pub fn analytics(plan: &ProgramPlan) -> Analytics {
     }
 }
 
-/// A referral's live grants once this run's changes are in, by party.
-pub fn after_run(d: &Decided) -> Vec<(Party, Amount)> {
-    let mut live: Vec<(Party, Amount)> = d
-        .held
+/// A referral's live grants once this run's changes are in, by party (an iterator: called for
+/// every referral of a large run).
+pub fn after_run(d: &Decided) -> impl Iterator<Item = (Party, Amount)> + '_ {
+    d.held
         .iter()
         .filter(|h| !d.changes.iter().any(|c| c.reversal && c.party == h.party))
         .map(|h| (h.party, h.amount))
-        .collect();
-    live.extend(
-        d.changes
-            .iter()
-            .filter(|c| !c.reversal)
-            .map(|c| (c.party, c.amount)),
-    );
-    live
+        .chain(
+            d.changes
+                .iter()
+                .filter(|c| !c.reversal)
+                .map(|c| (c.party, c.amount)),
+        )
 }
 
 /// One row per (program, referral): `NAME.grants.EXT`, with the facts `explain` shows (the

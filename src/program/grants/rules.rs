@@ -27,6 +27,15 @@ pub enum Outcome {
     Reversed,
 }
 
+// `ALL[i] as usize == i`: counts are kept in arrays indexed by outcome.
+const _: () = {
+    let mut i = 0;
+    while i < Outcome::ALL.len() {
+        assert!(Outcome::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 impl Outcome {
     pub const ALL: [Outcome; 9] = [
         Outcome::NoConversion,
@@ -113,7 +122,19 @@ pub struct Facts<'a> {
 }
 
 impl<'a> Facts<'a> {
-    pub fn new(snap: &'a GrantsSnapshot) -> Self {
+    /// `slots`: the slots program's part of the same snapshot, which holds the registrations
+    /// and referrer events of the invite-code holders' referrals when
+    /// [`GrantsSnapshot::fraud_from_slots`] says so.
+    pub fn new(snap: &'a GrantsSnapshot, slots: Option<&'a crate::snapshot::Snapshot>) -> Self {
+        let shared = slots.filter(|_| snap.fraud_from_slots);
+        assert!(
+            shared.is_some() || !snap.fraud_from_slots,
+            "a grants snapshot that shares the slots part's reads needs that part"
+        );
+        let (registrations, referrer_events) = match shared {
+            Some(s) => (&s.registrations[..], &s.referrer_events[..]),
+            None => (&[][..], &[][..]),
+        };
         let mut ledger: HashMap<&str, Fast<i64, Vec<&LedgerGrant>>> = HashMap::new();
         for g in &snap.ledger {
             ledger
@@ -126,8 +147,10 @@ impl<'a> Facts<'a> {
         let mut referrals: Vec<&Referral> = snap.referrals.iter().collect();
         referrals.sort_unstable_by_key(|r| (r.referrer_id, r.user_id));
         Facts {
-            signup_ips: fraud::signup_ips(&snap.registrations),
-            referrer_ips: fraud::referrer_ips_by_referrer(&snap.referrer_events),
+            signup_ips: fraud::signup_ips(snap.registrations.iter().chain(registrations)),
+            referrer_ips: fraud::referrer_ips_by_referrer(
+                snap.referrer_events.iter().chain(referrer_events),
+            ),
             payments: &snap.payments,
             ledger,
             referrals,
@@ -213,6 +236,8 @@ pub fn decide(
     // The program's part of the ledger, looked up once; the scratch space reused by referrer.
     let ledger = facts.ledger.get(program.name.as_str());
     let mut scratch = Scratch::default();
+    let no_ips = fraud::IpSet::default();
+    let mut claims = Claims::new(0, &no_ips, rules.require_ip_hash);
     let mut out = Vec::with_capacity(facts.referrals.len());
     let mut start = 0;
     while start < facts.referrals.len() {
@@ -222,9 +247,11 @@ pub fn decide(
                 .iter()
                 .position(|x| x.referrer_id != r)
                 .unwrap_or(facts.referrals.len() - start);
+        let ips = facts.referrer_ips.get(&r).unwrap_or(&no_ips);
+        claims.restart(r, ips);
         decide_referrer(
             program,
-            rules,
+            &mut claims,
             facts,
             ledger,
             &conversions,
@@ -253,12 +280,13 @@ struct Scratch {
     desired: Vec<bool>,
 }
 
-/// One referrer's referrals (sorted by U), decided together: the claims and the cap are R's.
+/// One referrer's referrals (sorted by U), decided together: the claims (started over for R)
+/// and the cap are R's.
 #[allow(clippy::too_many_arguments)] // the program, its facts, and the run's buffers
-fn decide_referrer(
+fn decide_referrer<'a>(
     program: &GrantProgramConfig,
-    rules: &RulesConfig,
-    facts: &Facts<'_>,
+    claims: &mut Claims<'_, 'a>,
+    facts: &Facts<'a>,
     ledger: Option<&Ledger<'_>>,
     converted: &Fast<i64, Conversion>,
     referrals: &[&Referral],
@@ -289,9 +317,6 @@ fn decide_referrer(
     natural.resize(referrals.len(), Natural::Out(Outcome::NoConversion));
     position.clear();
     position.resize(referrals.len(), None);
-    let no_ips = fraud::IpSet::default();
-    let ips = facts.referrer_ips.get(&referrer).unwrap_or(&no_ips);
-    let mut claims = Claims::new(referrer, ips, rules.require_ip_hash);
     for (rank, &i) in order.iter().enumerate() {
         position[i] = Some(rank as u32 + 1);
         let x = referrals[i];

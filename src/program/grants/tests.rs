@@ -56,7 +56,7 @@ fn decide(p: &GrantProgramConfig, snap: &GrantsSnapshot) -> ProgramPlan {
     ProgramPlan::build(
         p,
         &Config::default().rules,
-        &Facts::new(snap),
+        &Facts::new(snap, None),
         NOW,
         Scope::Full,
     )

@@ -35,20 +35,37 @@ impl PgStore {
         for (_, drop, _) in &set_aside {
             ddl(&mut tx, drop).await?;
         }
+        // Rows written frozen and all-visible, as a host's tables are once autovacuum has been
+        // through them: COPY FREEZE needs the tables truncated in this transaction. Without it a
+        // fresh dataset's first runs set every page's hint bits (writing the whole dataset back)
+        // and nothing reads index-only until a vacuum. Where TRUNCATE is refused (a key of
+        // another table, no privilege) the rows load as before.
+        ddl(&mut tx, "SAVEPOINT demo_truncate").await?;
+        let freeze = match ddl(&mut tx, TRUNCATE).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::info!(error = %e, "demo-data: the host tables cannot be truncated; loading without FREEZE");
+                ddl(&mut tx, "ROLLBACK TO SAVEPOINT demo_truncate").await?;
+                false
+            }
+        };
+        ddl(&mut tx, "RELEASE SAVEPOINT demo_truncate").await?;
+        let with = if freeze { " WITH (FREEZE)" } else { "" };
+        let statement = |columns: &str| format!("COPY {columns} FROM STDIN{with}");
         let mut n = DemoCounts::default();
         let mut feed = ChunkFeed::new(*spec, encode_copy);
         while let Some([users, subs, events, payments]) = feed.next().await? {
-            n.users += copy_in(&mut tx, "COPY users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id, credit_until, credit_cents) FROM STDIN", users).await?;
-            n.subscriptions += copy_in(&mut tx, "COPY subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at) FROM STDIN", subs).await?;
+            n.users += copy_in(&mut tx, &statement("users (id, email, created_at, is_active, is_verified, invite_code, referred_by_user_id, credit_until, credit_cents)"), users).await?;
+            n.subscriptions += copy_in(&mut tx, &statement("subscriptions (user_id, tier, status, max_domains, referral_bonus_domains, started_at, expires_at)"), subs).await?;
             n.events += copy_in(
                 &mut tx,
-                "COPY telemetry_events (id, user_id, event_name, ip_hash, created_at) FROM STDIN",
+                &statement("telemetry_events (id, user_id, event_name, ip_hash, created_at)"),
                 events,
             )
             .await?;
             n.payments += copy_in(
                 &mut tx,
-                "COPY payments (id, user_id, amount_cents, currency, status, created_at) FROM STDIN",
+                &statement("payments (id, user_id, amount_cents, currency, status, created_at)"),
                 payments,
             )
             .await?;
@@ -66,6 +83,10 @@ impl PgStore {
         Ok(n)
     }
 }
+
+/// The host tables `demo-data` loads, emptied in its transaction (they are empty already) so
+/// that COPY may write their rows frozen.
+const TRUNCATE: &str = "TRUNCATE users, subscriptions, telemetry_events, payments";
 
 /// The host tables `demo-data` loads.
 const DEMO_TABLES: [&str; 4] = ["users", "subscriptions", "telemetry_events", "payments"];

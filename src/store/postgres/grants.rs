@@ -76,12 +76,25 @@ impl Cells<'_, '_> {
 /// The payments and the ledger, read on a second connection that imported the snapshot's
 /// exported snapshot (`pg_export_snapshot`, as `pg_dump -j` does) while the first connection
 /// reads the rest: the same rows, in about the time of the longer of the two.
+/// Two side reads run at once, each on a connection of its own: the payments (and the
+/// referrers, when the users' scan does not give them) and the ledger; each fills its part.
+#[derive(Default)]
 pub(super) struct SideRead {
     /// Every referrer (`grants_referrers.sql`), unless the users' scan gives them.
     referrers: Option<Vec<i64>>,
-    payments: Vec<Payment>,
-    ledger: Vec<(crate::program::grants::LedgerGrant, bool)>,
+    payments: Option<Vec<Payment>>,
+    ledger: Option<Vec<(crate::program::grants::LedgerGrant, bool)>>,
     timings: Vec<QueryTiming>,
+}
+
+/// Which part of the grant programs' snapshot a side read reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum SidePart {
+    /// The payments, after the referrers when asked.
+    Payments {
+        referrers: bool,
+    },
+    Ledger,
 }
 
 pub(super) enum SideError {
@@ -158,7 +171,7 @@ impl PgStore {
         permit: std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
         as_of: Instant,
         read: GrantsRead,
-        referrers: bool,
+        part: SidePart,
     ) -> Side {
         let me = std::sync::Arc::clone(self);
         Side(tokio::spawn(async move {
@@ -169,7 +182,7 @@ impl PgStore {
                 })?;
             let mut conn = CloseUnlessDone { conn, done: false };
             let r = me
-                .side_read(&mut conn.conn, &snapshot_id, as_of, &read, referrers)
+                .side_read(&mut conn.conn, &snapshot_id, as_of, &read, part)
                 .await;
             conn.done = r.is_ok();
             r
@@ -182,39 +195,41 @@ impl PgStore {
         snapshot_id: &str,
         as_of: Instant,
         read: &GrantsRead,
-        with_referrers: bool,
+        part: SidePart,
     ) -> Result<SideRead, SideError> {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
         let mut sw = Stopwatch::start();
-        let mut timings = vec![];
-        let mut referrers = None;
-        if with_referrers {
-            let all = self
-                .read_referrers(&mut tx)
-                .await
-                .map_err(SideError::Read)?;
-            sw.lap(&mut timings, "grants_referrers", all.len());
-            referrers = Some(all);
+        let mut out = SideRead::default();
+        match part {
+            SidePart::Payments { referrers } => {
+                if referrers {
+                    let all = self
+                        .read_referrers(&mut tx)
+                        .await
+                        .map_err(SideError::Read)?;
+                    sw.lap(&mut out.timings, "grants_referrers", all.len());
+                    out.referrers = Some(all);
+                }
+                let payments = self
+                    .read_payments(&mut tx, &None, as_of, read)
+                    .await
+                    .map_err(SideError::Read)?;
+                sw.lap(&mut out.timings, "grants_payments", payments.len());
+                out.payments = Some(payments);
+            }
+            SidePart::Ledger => {
+                let ledger = self
+                    .read_ledger(&mut tx, &None)
+                    .await
+                    .map_err(SideError::Read)?;
+                sw.lap(&mut out.timings, "grants_ledger", ledger.len());
+                out.ledger = Some(ledger);
+            }
         }
-        let payments = self
-            .read_payments(&mut tx, &None, as_of, read)
-            .await
-            .map_err(SideError::Read)?;
-        sw.lap(&mut timings, "grants_payments", payments.len());
-        let ledger = self
-            .read_ledger(&mut tx, &None)
-            .await
-            .map_err(SideError::Read)?;
-        sw.lap(&mut timings, "grants_ledger", ledger.len());
         tx.commit()
             .await
             .map_err(|e| SideError::Read(q("ending the second snapshot connection")(e)))?;
-        Ok(SideRead {
-            referrers,
-            payments,
-            ledger,
-            timings,
-        })
+        Ok(out)
     }
 }
 
@@ -321,7 +336,7 @@ impl PgStore {
         slots: &Snapshot,
         others: Option<Vec<i64>>,
         timings: &mut Vec<QueryTiming>,
-        side: Option<Side>,
+        sides: Vec<Side>,
     ) -> Result<(GrantsSnapshot, bool), StoreError> {
         let mut sw = Stopwatch::start();
         let mut g = GrantsSnapshot::default();
@@ -330,12 +345,19 @@ impl PgStore {
         // The referrers, the payments and the ledger: from the side read started with the
         // snapshot when there is one (done by now: this connection has read the slots part
         // meanwhile), else here.
-        let mut side = match side {
-            Some(mut handle) => match (&mut handle.0).await {
-                Ok(Ok(read)) => Some(read),
+        let mut side = SideRead::default();
+        let mut side_read = false;
+        for mut handle in sides {
+            match (&mut handle.0).await {
+                Ok(Ok(read)) => {
+                    side_read = true;
+                    side.referrers = side.referrers.or(read.referrers);
+                    side.payments = side.payments.or(read.payments);
+                    side.ledger = side.ledger.or(read.ledger);
+                    side.timings.extend(read.timings);
+                }
                 Ok(Err(SideError::Import(e))) => {
-                    tracing::warn!(error = %e, "the second snapshot connection is unavailable; reading payments and the ledger on the first");
-                    None
+                    tracing::warn!(error = %e, "a side snapshot connection is unavailable; reading its part on the first");
                 }
                 Ok(Err(SideError::Read(e))) => return Err(e),
                 Ok(Err(SideError::Decode(what, b))) => return Err(bad(tx, what, b).await),
@@ -345,9 +367,8 @@ impl PgStore {
                         message: e.to_string(),
                     });
                 }
-            },
-            None => None,
-        };
+            }
+        }
         // The referrers whose referrals are read here, and the filter of the payments and the
         // ledger (`None`: every referred user's). A one-user run reads the user's set and its
         // referrer's; a full or shard run the sets of referrers without an invite code, and
@@ -369,7 +390,7 @@ impl PgStore {
             _ => {
                 // `others`: the referrers the users' scan found without an invite code in
                 // scope; else every referrer, from the side read or read here.
-                let all = match (others, side.as_mut().and_then(|r| r.referrers.take())) {
+                let all = match (others, side.referrers.take()) {
                     (Some(o), _) | (None, Some(o)) => o,
                     (None, None) => self.read_referrers(tx).await?,
                 };
@@ -470,18 +491,22 @@ impl PgStore {
             sw.lap(timings, "grants_referrer_events", g.referrer_events.len());
         }
 
-        let side_read = side.is_some();
-        let (payments, ledger) = match side {
-            Some(read) => {
-                timings.extend(read.timings);
-                (read.payments, read.ledger)
-            }
+        timings.extend(side.timings);
+        // What no side read gave (none started, or its connection was unavailable): read here.
+        let payments = match side.payments {
+            Some(p) => p,
             None => {
                 let payments = self.read_payments(tx, &filter, as_of, read).await?;
                 sw.lap(timings, "grants_payments", payments.len());
+                payments
+            }
+        };
+        let ledger = match side.ledger {
+            Some(l) => l,
+            None => {
                 let ledger = self.read_ledger(tx, &filter).await?;
                 sw.lap(timings, "grants_ledger", ledger.len());
-                (payments, ledger)
+                ledger
             }
         };
         // Only the referred users in scope (a shard's; every referred user's for a full run).
@@ -583,10 +608,11 @@ impl PgStore {
                 LED,
                 |c| {
                     let table = "referral_grants";
-                    let program = c.text(table, "program", None)?.unwrap_or_default();
+                    // Interned: a few distinct values in every row (no allocation per row).
+                    let program = c.interned(table, "program", None, &mut interner)?;
                     let referrer = c.i64()?.unwrap_or_default();
                     let user = c.i64()?.unwrap_or_default();
-                    let party = c.text(table, "party", None)?.unwrap_or_default();
+                    let party = c.interned(table, "party", None, &mut interner)?;
                     let credited = c.i64()?.unwrap_or_default();
                     let (days, cents) = (c.i64()?, c.i64()?);
                     let seq = c.i64()?.unwrap_or_default();
@@ -594,10 +620,10 @@ impl PgStore {
                     let reversal = c.bool()?.unwrap_or(false);
                     Ok(Some(
                         ledger_grant(
-                            program,
+                            program.as_deref().unwrap_or_default(),
                             referrer,
                             user,
-                            party,
+                            party.as_deref().unwrap_or_default(),
                             credited,
                             days,
                             cents,

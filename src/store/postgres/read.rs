@@ -1,6 +1,7 @@
 //! The snapshot: one repeatable-read transaction, large queries through binary COPY (with
 //! a fallback to SELECT where the server refuses it), every cell decoded or named in an error.
 
+use super::grants::SidePart;
 use super::*;
 
 /// A SQL literal of a bigint array, for COPY (which takes no bind parameters).
@@ -458,9 +459,9 @@ impl PgStore {
         utc(&mut tx, &self.timeouts).await?;
         use std::sync::atomic::Ordering;
         // A full or shard run reads its large queries as scans on two more connections (scan.rs),
-        // and the grant programs' payments and ledger on a third, all on this transaction's
+        // and the grant programs' payments and ledger on two others, all on this transaction's
         // snapshot, while this one reads the rest.
-        let mut side = None;
+        let mut side = vec![];
         let mut scans = None;
         let copy = self.copy.load(Ordering::Relaxed);
         if (copy || grants.is_some())
@@ -478,8 +479,19 @@ impl PgStore {
                         scans = Some(self.spawn_scans(&id, permit.clone(), window, scope));
                     }
                     if let Some(gr) = grants {
-                        // With the scans, the referrers come from the users' scan.
-                        side = Some(self.spawn_side_read(id, permit, window.1, gr.clone(), !copy));
+                        // With the scans, the referrers come from the users' scan. The payments
+                        // and the ledger on a connection each: read one after the other, they
+                        // were the snapshot's longest chain.
+                        let payments = SidePart::Payments { referrers: !copy };
+                        for part in [payments, SidePart::Ledger] {
+                            side.push(self.spawn_side_read(
+                                id.clone(),
+                                permit.clone(),
+                                window.1,
+                                gr.clone(),
+                                part,
+                            ));
+                        }
                     }
                 }
                 Err(e) => {
