@@ -255,7 +255,7 @@ async fn plan_listing(
                 (computation, grants)
             }),
         };
-        let computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
+        let mut computation = computation.map_err(|e| EngineError::Compute(e.to_string()))?;
         let compute_time = t.elapsed();
         let t = Clock::now();
         // The plan reads only the stored rewards and the host values: the rest of the snapshot
@@ -266,12 +266,17 @@ async fn plan_listing(
             std::mem::take(&mut snapshot.referrer_events),
             std::mem::take(&mut snapshot.uncounted),
         ));
+        // The results move into the plan and are copied back from it once it is built: a copy
+        // made before would live beside the stored rewards' index, the run's peak at 10M users.
+        let results = std::mem::take(&mut computation.results);
+        let ids: Vec<i64> = results.iter().map(|r| r.referrer_user_id).collect();
         let mut plan = Plan::build(
-            computation.results.clone(),
+            results,
             snapshot.stored_rewards,
             &snapshot.host_bonus,
             req.scope,
         );
+        computation.results = plan.desired_of(&ids);
         // One digest over every program's plan (the slots digest alone without grants).
         plan.digest = grants::plan::digest(&plan.digest, &grants);
         Ok::<_, EngineError>((plan, grants, computation, compute_time, t.elapsed()))

@@ -198,7 +198,8 @@ fn every_outcome_shifted() -> Fixture {
 
 /// `demo-data` on PostgreSQL writes its rows frozen and all-visible (COPY FREEZE, after a
 /// TRUNCATE in its transaction), as a host's tables are once vacuumed; where TRUNCATE is
-/// refused (here: another table's key on `users`) it loads the same rows without FREEZE.
+/// refused (here: another table's key on `users`), or a host table holds rows already, it loads
+/// the same rows without FREEZE and deletes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_data_on_postgres_loads_frozen_rows_unless_truncate_is_refused() {
     let all_visible = "SELECT count(*) FROM pg_class \
@@ -236,4 +237,21 @@ async fn demo_data_on_postgres_loads_frozen_rows_unless_truncate_is_refused() {
         frozen.scalar(count).await,
         "the same rows either way"
     );
+
+    // A row already in another host table (`users` empty) is kept: nothing is truncated.
+    let Some(kept) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    kept.exec(
+        "INSERT INTO telemetry_events (id, user_id, event_name, ip_hash, created_at) \
+         VALUES (999999999, NULL, 'page_view', NULL, '2026-01-01 00:00:00')",
+    )
+    .await;
+    kept.store().await.load_demo(&spec).await.unwrap();
+    assert_eq!(
+        kept.scalar("SELECT count(*) FROM telemetry_events WHERE id = 999999999")
+            .await,
+        1
+    );
+    assert_eq!(kept.scalar(all_visible).await, 0, "loaded without FREEZE");
 }

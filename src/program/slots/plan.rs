@@ -180,6 +180,21 @@ impl Plan {
         Plan { entries, digest }
     }
 
+    /// The desired values of `ids` (ascending, each with an entry: a computation's referrers),
+    /// in their order.
+    pub fn desired_of(&self, ids: &[i64]) -> Vec<RewardResult> {
+        let mut entries = self.entries.iter();
+        ids.iter()
+            .map(|&id| {
+                entries
+                    .find(|e| e.referrer_user_id() == id)
+                    .expect("every computed referrer has a plan entry")
+                    .desired
+                    .clone()
+            })
+            .collect()
+    }
+
     pub fn reward_upserts(&self) -> impl Iterator<Item = &RewardResult> {
         self.entries
             .iter()

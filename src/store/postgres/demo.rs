@@ -40,15 +40,27 @@ impl PgStore {
         // fresh dataset's first runs set every page's hint bits (writing the whole dataset back)
         // and nothing reads index-only until a vacuum. Where TRUNCATE is refused (a key of
         // another table, no privilege) the rows load as before.
+        // Only empty tables are truncated, checked under the lock TRUNCATE takes anyway (the
+        // check above is of `users` alone, outside this transaction): rows of the other three
+        // stay as they are, the demo's loaded beside them without FREEZE.
+        ddl(&mut tx, LOCK).await?;
+        let empty: bool = sqlx::query_scalar(
+            "SELECT NOT (EXISTS (SELECT FROM users) OR EXISTS (SELECT FROM subscriptions) \
+             OR EXISTS (SELECT FROM telemetry_events) OR EXISTS (SELECT FROM payments))",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(q("reading the host tables"))?;
         ddl(&mut tx, "SAVEPOINT demo_truncate").await?;
-        let freeze = match ddl(&mut tx, TRUNCATE).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::info!(error = %e, "demo-data: the host tables cannot be truncated; loading without FREEZE");
-                ddl(&mut tx, "ROLLBACK TO SAVEPOINT demo_truncate").await?;
-                false
-            }
-        };
+        let freeze = empty
+            && match ddl(&mut tx, TRUNCATE).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!(error = %e, "demo-data: the host tables cannot be truncated; loading without FREEZE");
+                    ddl(&mut tx, "ROLLBACK TO SAVEPOINT demo_truncate").await?;
+                    false
+                }
+            };
         ddl(&mut tx, "RELEASE SAVEPOINT demo_truncate").await?;
         let with = if freeze { " WITH (FREEZE)" } else { "" };
         let statement = |columns: &str| format!("COPY {columns} FROM STDIN{with}");
@@ -87,6 +99,8 @@ impl PgStore {
 /// The host tables `demo-data` loads, emptied in its transaction (they are empty already) so
 /// that COPY may write their rows frozen.
 const TRUNCATE: &str = "TRUNCATE users, subscriptions, telemetry_events, payments";
+const LOCK: &str =
+    "LOCK TABLE users, subscriptions, telemetry_events, payments IN ACCESS EXCLUSIVE MODE";
 
 /// The host tables `demo-data` loads.
 const DEMO_TABLES: [&str; 4] = ["users", "subscriptions", "telemetry_events", "payments"];
