@@ -737,13 +737,20 @@ async fn bench_grants(d: &Dataset) {
         ANCHOR,
     ];
     timed(&d.url, &with_grants);
-    // Five pairs, each run with and without the grant programs one after the other: a cold
+    // Five pairs, each a run with and one without the grant programs back to back: a cold
     // process varies by ±0.5 s here and the machine's load drifts over a minute, so the two
     // sides are measured side by side rather than three of one, then three of the other.
+    // The order alternates from pair to pair: neither side always runs after the other.
     let mut pairs: Vec<(f64, f64, f64, f64)> = (0..5)
-        .map(|_| {
-            let (a, a_rss, _) = timed(&d.url, &slots_only);
-            let (b, b_rss, _) = timed(&d.url, &with_grants);
+        .map(|i| {
+            let (a, a_rss, b, b_rss);
+            if i % 2 == 0 {
+                (a, a_rss, _) = timed(&d.url, &slots_only);
+                (b, b_rss, _) = timed(&d.url, &with_grants);
+            } else {
+                (b, b_rss, _) = timed(&d.url, &with_grants);
+                (a, a_rss, _) = timed(&d.url, &slots_only);
+            }
             (a, a_rss, b, b_rss)
         })
         .collect();

@@ -60,7 +60,7 @@ impl ProgramPlan {
         // Counted by index, named once at the end (a map lookup per referral showed).
         let mut outcomes = [0u64; Outcome::ALL.len()];
         for d in &self.referrals {
-            outcomes[d.outcome as usize] += 1;
+            outcomes[d.outcome.index()] += 1;
             s.conversions += d.conversion.is_some() as u64;
             for c in &d.changes {
                 let t = match (c.reversal, c.party) {
@@ -73,7 +73,7 @@ impl ProgramPlan {
             }
         }
         for o in Outcome::ALL {
-            s.outcomes.insert(o.as_str(), outcomes[o as usize]);
+            s.outcomes.insert(o.as_str(), outcomes[o.index()]);
         }
         s
     }

@@ -27,11 +27,11 @@ pub enum Outcome {
     Reversed,
 }
 
-// `ALL[i] as usize == i`: counts are kept in arrays indexed by outcome.
+// `ALL[i].index() == i`, checked when the crate compiles.
 const _: () = {
     let mut i = 0;
     while i < Outcome::ALL.len() {
-        assert!(Outcome::ALL[i] as usize == i);
+        assert!(Outcome::ALL[i].index() == i);
         i += 1;
     }
 };
@@ -48,6 +48,22 @@ impl Outcome {
         Outcome::Granted,
         Outcome::Reversed,
     ];
+
+    /// The outcome's place in [`Outcome::ALL`] (counts are kept in arrays by outcome): an
+    /// exhaustive match, so that a new outcome cannot be left out.
+    pub const fn index(self) -> usize {
+        match self {
+            Outcome::NoConversion => 0,
+            Outcome::SelfReferral => 1,
+            Outcome::MissingIp => 2,
+            Outcome::SharedIp => 3,
+            Outcome::DuplicateIp => 4,
+            Outcome::OnHold => 5,
+            Outcome::CapReached => 6,
+            Outcome::Granted => 7,
+            Outcome::Reversed => 8,
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {

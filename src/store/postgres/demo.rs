@@ -38,29 +38,33 @@ impl PgStore {
         // Rows written frozen and all-visible, as a host's tables are once autovacuum has been
         // through them: COPY FREEZE needs the tables truncated in this transaction. Without it a
         // fresh dataset's first runs set every page's hint bits (writing the whole dataset back)
-        // and nothing reads index-only until a vacuum. Where TRUNCATE is refused (a key of
-        // another table, no privilege) the rows load as before.
-        // Only empty tables are truncated, checked under the lock TRUNCATE takes anyway (the
-        // check above is of `users` alone, outside this transaction): rows of the other three
-        // stay as they are, the demo's loaded beside them without FREEZE.
-        ddl(&mut tx, LOCK).await?;
-        let empty: bool = sqlx::query_scalar(
-            "SELECT NOT (EXISTS (SELECT FROM users) OR EXISTS (SELECT FROM subscriptions) \
-             OR EXISTS (SELECT FROM telemetry_events) OR EXISTS (SELECT FROM payments))",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(q("reading the host tables"))?;
+        // and nothing reads index-only until a vacuum. Only empty, plain tables are truncated,
+        // checked under the lock TRUNCATE takes anyway (the check above is of `users` alone,
+        // outside this transaction); rows already in one of the other three stay, and so does
+        // a partitioned table (FREEZE refuses those). Anything refused on the way (the lock, the
+        // TRUNCATE: another table's key, no privilege) rolls back to the savepoint: the rows
+        // load as before, without FREEZE.
         ddl(&mut tx, "SAVEPOINT demo_truncate").await?;
-        let freeze = empty
-            && match ddl(&mut tx, TRUNCATE).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::info!(error = %e, "demo-data: the host tables cannot be truncated; loading without FREEZE");
-                    ddl(&mut tx, "ROLLBACK TO SAVEPOINT demo_truncate").await?;
-                    false
-                }
-            };
+        let attempt: Result<bool, StoreError> = async {
+            ddl(&mut tx, LOCK).await?;
+            let plain_and_empty: bool = sqlx::query_scalar(PLAIN_AND_EMPTY)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(q("reading the host tables"))?;
+            if plain_and_empty {
+                ddl(&mut tx, TRUNCATE).await?;
+            }
+            Ok(plain_and_empty)
+        }
+        .await;
+        let freeze = match attempt {
+            Ok(freeze) => freeze,
+            Err(e) => {
+                tracing::info!(error = %e, "demo-data: the host tables cannot be truncated; loading without FREEZE");
+                ddl(&mut tx, "ROLLBACK TO SAVEPOINT demo_truncate").await?;
+                false
+            }
+        };
         ddl(&mut tx, "RELEASE SAVEPOINT demo_truncate").await?;
         let with = if freeze { " WITH (FREEZE)" } else { "" };
         let statement = |columns: &str| format!("COPY {columns} FROM STDIN{with}");
@@ -99,6 +103,12 @@ impl PgStore {
 /// The host tables `demo-data` loads, emptied in its transaction (they are empty already) so
 /// that COPY may write their rows frozen.
 const TRUNCATE: &str = "TRUNCATE users, subscriptions, telemetry_events, payments";
+/// Whether the four host tables are empty and none is partitioned.
+const PLAIN_AND_EMPTY: &str = "SELECT NOT (EXISTS (SELECT FROM users) \
+     OR EXISTS (SELECT FROM subscriptions) OR EXISTS (SELECT FROM telemetry_events) \
+     OR EXISTS (SELECT FROM payments) OR EXISTS (SELECT FROM pg_class WHERE relkind = 'p' \
+     AND oid IN ('users'::regclass, 'subscriptions'::regclass, 'telemetry_events'::regclass, \
+     'payments'::regclass)))";
 const LOCK: &str =
     "LOCK TABLE users, subscriptions, telemetry_events, payments IN ACCESS EXCLUSIVE MODE";
 

@@ -73,10 +73,9 @@ impl Cells<'_, '_> {
     }
 }
 
-/// The payments and the ledger, read on a second connection that imported the snapshot's
-/// exported snapshot (`pg_export_snapshot`, as `pg_dump -j` does) while the first connection
-/// reads the rest: the same rows, in about the time of the longer of the two.
-/// Two side reads run at once, each on a connection of its own: the payments (and the
+/// The payments and the ledger, read on connections that imported the snapshot's exported
+/// snapshot (`pg_export_snapshot`, as `pg_dump -j` does) while the first connection reads the
+/// rest: two side reads at once, each on a connection of its own, the payments (and the
 /// referrers, when the users' scan does not give them) and the ledger; each fills its part.
 #[derive(Default)]
 pub(super) struct SideRead {
@@ -176,10 +175,11 @@ impl PgStore {
         let me = std::sync::Arc::clone(self);
         Side(tokio::spawn(async move {
             let _permit = permit;
-            let conn =
-                me.pool.acquire().await.map_err(|e| {
-                    SideError::Import(q("opening the second snapshot connection")(e))
-                })?;
+            let conn = me
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| SideError::Import(q("opening a side snapshot connection")(e)))?;
             let mut conn = CloseUnlessDone { conn, done: false };
             let r = me
                 .side_read(&mut conn.conn, &snapshot_id, as_of, &read, part)
@@ -228,7 +228,7 @@ impl PgStore {
         }
         tx.commit()
             .await
-            .map_err(|e| SideError::Read(q("ending the second snapshot connection")(e)))?;
+            .map_err(|e| SideError::Read(q("ending a side snapshot connection")(e)))?;
         Ok(out)
     }
 }
