@@ -215,7 +215,7 @@ async fn plan_listing(
         // The grant programs decide on a thread of their own beside the slots program's
         // computation: they share nothing but the (read-only) configuration.
         let slots = || {
-            compute::compute(&snapshot, &cfg, req.as_of).map(|mut c| {
+            compute::compute_listing(&snapshot, &cfg, req.as_of, uncounted).map(|mut c| {
                 // The facts behind each outcome, for the people who read a listing (not
                 // for every one-referrer apply: that is a hot path).
                 if uncounted {

@@ -14,6 +14,7 @@ pub mod diff;
 pub mod engine;
 pub mod explain;
 pub mod history;
+pub mod ids;
 pub mod instant;
 pub mod program;
 pub mod report;

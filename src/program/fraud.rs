@@ -70,6 +70,15 @@ pub fn signup_ips<'a>(
     by_user
 }
 
+/// One step of [`signup_ip`]: the signup IP so far, given one more registration IP hash.
+pub fn greater_signup_ip<'a>(best: Option<&'a str>, ip: &'a str) -> Option<&'a str> {
+    match best {
+        _ if is_blank(ip) => best,
+        Some(b) if b >= ip => best,
+        _ => Some(ip),
+    }
+}
+
 /// Each referrer's IPs in the window ([`referrer_ips`]).
 pub fn referrer_ips_by_referrer<'a>(
     events: impl IntoIterator<Item = &'a (i64, String)>,

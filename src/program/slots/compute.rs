@@ -90,13 +90,26 @@ fn both<A: Send, B: Send>(
     }
 }
 
-/// Runs the rules of SPEC section 3 over a snapshot at instant `now`.
+/// Runs the rules of SPEC section 3 over a snapshot at instant `now`, recording each
+/// referral's signup IP.
 pub fn compute(snap: &Snapshot, cfg: &Config, now: Instant) -> PolarsResult<Computation> {
+    compute_listing(snap, cfg, now, true)
+}
+
+/// [`compute`]; each [`ReferralOutcome::signup_ip`] is recorded only when `signup_ips` (the
+/// runs that list their referrals: `explain`, the per-referral report). A run that counts and
+/// plans does not need them: at 10M users they were 4M strings, 200 MB at the run's peak.
+pub fn compute_listing(
+    snap: &Snapshot,
+    cfg: &Config,
+    now: Instant,
+    signup_ips: bool,
+) -> PolarsResult<Computation> {
     if snap.referred.len() >= PARALLEL_FROM {
         // On a thread of polars' pool, its own steps and ours share the cores.
-        THREAD_POOL.install(|| compute_with(snap, cfg, now, true))
+        THREAD_POOL.install(|| compute_with(snap, cfg, now, true, signup_ips))
     } else {
-        on_this_thread(|| compute_with(snap, cfg, now, false))
+        on_this_thread(|| compute_with(snap, cfg, now, false, signup_ips))
     }
 }
 
@@ -120,6 +133,7 @@ fn compute_with(
     cfg: &Config,
     now: Instant,
     parallel: bool,
+    record_ips: bool,
 ) -> PolarsResult<Computation> {
     let params = RuleParams::new(&cfg.rules, now);
     // The IP facts and the referrers' order are independent: side by side on a large run.
@@ -128,7 +142,7 @@ fn compute_with(
         || {
             both(
                 parallel,
-                || crate::program::fraud::signup_ips(&snap.registrations),
+                || signup_ips_of_referred(snap),
                 || crate::program::fraud::referrer_ips_by_referrer(&snap.referrer_events),
             )
         },
@@ -158,7 +172,7 @@ fn compute_with(
                 let user = &snap.referred[i];
                 ReferredFacts {
                     user,
-                    signup_ip: signup.get(&user.id).copied(),
+                    signup_ip: signup[i],
                 }
             })
             .collect();
@@ -172,7 +186,7 @@ fn compute_with(
                 referred_user_id: f.user.id,
                 outcome,
                 position,
-                signup_ip: f.signup_ip.map(str::to_owned),
+                signup_ip: f.signup_ip.filter(|_| record_ips).map(str::to_owned),
             })
             .collect()
     };
@@ -182,7 +196,16 @@ fn compute_with(
         groups.iter().flat_map(judge).collect()
     };
 
+    drop(signup);
     let results = per_referrer(&snap.referrers, &referrals, cfg, parallel)?;
+    // The users referred by someone without an invite code are not in `snap.referred`: their
+    // signup IPs from a map of their own (a listing's few).
+    let uncounted_ips = if snap.uncounted.is_empty() || !record_ips {
+        Default::default()
+    } else {
+        let users: crate::program::FastSet<i64> = snap.uncounted.iter().map(|u| u.1).collect();
+        fraud::signup_ips(snap.registrations.iter().filter(|r| users.contains(&r.0)))
+    };
     let mut uncounted: Vec<ReferralOutcome> = snap
         .uncounted
         .iter()
@@ -191,7 +214,7 @@ fn compute_with(
             referred_user_id: user,
             outcome: Outcome::ReferrerWithoutInviteCode,
             position: None,
-            signup_ip: signup.get(&user).map(|ip| ip.to_string()),
+            signup_ip: uncounted_ips.get(&user).map(|ip| ip.to_string()),
         })
         .collect();
     uncounted.sort_by_key(|r| (r.referrer_user_id, r.referred_user_id));
@@ -201,6 +224,27 @@ fn compute_with(
         uncounted,
         facts: vec![],
     })
+}
+
+/// Each referred user's signup IP ([`fraud::signup_ips`]), by its position in `snap.referred`:
+/// an array beside it rather than a map by id (at 10M users the map was 210 MB, and a cache
+/// miss a lookup).
+fn signup_ips_of_referred(snap: &Snapshot) -> Vec<Option<&str>> {
+    let index = crate::ids::IdIndex::of(&snap.referred, |u| u.id);
+    let mut ips: Vec<Option<&str>> = vec![None; snap.referred.len()];
+    for (user, ip) in &snap.registrations {
+        if let Some(i) = index.get(*user) {
+            ips[i] = fraud::greater_signup_ip(ips[i], ip);
+        }
+    }
+    // A user read twice (two subscription rows) is at two positions; the index holds one.
+    for (i, u) in snap.referred.iter().enumerate() {
+        match index.get(u.id) {
+            Some(j) if j != i => ips[i] = ips[j],
+            _ => {}
+        }
+    }
+    ips
 }
 
 const COUNTED: [(&str, Outcome); 6] = [
@@ -374,9 +418,9 @@ mod tests {
         snap.uncounted = vec![(7, 8), (7, 9)];
         let cfg = Config::default();
         let a = THREAD_POOL
-            .install(|| compute_with(&snap, &cfg, now(), true))
+            .install(|| compute_with(&snap, &cfg, now(), true, true))
             .unwrap();
-        let b = compute_with(&snap, &cfg, now(), false).unwrap();
+        let b = compute_with(&snap, &cfg, now(), false, true).unwrap();
         assert_eq!(a.results, b.results);
         assert_eq!(a.referrals, b.referrals);
         assert_eq!(a.uncounted, b.uncounted);
@@ -419,6 +463,42 @@ mod tests {
         assert_eq!(r20.bonus_slots, 0);
         assert_eq!(r20.badge, None);
         assert_eq!(c.results[2], RewardResult::zero(30));
+    }
+
+    /// A user read twice (two subscription rows) has its signup IP at both of its positions;
+    /// a run that does not list its referrals records no IP and counts the same.
+    #[test]
+    fn signup_ips_by_position_and_only_when_listing() {
+        let mut snap = Snapshot {
+            referrers: vec![10],
+            ..Default::default()
+        };
+        let mut twice = referred(2, 10);
+        twice.subscription.as_mut().unwrap().tier = Arc::from("free");
+        snap.referred = vec![referred(2, 10), referred(1, 10), twice];
+        snap.registrations = vec![
+            (2, "b".into()),
+            (1, "a".into()),
+            (2, "c".into()),
+            (2, " ".into()),
+        ];
+        assert_eq!(
+            signup_ips_of_referred(&snap),
+            [Some("c"), Some("a"), Some("c")]
+        );
+
+        let listed = compute(&snap, &Config::default(), now()).unwrap();
+        let ips: Vec<_> = listed
+            .referrals
+            .iter()
+            .map(|r| r.signup_ip.as_deref())
+            .collect();
+        assert_eq!(ips, [Some("a"), Some("c"), Some("c")]);
+        let counted = compute_listing(&snap, &Config::default(), now(), false).unwrap();
+        assert!(counted.referrals.iter().all(|r| r.signup_ip.is_none()));
+        assert_eq!(counted.results, listed.results);
+        let outcomes = |c: &Computation| c.referrals.iter().map(|r| r.outcome).collect::<Vec<_>>();
+        assert_eq!(outcomes(&counted), outcomes(&listed));
     }
 }
 

@@ -1,7 +1,8 @@
 //! A full or shard snapshot's large reads as sequential scans, several at once: the users with a
 //! referrer, every subscription, every registration IP and the referrers' IPs in the window,
 //! each a binary COPY on a connection of its own that imported the snapshot's exported
-//! snapshot (`pg_export_snapshot`, as `pg_dump -j` does), joined in memory with hash sets.
+//! snapshot (`pg_export_snapshot`, as `pg_dump -j` does), joined in memory on user ids
+//! ([`crate::ids`]: arrays over a dense id range, else hash tables).
 //!
 //! Why: joined in the database, the referred users and their registrations cost an index
 //! probe per user on a host without the recommended indexes (the planner picks nested loops),
@@ -16,7 +17,8 @@ use std::time::Duration;
 use super::grants::{CloseUnlessDone, Side, SideError, import_snapshot};
 use super::read::{Bad, TIME_OUT_OF_RANGE, bad, null, pair, pg_text, pg_time};
 use super::*;
-use crate::program::{Fast, FastSet};
+use crate::ids::{IdIndex, IdSet};
+use crate::program::FastSet;
 use crate::snapshot::QueryTiming;
 
 const USERS: &str = include_str!("../../../sql/queries/postgres/scan_users.sql");
@@ -48,8 +50,8 @@ impl From<pgcopy::CopyError> for Fail {
 }
 
 type Row<'t, 'a> = &'t mut pgcopy::Tuples<'a>;
-type Referrers = Arc<FastSet<i64>>;
-type Index = Arc<Fast<i64, usize>>;
+type Referrers = Arc<IdSet>;
+type Index = Arc<IdIndex>;
 
 /// The scans under way, on two connections: the users then the registration IPs (`a`); the
 /// referrer events then the subscriptions (`b`). Each decodes its rows as they arrive; the
@@ -241,16 +243,16 @@ impl PgStore {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
         let mut referred = vec![];
         let mut others = FastSet::default();
-        let mut index = Fast::default();
         let Some((users, _)) = self
             .scan_with_referrers(&mut tx, "scan_users", USERS, 5, &mut referrers, |t, k| {
-                user(t, k, &mut referred, &mut others, &mut index)
+                user(t, k, &mut referred, &mut others)
             })
             .await?
         else {
             return Ok(None);
         };
-        let index = Arc::new(index);
+        // Built once the scan is done, when the ids' range is known (an array over a dense one).
+        let index = Arc::new(IdIndex::of(&referred, |u: &ReferredUser| u.id));
         // The receiver is gone only when the snapshot ended without the scans.
         let _ = index_tx.send(Some(Arc::clone(&index)));
         let mut registrations = vec![];
@@ -258,7 +260,7 @@ impl PgStore {
             .scan(&mut tx, "scan_registrations", REGISTRATIONS, 2, |t| {
                 keep_pair(
                     t,
-                    |u| index.contains_key(&u),
+                    |u| index.contains(u),
                     &mut registrations,
                     "reading registration events",
                 )
@@ -301,14 +303,7 @@ impl PgStore {
                 &sql,
                 2,
                 &mut referrers,
-                |t, k| {
-                    keep_pair(
-                        t,
-                        |u| k.contains(&u),
-                        &mut events,
-                        "reading referrer events",
-                    )
-                },
+                |t, k| keep_pair(t, |u| k.contains(u), &mut events, "reading referrer events"),
             )
             .await?
         else {
@@ -354,8 +349,9 @@ impl PgStore {
         mut scans: Scans,
         snap: &mut Snapshot,
     ) -> Result<Option<Vec<i64>>, StoreError> {
-        let referrers: FastSet<i64> = snap.referrers.iter().copied().collect();
-        let _ = scans.referrers.send(Some(Arc::new(referrers)));
+        let _ = scans
+            .referrers
+            .send(Some(Arc::new(IdSet::new(&snap.referrers))));
         let a = settle(tx, &mut scans.a).await?;
         let b = settle(tx, &mut scans.b).await?;
         let (Some(a), Some(b)) = (a, b) else {
@@ -433,17 +429,16 @@ fn keep_pair(
 /// A user with a referrer: kept if its referrer holds an invite code (and is in scope).
 fn user(
     t: Row<'_, '_>,
-    referrers: &FastSet<i64>,
+    referrers: &IdSet,
     referred: &mut Vec<ReferredUser>,
     others: &mut FastSet<i64>,
-    index: &mut Fast<i64, usize>,
 ) -> Result<(), Fail> {
     let at = |b: Bad| Fail(REFERRED, b);
     let (id, referrer) = (t.i64()?, t.i64()?);
     let Some(referrer) = referrer else {
         return Ok(());
     };
-    if !referrers.contains(&referrer) {
+    if !referrers.contains(referrer) {
         others.insert(referrer);
         return Ok(());
     }
@@ -454,7 +449,6 @@ fn user(
         .ok_or_else(|| user("created_at", "a time"))?;
     let is_active = t.bool()?.ok_or_else(|| user("is_active", "a boolean"))?;
     let is_verified = t.bool()?.ok_or_else(|| user("is_verified", "a boolean"))?;
-    index.insert(id, referred.len());
     referred.push(ReferredUser {
         id,
         referrer_id: referrer,
@@ -470,8 +464,8 @@ fn user(
 /// bonus.
 fn subscription(
     t: Row<'_, '_>,
-    index: &Fast<i64, usize>,
-    referrers: &FastSet<i64>,
+    index: &IdIndex,
+    referrers: &IdSet,
     scope: Scope,
     interner: &mut Interner,
     part: &mut PartB,
@@ -482,7 +476,7 @@ fn subscription(
     let (started, expires) = (t.i64()?, t.i64()?);
     let sid = t.i64()?;
     let bonus = t.i64()?;
-    if let Some(&i) = user.and_then(|u| index.get(&u)) {
+    if let Some(i) = user.and_then(|u| index.get(u)) {
         let sid = sid.ok_or_else(|| at(null("subscriptions", "id", None, "an id")))?;
         let text = |v, column| pg_text(v, "subscriptions", column, sid).map_err(at);
         let time = |v, column| pg_time(instant_of(v), "subscriptions", column, sid).map_err(at);
@@ -496,7 +490,7 @@ fn subscription(
             },
         ));
     }
-    let referrer = user.is_some_and(|u| referrers.contains(&u));
+    let referrer = user.is_some_and(|u| referrers.contains(u));
     if referrer || bonus.is_some_and(|b| b != 0) {
         let host = |b| Fail("reading subscriptions", b);
         let sid = sid.ok_or_else(|| host(null("subscriptions", "id", None, "an id")))?;
