@@ -138,7 +138,6 @@ pub fn digest(slots_digest: &str, programs: &[ProgramPlan]) -> String {
     if programs.is_empty() {
         return slots_digest.to_owned();
     }
-    use std::fmt::Write as _;
     let mut hasher = blake3::Hasher::new();
     hasher.update(format!("slots {slots_digest}\n").as_bytes());
     let mut sorted: Vec<&ProgramPlan> = programs.iter().collect();
@@ -147,6 +146,7 @@ pub fn digest(slots_digest: &str, programs: &[ProgramPlan]) -> String {
     // thousands of them; program names and outcomes need no escaping: [a-z0-9_]), and fed to
     // the hasher a block at a time: the same bytes, fewer calls.
     let mut line = String::with_capacity(1 << 16);
+    let mut int = itoa::Buffer::new();
     for p in sorted {
         for d in &p.referrals {
             if d.outcome != Outcome::Granted && d.changes.is_empty() {
@@ -156,18 +156,22 @@ pub fn digest(slots_digest: &str, programs: &[ProgramPlan]) -> String {
                 hasher.update(line.as_bytes());
                 line.clear();
             }
-            let _ = write!(
-                line,
-                "[\"{}\",{},{},\"{}\",",
-                p.name,
-                d.referrer_id,
-                d.user_id,
-                d.outcome.as_str(),
-            );
+            let q = |line: &mut String, s: &str| {
+                line.push('"');
+                line.push_str(s);
+                line.push('"');
+            };
+            line.push('[');
+            q(&mut line, &p.name);
+            for v in [d.referrer_id, d.user_id] {
+                line.push(',');
+                line.push_str(int.format(v));
+            }
+            line.push(',');
+            q(&mut line, d.outcome.as_str());
+            line.push(',');
             match d.cause {
-                Some(c) => {
-                    let _ = write!(line, "\"{}\"", c.as_str());
-                }
+                Some(c) => q(&mut line, c.as_str()),
                 None => line.push_str("null"),
             }
             line.push_str(",[");
@@ -175,15 +179,17 @@ pub fn digest(slots_digest: &str, programs: &[ProgramPlan]) -> String {
                 if i > 0 {
                     line.push(',');
                 }
-                let _ = write!(
-                    line,
-                    "[\"{}\",{},{},{},{}]",
-                    c.party.as_str(),
-                    c.credited_user_id,
-                    c.amount.days(),
-                    c.amount.cents(),
-                    c.seq
-                );
+                line.push('[');
+                q(&mut line, c.party.as_str());
+                line.push(',');
+                line.push_str(int.format(c.credited_user_id));
+                line.push(',');
+                line.push_str(int.format(c.amount.days()));
+                line.push(',');
+                line.push_str(int.format(c.amount.cents()));
+                line.push(',');
+                line.push_str(int.format(c.seq));
+                line.push(']');
             }
             line.push_str("]]\n");
         }
