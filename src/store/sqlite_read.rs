@@ -698,7 +698,8 @@ pub(super) fn read_grants(
         super::share_slots_reads(&mut g, slots, Part::Referrals);
     }
     sw.lap(timings, "grants_referrals", g.referrals.len());
-    let referred: crate::program::FastSet<i64> = g.referrals.iter().map(|x| x.user_id).collect();
+    let referred =
+        crate::ids::IdSet::new(&g.referrals.iter().map(|x| x.user_id).collect::<Vec<_>>());
 
     if read.fraud {
         const REG: &str = "reading registration events";
@@ -714,7 +715,7 @@ pub(super) fn read_grants(
             let id = At::id("telemetry_events").int(r, 2, "id", REG)?;
             let at = At::of("telemetry_events", id);
             let user = at.int(r, 0, "user_id", REG)?;
-            if !referred.contains(&user) {
+            if !referred.contains(user) {
                 continue;
             }
             if let Some(ip) = at.text(r, 1, "ip_hash", REG)? {
@@ -782,7 +783,7 @@ pub(super) fn read_grants(
         let id = At::id("payments").int(r, 0, "id", PAY)?;
         let row = At::of("payments", id);
         let user_id = row.int(r, 1, "user_id", PAY)?;
-        if !referred.contains(&user_id) {
+        if !referred.contains(user_id) {
             continue;
         }
         let created_at = row.time_not_null(r, 5, "created_at", PAY)?;
@@ -842,7 +843,7 @@ pub(super) fn read_grants(
             false,
             &mut interner,
         )?;
-        if referred.contains(&grant.user_id) {
+        if referred.contains(grant.user_id) {
             all.push((grant, reversal));
         }
     }

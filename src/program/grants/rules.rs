@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use crate::config::{GrantProgramConfig, OnRefund, RulesConfig};
+use crate::ids::IdIndex;
 use crate::instant::{Instant, MICROS_PER_DAY};
 use crate::program::fraud::{self, Claims, Verdict};
 
@@ -118,7 +119,13 @@ pub struct Decided {
 
 /// The facts every grant program reads, indexed once per run.
 pub struct Facts<'a> {
-    signup_ips: Fast<i64, &'a str>,
+    /// Each referral's position in `referrals` by its referred user's id.
+    users: IdIndex,
+    /// Each referral's signup IP, by its position in `referrals` (an array beside them rather
+    /// than a map by id: a cache miss a lookup at a million referrals).
+    signup_ips: Vec<Option<&'a str>>,
+    /// Whether a user is at more than one position (`users` gives the last).
+    repeated: bool,
     referrer_ips: Fast<i64, fraud::IpSet<'a>>,
     payments: &'a [Payment],
     /// Program → U → its ledger grants, live or reversed.
@@ -152,8 +159,28 @@ impl<'a> Facts<'a> {
         }
         let mut referrals: Vec<&Referral> = snap.referrals.iter().collect();
         referrals.sort_unstable_by_key(|r| (r.referrer_id, r.user_id));
+        let users = IdIndex::of(&referrals, |r| r.user_id);
+        let mut signup_ips: Vec<Option<&str>> = vec![None; referrals.len()];
+        for (user, ip) in snap.registrations.iter().chain(registrations) {
+            if let Some(i) = users.get(*user) {
+                signup_ips[i] = fraud::greater_signup_ip(signup_ips[i], ip);
+            }
+        }
+        // A user referred twice (two referrers: bad host data) is at two positions.
+        let mut repeated = false;
+        for (i, r) in referrals.iter().enumerate() {
+            match users.get(r.user_id) {
+                Some(j) if j != i => {
+                    signup_ips[i] = signup_ips[j];
+                    repeated = true;
+                }
+                _ => {}
+            }
+        }
         Facts {
-            signup_ips: fraud::signup_ips(snap.registrations.iter().chain(registrations)),
+            users,
+            repeated,
+            signup_ips,
             referrer_ips: fraud::referrer_ips_by_referrer(
                 snap.referrer_events.iter().chain(referrer_events),
             ),
@@ -195,28 +222,29 @@ pub fn conversion<'p>(
         })
 }
 
-/// [`conversion`] of every user at once: one pass over the payments, whatever their order.
+/// [`conversion`] of every user of `users` at once (by the position `users` gives it, among
+/// `len`): one pass over the payments, whatever their order. Other users' payments are skipped.
 pub fn conversions(
     payments: &[Payment],
     program: &GrantProgramConfig,
     now: Instant,
-) -> Fast<i64, Conversion> {
-    let mut by_user: Fast<i64, Conversion> = Fast::default();
+    users: &IdIndex,
+    len: usize,
+) -> Vec<Option<Conversion>> {
+    let mut at: Vec<Option<Conversion>> = vec![None; len];
     for p in payments.iter().filter(|p| counts(p, program, now)) {
+        let Some(i) = users.get(p.user_id) else {
+            continue;
+        };
         let c = Conversion {
             payment_id: p.id,
             at: p.created_at,
         };
-        by_user
-            .entry(p.user_id)
-            .and_modify(|best| {
-                if (c.at, c.payment_id) < (best.at, best.payment_id) {
-                    *best = c;
-                }
-            })
-            .or_insert(c);
+        if at[i].is_none_or(|best| (c.at, c.payment_id) < (best.at, best.payment_id)) {
+            at[i] = Some(c);
+        }
     }
-    by_user
+    at
 }
 
 /// `on_hold`: "the conversion time is later than `now - hold_days`".
@@ -238,7 +266,22 @@ pub fn decide(
     facts: &Facts<'_>,
     now: Instant,
 ) -> Vec<Decided> {
-    let conversions = conversions(facts.payments, program, now);
+    let mut conversions = conversions(
+        facts.payments,
+        program,
+        now,
+        &facts.users,
+        facts.referrals.len(),
+    );
+    // A user at two positions (two referrers) has its conversion at both.
+    if facts.repeated {
+        for (i, r) in facts.referrals.iter().enumerate() {
+            match facts.users.get(r.user_id) {
+                Some(j) if j != i => conversions[i] = conversions[j],
+                _ => {}
+            }
+        }
+    }
     // The program's part of the ledger, looked up once; the scratch space reused by referrer.
     let ledger = facts.ledger.get(program.name.as_str());
     let mut scratch = Scratch::default();
@@ -258,9 +301,9 @@ pub fn decide(
         decide_referrer(
             program,
             &mut claims,
-            facts,
             ledger,
-            &conversions,
+            &conversions[start..end],
+            &facts.signup_ips[start..end],
             &facts.referrals[start..end],
             now,
             &mut scratch,
@@ -292,9 +335,9 @@ struct Scratch {
 fn decide_referrer<'a>(
     program: &GrantProgramConfig,
     claims: &mut Claims<'_, 'a>,
-    facts: &Facts<'a>,
     ledger: Option<&Ledger<'_>>,
-    converted: &Fast<i64, Conversion>,
+    converted: &[Option<Conversion>],
+    signup_ips: &[Option<&'a str>],
     referrals: &[&Referral],
     now: Instant,
     scratch: &mut Scratch,
@@ -310,7 +353,7 @@ fn decide_referrer<'a>(
         desired,
     } = scratch;
     conversions.clear();
-    conversions.extend(referrals.iter().map(|x| converted.get(&x.user_id).copied()));
+    conversions.extend_from_slice(converted);
     // R's conversion order: conversion time, then payment id, then U's id.
     order.clear();
     order.extend((0..referrals.len()).filter(|&i| conversions[i].is_some()));
@@ -328,7 +371,7 @@ fn decide_referrer<'a>(
         let x = referrals[i];
         // The claims follow the conversion order, whatever the hold and the cap say later.
         let verdict = if program.fraud_checks {
-            claims.judge(x.user_id, facts.signup_ips.get(&x.user_id).copied(), false)
+            claims.judge(x.user_id, signup_ips[i], false)
         } else {
             Verdict::Pass
         };

@@ -100,7 +100,7 @@ proptest::proptest! {
     /// of the payments (ties at one instant included).
     #[test]
     fn conversions_of_a_run_equal_each_users_conversion(
-        rows in proptest::collection::vec((1i64..5, 0i64..4, 990i64..1010, 0u8..3), 0..40),
+        rows in proptest::collection::vec((1i64..6, 0i64..4, 990i64..1010, 0u8..3), 0..40),
         rotate in 0usize..40,
     ) {
         let p = program(|p| p.min_payment_cents = 1000);
@@ -117,10 +117,12 @@ proptest::proptest! {
             let k = rotate % payments.len();
             payments.rotate_left(k);
         }
-        let all = conversions(&payments, &p, NOW);
+        // Users 1 to 4 at positions 3 to 0; user 5's payments are skipped.
+        let users = crate::ids::IdIndex::new(&[4, 3, 2, 1]);
+        let all = conversions(&payments, &p, NOW, &users, 4);
         for user in 1..5 {
             let one = conversion(payments.iter().filter(|x| x.user_id == user), &p, NOW);
-            proptest::prop_assert_eq!(all.get(&user).copied(), one, "user {}", user);
+            proptest::prop_assert_eq!(all[4 - user as usize], one, "user {}", user);
         }
     }
 }
@@ -307,4 +309,45 @@ fn without_grant_programs_the_digest_is_the_slots_digest() {
     };
     let p = decide(&program(|_| {}), &snap);
     assert_ne!(plan::digest("abc", std::slice::from_ref(&p)), "abc");
+}
+
+/// A user at two positions (referred by two referrers: bad host data) has its conversion and
+/// its signup IP at both, as a map by user id gave them.
+#[test]
+fn a_user_referred_twice_has_its_facts_at_both_positions() {
+    let p = program(|p| p.fraud_checks = true);
+    let snap = GrantsSnapshot {
+        referrals: vec![referral(10, 5), referral(20, 5), referral(20, 6)],
+        payments: vec![pay(1, 5, 5000, NOW - 10), pay(2, 6, 5000, NOW - 9)],
+        registrations: vec![(5, "ip5".into()), (6, "ip6".into())],
+        ..Default::default()
+    };
+    let plan = decide(&p, &snap);
+    let got: Vec<(i64, i64, Outcome, Option<i64>)> = plan
+        .referrals
+        .iter()
+        .map(|d| {
+            (
+                d.referrer_id,
+                d.user_id,
+                d.outcome,
+                d.conversion.map(|c| c.payment_id),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (10, 5, Outcome::Granted, Some(1)),
+            (20, 5, Outcome::Granted, Some(1)),
+            (20, 6, Outcome::Granted, Some(2)),
+        ]
+    );
+    // Without its signup IP, the first position would be missing_ip.
+    let mut no_ip = snap.clone();
+    no_ip.registrations.retain(|r| r.0 != 5);
+    assert_eq!(
+        outcomes(&decide(&p, &no_ip))[..2],
+        [(5, Outcome::MissingIp), (5, Outcome::MissingIp)]
+    );
 }

@@ -434,8 +434,8 @@ impl PgStore {
             share_slots_reads(&mut g, slots, Part::Referrals);
         }
         sw.lap(timings, "grants_referrals", g.referrals.len());
-        let referred: crate::program::FastSet<i64> =
-            g.referrals.iter().map(|x| x.user_id).collect();
+        let referred =
+            crate::ids::IdSet::new(&g.referrals.iter().map(|x| x.user_id).collect::<Vec<_>>());
 
         if read.fraud {
             let ids = referrers.clone();
@@ -452,7 +452,7 @@ impl PgStore {
                             null("telemetry_events", "user_id", None, "a user id")
                         })?;
                         let ip = c.text("telemetry_events", "ip_hash", None)?;
-                        Ok(ip.filter(|_| referred.contains(&user)).map(|ip| (user, ip)))
+                        Ok(ip.filter(|_| referred.contains(user)).map(|ip| (user, ip)))
                     },
                 )
                 .await?;
@@ -511,11 +511,11 @@ impl PgStore {
         };
         // Only the referred users in scope (a shard's; every referred user's for a full run).
         g.payments = payments;
-        g.payments.retain(|p| referred.contains(&p.user_id));
+        g.payments.retain(|p| referred.contains(p.user_id));
         g.ledger = crate::store::live_ledger(
             ledger
                 .into_iter()
-                .filter(|(x, _)| referred.contains(&x.user_id))
+                .filter(|(x, _)| referred.contains(x.user_id))
                 .collect(),
         );
         Ok((g, side_read))
