@@ -66,7 +66,9 @@ impl IdSet {
             IdSet::Dense { min, bits } => {
                 // Wrapping: an id below `min` becomes a huge offset, out of range.
                 let k = id.wrapping_sub(*min) as u64;
-                bits.get((k / 64) as usize)
+                usize::try_from(k / 64)
+                    .ok()
+                    .and_then(|w| bits.get(w))
                     .is_some_and(|w| id >= *min && w & (1 << (k % 64)) != 0)
             }
             IdSet::Sparse(s) => s.contains(&id),
@@ -163,6 +165,20 @@ mod tests {
         assert!(!IdIndex::new(&spread).is_dense());
         assert!(!IdSet::new(&[]).contains(0));
         assert_eq!(IdIndex::new(&[]).get(0), None);
+    }
+
+    #[test]
+    fn dense_ranges_at_the_ends_of_i64() {
+        // An id from the other end wraps to a small offset: it must not alias a set bit.
+        for ids in [[i64::MAX - 1, i64::MAX], [i64::MIN, i64::MIN + 1]] {
+            let (set, index) = (IdSet::new(&ids), IdIndex::new(&ids));
+            assert!(set.is_dense() && index.is_dense());
+            for id in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX - 1, i64::MAX] {
+                let want = ids.iter().position(|&x| x == id);
+                assert_eq!(set.contains(id), want.is_some(), "{id}");
+                assert_eq!(index.get(id), want, "{id}");
+            }
+        }
     }
 
     #[test]

@@ -223,7 +223,8 @@ pub fn conversion<'p>(
 }
 
 /// [`conversion`] of every user of `users` at once (by the position `users` gives it, among
-/// `len`): one pass over the payments, whatever their order. Other users' payments are skipped.
+/// `len`: `users` is built over exactly `len` items): one pass over the payments, whatever
+/// their order. Other users' payments are skipped.
 pub fn conversions(
     payments: &[Payment],
     program: &GrantProgramConfig,
