@@ -24,10 +24,8 @@ fn dense_span(
         .then_some(span as usize)
 }
 
-fn bounds(ids: &[i64]) -> Option<(i64, i64)> {
-    let min = *ids.iter().min()?;
-    let max = *ids.iter().max()?;
-    Some((min, max))
+fn bounds(ids: impl Iterator<Item = i64> + Clone) -> Option<(i64, i64)> {
+    ids.clone().min().zip(ids.max())
 }
 
 /// A set of user ids.
@@ -45,7 +43,7 @@ impl IdSet {
     pub fn new(ids: &[i64]) -> IdSet {
         // A bit a slot, at most 128 bits an id: about a hash set's size (8 bytes a key, a
         // control byte, at most 7/8 full).
-        let dense = bounds(ids)
+        let dense = bounds(ids.iter().copied())
             .and_then(|(min, max)| Some((min, dense_span(min, max, ids.len(), 1, 128)?)));
         match dense {
             Some((min, span)) => {
@@ -82,7 +80,16 @@ impl IdSet {
 
 /// Each user id's position in the list it was built from (the last one for a repeated id).
 #[derive(Debug, Clone)]
-pub enum IdIndex {
+pub struct IdIndex {
+    map: Positions,
+    /// The list's length.
+    len: usize,
+    /// Whether an id is at more than one position.
+    repeated: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Positions {
     /// Slot `id - min` of `slots` holds the position, `u32::MAX` for none.
     Dense {
         min: i64,
@@ -100,28 +107,41 @@ impl IdIndex {
 
     /// Each item's position by its id.
     pub fn of<T>(items: &[T], id: impl Fn(&T) -> i64) -> IdIndex {
-        let ids = || items.iter().map(&id);
-        let bounds = ids().min().zip(ids().max());
+        let ids = items.iter().map(&id);
         // 32 bits a slot, at most 128 bits an id: about a hash map's size at its fullest.
-        let dense = bounds
+        let dense = bounds(ids.clone())
             .filter(|_| items.len() < NONE as usize)
             .and_then(|(min, max)| Some((min, dense_span(min, max, items.len(), 32, 128)?)));
-        match dense {
+        let mut repeated = false;
+        let map = match dense {
             Some((min, span)) => {
                 let mut slots = vec![NONE; span];
-                for (i, id) in ids().enumerate() {
-                    slots[(id - min) as usize] = i as u32;
+                for (i, id) in ids.enumerate() {
+                    let slot = &mut slots[(id - min) as usize];
+                    repeated |= *slot != NONE;
+                    *slot = i as u32;
                 }
-                IdIndex::Dense { min, slots }
+                Positions::Dense { min, slots }
             }
-            None => IdIndex::Sparse(ids().enumerate().map(|(i, id)| (id, i)).collect()),
+            None => {
+                let mut map = Fast::with_capacity_and_hasher(items.len(), Default::default());
+                for (i, id) in ids.enumerate() {
+                    repeated |= map.insert(id, i).is_some();
+                }
+                Positions::Sparse(map)
+            }
+        };
+        IdIndex {
+            map,
+            len: items.len(),
+            repeated,
         }
     }
 
     #[inline]
     pub fn get(&self, id: i64) -> Option<usize> {
-        match self {
-            IdIndex::Dense { min, slots } => {
+        match &self.map {
+            Positions::Dense { min, slots } => {
                 if id < *min {
                     return None;
                 }
@@ -131,7 +151,7 @@ impl IdIndex {
                     _ => None,
                 }
             }
-            IdIndex::Sparse(m) => m.get(&id).copied(),
+            Positions::Sparse(m) => m.get(&id).copied(),
         }
     }
 
@@ -140,8 +160,32 @@ impl IdIndex {
         self.get(id).is_some()
     }
 
+    /// The length of the list the index was built from.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// For values kept by position beside the list (`ids`: the list's ids, in order), filled in
+    /// at the position [`IdIndex::get`] gives: copies each repeated id's value to its other
+    /// positions. Nothing to do, and no pass, without a repeated id.
+    pub fn spread<T: Copy>(&self, ids: impl Iterator<Item = i64>, values: &mut [T]) {
+        if !self.repeated {
+            return;
+        }
+        for (i, id) in ids.enumerate() {
+            match self.get(id) {
+                Some(j) if j != i => values[i] = values[j],
+                _ => {}
+            }
+        }
+    }
+
     pub fn is_dense(&self) -> bool {
-        matches!(self, IdIndex::Dense { .. })
+        matches!(self.map, Positions::Dense { .. })
     }
 }
 

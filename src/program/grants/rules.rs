@@ -124,8 +124,6 @@ pub struct Facts<'a> {
     /// Each referral's signup IP, by its position in `referrals` (an array beside them rather
     /// than a map by id: a cache miss a lookup at a million referrals).
     signup_ips: Vec<Option<&'a str>>,
-    /// Whether a user is at more than one position (`users` gives the last).
-    repeated: bool,
     referrer_ips: Fast<i64, fraud::IpSet<'a>>,
     payments: &'a [Payment],
     /// Program → U → its ledger grants, live or reversed.
@@ -160,26 +158,13 @@ impl<'a> Facts<'a> {
         let mut referrals: Vec<&Referral> = snap.referrals.iter().collect();
         referrals.sort_unstable_by_key(|r| (r.referrer_id, r.user_id));
         let users = IdIndex::of(&referrals, |r| r.user_id);
-        let mut signup_ips: Vec<Option<&str>> = vec![None; referrals.len()];
-        for (user, ip) in snap.registrations.iter().chain(registrations) {
-            if let Some(i) = users.get(*user) {
-                signup_ips[i] = fraud::greater_signup_ip(signup_ips[i], ip);
-            }
-        }
-        // A user referred twice (two referrers: bad host data) is at two positions.
-        let mut repeated = false;
-        for (i, r) in referrals.iter().enumerate() {
-            match users.get(r.user_id) {
-                Some(j) if j != i => {
-                    signup_ips[i] = signup_ips[j];
-                    repeated = true;
-                }
-                _ => {}
-            }
-        }
+        let signup_ips = fraud::signup_ips_at(
+            &users,
+            referrals.iter().map(|r| r.user_id),
+            snap.registrations.iter().chain(registrations),
+        );
         Facts {
             users,
-            repeated,
             signup_ips,
             referrer_ips: fraud::referrer_ips_by_referrer(
                 snap.referrer_events.iter().chain(referrer_events),
@@ -222,17 +207,15 @@ pub fn conversion<'p>(
         })
 }
 
-/// [`conversion`] of every user of `users` at once (by the position `users` gives it, among
-/// `len`: `users` is built over exactly `len` items): one pass over the payments, whatever
-/// their order. Other users' payments are skipped.
+/// [`conversion`] of every user of `users` at once, by the position `users` gives it: one pass
+/// over the payments, whatever their order. Other users' payments are skipped.
 pub fn conversions(
     payments: &[Payment],
     program: &GrantProgramConfig,
     now: Instant,
     users: &IdIndex,
-    len: usize,
 ) -> Vec<Option<Conversion>> {
-    let mut at: Vec<Option<Conversion>> = vec![None; len];
+    let mut at: Vec<Option<Conversion>> = vec![None; users.len()];
     for p in payments.iter().filter(|p| counts(p, program, now)) {
         let Some(i) = users.get(p.user_id) else {
             continue;
@@ -267,22 +250,11 @@ pub fn decide(
     facts: &Facts<'_>,
     now: Instant,
 ) -> Vec<Decided> {
-    let mut conversions = conversions(
-        facts.payments,
-        program,
-        now,
-        &facts.users,
-        facts.referrals.len(),
-    );
+    let mut conversions = conversions(facts.payments, program, now, &facts.users);
     // A user at two positions (two referrers) has its conversion at both.
-    if facts.repeated {
-        for (i, r) in facts.referrals.iter().enumerate() {
-            match facts.users.get(r.user_id) {
-                Some(j) if j != i => conversions[i] = conversions[j],
-                _ => {}
-            }
-        }
-    }
+    facts
+        .users
+        .spread(facts.referrals.iter().map(|r| r.user_id), &mut conversions);
     // The program's part of the ledger, looked up once; the scratch space reused by referrer.
     let ledger = facts.ledger.get(program.name.as_str());
     let mut scratch = Scratch::default();

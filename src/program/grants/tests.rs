@@ -119,7 +119,7 @@ proptest::proptest! {
         }
         // Users 1 to 4 at positions 3 to 0; user 5's payments are skipped.
         let users = crate::ids::IdIndex::new(&[4, 3, 2, 1]);
-        let all = conversions(&payments, &p, NOW, &users, 4);
+        let all = conversions(&payments, &p, NOW, &users);
         for user in 1..5 {
             let one = conversion(payments.iter().filter(|x| x.user_id == user), &p, NOW);
             proptest::prop_assert_eq!(all[4 - user as usize], one, "user {}", user);

@@ -226,25 +226,14 @@ fn compute_with(
     })
 }
 
-/// Each referred user's signup IP ([`fraud::signup_ips`]), by its position in `snap.referred`:
-/// an array beside it rather than a map by id (at 10M users the map was 210 MB, and a cache
-/// miss a lookup).
+/// Each referred user's signup IP, by its position in `snap.referred` ([`fraud::signup_ips_at`]).
 fn signup_ips_of_referred(snap: &Snapshot) -> Vec<Option<&str>> {
     let index = crate::ids::IdIndex::of(&snap.referred, |u| u.id);
-    let mut ips: Vec<Option<&str>> = vec![None; snap.referred.len()];
-    for (user, ip) in &snap.registrations {
-        if let Some(i) = index.get(*user) {
-            ips[i] = fraud::greater_signup_ip(ips[i], ip);
-        }
-    }
-    // A user read twice (two subscription rows) is at two positions; the index holds one.
-    for (i, u) in snap.referred.iter().enumerate() {
-        match index.get(u.id) {
-            Some(j) if j != i => ips[i] = ips[j],
-            _ => {}
-        }
-    }
-    ips
+    fraud::signup_ips_at(
+        &index,
+        snap.referred.iter().map(|u| u.id),
+        &snap.registrations,
+    )
 }
 
 const COUNTED: [(&str, Outcome); 6] = [
