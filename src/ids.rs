@@ -78,6 +78,40 @@ impl IdSet {
     }
 }
 
+/// The ids that occur more than once, sorted, each once. Over a dense range one pass over a
+/// bitmap (at most a quarter of the ids' own size) finds them; otherwise one sort of the ids.
+/// The snapshot checks its 4M referred users and 7M subscriptions so at 10M users, where the
+/// sorts were half a second after the last scan.
+pub fn repeated(mut ids: Vec<i64>) -> Vec<i64> {
+    let dense = bounds(ids.iter().copied())
+        .and_then(|(min, max)| Some((min, dense_span(min, max, ids.len(), 1, 16)?)));
+    let mut out: Vec<i64> = Vec::new();
+    match dense {
+        Some((min, span)) => {
+            let mut seen = vec![0u64; span.div_ceil(64)];
+            for &id in &ids {
+                let k = (id - min) as usize;
+                let (word, bit) = (&mut seen[k / 64], 1u64 << (k % 64));
+                if *word & bit != 0 {
+                    out.push(id);
+                }
+                *word |= bit;
+            }
+            out.sort_unstable();
+            out.dedup();
+        }
+        None => {
+            ids.sort_unstable();
+            for w in ids.windows(2) {
+                if w[0] == w[1] && out.last() != Some(&w[0]) {
+                    out.push(w[0]);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Each user id's position in the list it was built from (the last one for a repeated id).
 #[derive(Debug, Clone)]
 pub struct IdIndex {
@@ -255,5 +289,29 @@ mod tests {
                 prop_assert_eq!(index.get(*id), map.get(id).copied());
             }
         }
+
+        // The bitmap pass (ids in a small range) and the sort (ids over all of i64) agree
+        // with counting.
+        #[test]
+        fn repeated_ids_are_those_counted_twice(
+            ids in prop::collection::vec(prop_oneof![-50i64..50, any::<i64>()], 0..80),
+        ) {
+            let mut counts = std::collections::BTreeMap::<i64, usize>::new();
+            for id in &ids {
+                *counts.entry(*id).or_default() += 1;
+            }
+            let want: Vec<i64> = counts.into_iter().filter(|(_, n)| *n > 1).map(|(id, _)| id).collect();
+            prop_assert_eq!(repeated(ids), want);
+        }
+    }
+
+    #[test]
+    fn repeated_over_a_dense_range_and_a_sparse_one() {
+        let mut dense: Vec<i64> = (1..=100_000).collect();
+        dense.extend([7, 99_999, 7]);
+        let mut sparse = vec![i64::MIN, 0, i64::MAX, 0, i64::MIN];
+        assert_eq!(repeated(dense), vec![7, 99_999]);
+        assert_eq!(repeated(std::mem::take(&mut sparse)), vec![i64::MIN, 0]);
+        assert_eq!(repeated(vec![]), Vec::<i64>::new());
     }
 }

@@ -102,14 +102,20 @@ fn greater_signup_ip<'a>(best: Option<&'a str>, ip: &'a str) -> Option<&'a str> 
 pub fn referrer_ips_by_referrer<'a>(
     events: impl IntoIterator<Item = &'a (i64, String)>,
 ) -> Fast<i64, IpSet<'a>> {
-    let mut by_referrer: Fast<i64, Vec<&str>> = Fast::default();
-    for (referrer, ip) in events {
-        by_referrer.entry(*referrer).or_default().push(ip);
+    // Each referrer's events side by side, so that its set is built in one go: a list per
+    // referrer in a map first cost a lookup per event (at 10M users, most of the second this
+    // took). The full runs' scans give them in referrer order: then the sort only checks it.
+    let mut events: Vec<&(i64, String)> = events.into_iter().collect();
+    events.sort_by_key(|e| e.0);
+    let groups = || events.chunk_by(|a, b| a.0 == b.0);
+    let mut out: Fast<i64, IpSet<'a>> =
+        Fast::with_capacity_and_hasher(groups().count(), Default::default());
+    for group in groups() {
+        let mut ips = IpSet::with_capacity_and_hasher(group.len(), Default::default());
+        ips.extend(group.iter().map(|e| e.1.as_str()).filter(|h| !is_blank(h)));
+        out.insert(group[0].0, ips);
     }
-    by_referrer
-        .into_iter()
-        .map(|(r, ips)| (r, referrer_ips(ips)))
-        .collect()
+    out
 }
 
 /// Rule 1, `self_referral`: "U.id = R".

@@ -176,19 +176,6 @@ pub(crate) fn sqlite_time(
     })
 }
 
-/// The user ids that occur more than once in `ids` (sorted, each once). One sort of a copy of
-/// the ids: no per-row allocation, and nothing when there are none.
-pub(crate) fn repeated(mut ids: Vec<i64>) -> Vec<i64> {
-    ids.sort_unstable();
-    let mut out: Vec<i64> = Vec::new();
-    for w in ids.windows(2) {
-        if w[0] == w[1] && out.last() != Some(&w[0]) {
-            out.push(w[0]);
-        }
-    }
-    out
-}
-
 /// Gives `referred[i]` each subscription `(i, subscription)` read for it by a scan. A second
 /// one becomes a row of its own, as the joined query gives one row per subscription, so that
 /// the snapshot refuses the user's duplicates by name ([`users_with_duplicate_subscriptions`]).
@@ -216,10 +203,10 @@ pub(crate) fn attach_subscriptions(
 pub(crate) fn users_with_duplicate_subscriptions(snap: &Snapshot) -> Vec<i64> {
     let mut ids: Vec<i64> = Vec::with_capacity(snap.referred.len());
     ids.extend(snap.referred.iter().map(|u| u.id));
-    let mut dup = repeated(ids);
+    let mut dup = crate::ids::repeated(ids);
     ids = Vec::with_capacity(snap.host_bonus.len());
     ids.extend(snap.host_bonus.iter().map(|(u, _)| *u));
-    dup.extend(repeated(ids));
+    dup.extend(crate::ids::repeated(ids));
     dup.sort_unstable();
     dup.dedup();
     dup
