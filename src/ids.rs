@@ -80,8 +80,8 @@ impl IdSet {
 
 /// The ids that occur more than once, sorted, each once. Over a dense range one pass over a
 /// bitmap (at most a quarter of the ids' own size) finds them; otherwise one sort of the ids.
-/// The snapshot checks its 4M referred users and 7M subscriptions so at 10M users, where the
-/// sorts were half a second after the last scan.
+/// The snapshot checks its referred users and subscriptions so (4M and 7M at 10M users), after
+/// its last scan.
 pub fn repeated(mut ids: Vec<i64>) -> Vec<i64> {
     let dense = bounds(ids.iter().copied())
         .and_then(|(min, max)| Some((min, dense_span(min, max, ids.len(), 1, 16)?)));
