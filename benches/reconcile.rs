@@ -319,7 +319,8 @@ fn read_ceiling(d: &Dataset) -> (Duration, Option<Duration>) {
     let window = rules::ip_window(anchor(), Config::default().rules.ip_window_days);
     let groups: Vec<Vec<String>> = match d.backend {
         Backend::Postgres => {
-            let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
+            // Untyped, as the job binds them (scan_events.sql).
+            let ts = |t| format!("'{}'", instant::to_rfc3339(t));
             [
                 &[
                     include_str!("../sql/queries/postgres/referrers.sql"),

@@ -2,6 +2,6 @@
 -- and the host column (`referral_bonus_domains`) of the referrers' and of any other holding a
 -- bonus, picked and checked in memory (see scan_users.sql for the times). The cells of rows the
 -- job does not keep are never checked, as when the database joined them.
-SELECT user_id, tier::text, status::text, started_at::timestamptz, expires_at::timestamptz, id,
+SELECT user_id, tier::text, status::text, started_at, expires_at, id,
        referral_bonus_domains::bigint
 FROM subscriptions

@@ -290,7 +290,8 @@ impl PgStore {
         mut index: tokio::sync::watch::Receiver<Option<Index>>,
     ) -> Result<Option<PartB>, SideError> {
         let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
-        let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
+        // Untyped: compared as the column's type (scan_events.sql).
+        let ts = |t| format!("'{}'", instant::to_rfc3339(t));
         let sql = EVENTS
             .replace("$1", &ts(window.0))
             .replace("$2", &ts(window.1));
