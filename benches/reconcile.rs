@@ -381,7 +381,10 @@ fn read_ceiling(d: &Dataset) -> (Duration, Option<Duration>) {
                         &d.url,
                         "-XAtq",
                         "-c",
-                        &format!("SET TIME ZONE 'UTC'; {copies}"),
+                        // No parallel workers, as the job's scans (scan.rs).
+                        &format!(
+                            "SET TIME ZONE 'UTC'; SET max_parallel_workers_per_gather = 0; {copies}"
+                        ),
                     ])
                     .stdout(std::process::Stdio::null())
                     .spawn()

@@ -126,6 +126,18 @@ impl PgStore {
         Scans { referrers, a, b }
     }
 
+    /// The run's timeouts, and no parallel workers: the scans already run side by side, a
+    /// connection each, so a worker would only compete with the other scans (and the job) for
+    /// the same cores, and pass each row through one more queue. With the typical indexes the
+    /// planner gave the registrations' scan two (its estimate of the rows was a fifth of them):
+    /// 0.16-0.38 s less server CPU without them at 1M users, in three A/B runs.
+    fn scan_settings(&self) -> String {
+        format!(
+            "{} SET LOCAL max_parallel_workers_per_gather = 0;",
+            self.timeouts
+        )
+    }
+
     async fn side_connection(&self) -> Result<CloseUnlessDone, SideError> {
         let conn = self
             .pool
@@ -240,7 +252,7 @@ impl PgStore {
         mut referrers: tokio::sync::watch::Receiver<Option<Referrers>>,
         index_tx: tokio::sync::watch::Sender<Option<Index>>,
     ) -> Result<Option<PartA>, SideError> {
-        let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
+        let mut tx = import_snapshot(conn, snapshot_id, &self.scan_settings()).await?;
         let mut referred = vec![];
         let mut others = FastSet::default();
         let Some((users, _)) = self
@@ -289,7 +301,7 @@ impl PgStore {
         mut referrers: tokio::sync::watch::Receiver<Option<Referrers>>,
         mut index: tokio::sync::watch::Receiver<Option<Index>>,
     ) -> Result<Option<PartB>, SideError> {
-        let mut tx = import_snapshot(conn, snapshot_id, &self.timeouts).await?;
+        let mut tx = import_snapshot(conn, snapshot_id, &self.scan_settings()).await?;
         // Untyped: compared as the column's type (scan_events.sql).
         let ts = |t| format!("'{}'", instant::to_rfc3339(t));
         let sql = EVENTS
