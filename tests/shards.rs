@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use referral_rewards::demo::DemoSpec;
 use referral_rewards::engine::EngineError;
@@ -255,3 +257,76 @@ async fn demo_data_on_postgres_loads_frozen_rows_unless_truncate_is_refused() {
     );
     assert_eq!(kept.scalar(all_visible).await, 0, "loaded without FREEZE");
 }
+
+// The scans start before the snapshot's own connection has read the referrers, and keep what
+// arrives meanwhile (a shard only its own users' rows) to decode once they are known. Held back
+// here (`REFERRAL_REWARDS_TEST_HOLD_REFERRERS_FILE`) until both scans that wait for them have read
+// every row, a full run and a shard run give the digests they give without the hold.
+each_pg_backend!(
+    rows_read_before_the_referrers_are_known_give_the_same_run,
+    |db: TestDb| async move {
+        let store = db.store().await;
+        store
+            .load_demo(&DemoSpec {
+                users: 3000,
+                seed: 9,
+                anchor: now(),
+            })
+            .await
+            .unwrap();
+        store.close().await;
+        let dir = tempfile::tempdir().unwrap();
+        let hold = dir.path().join("hold");
+        let digest = |args: &[&str], held: bool| -> String {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"));
+            c.args([
+                "--database-url",
+                &db.url,
+                "reconcile",
+                "--dry-run",
+                "--as-of",
+            ])
+            .arg(referral_rewards::instant::to_rfc3339(now()))
+            .args(args)
+            .env("RUST_LOG", "referral_rewards=debug")
+            .env_remove("REFERRAL_REWARDS_TEST_HOLD_REFERRERS_FILE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+            if held {
+                std::fs::write(&hold, "").unwrap();
+                c.env("REFERRAL_REWARDS_TEST_HOLD_REFERRERS_FILE", &hold);
+            }
+            let mut child = c.spawn().unwrap();
+            let reader = wait_for_log(
+                &mut child,
+                Duration::from_secs(120),
+                "the scans read every row before the referrers are known",
+                |log| {
+                    !held
+                        || (log.contains("test hold")
+                            && log
+                                .matches("scan read before the referrers were known")
+                                .count()
+                                == 2)
+                },
+            );
+            if held {
+                std::fs::remove_file(&hold).unwrap();
+            }
+            let out = child.wait_with_output().unwrap();
+            let log = reader.join().unwrap();
+            assert!(out.status.success(), "{log}");
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            stdout
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("digest"))
+                .unwrap_or_else(|| panic!("no digest in {stdout}"))
+                .trim()
+                .to_owned()
+        };
+        for args in [&[][..], &["--shard", "2/3"][..]] {
+            let want = digest(args, false);
+            assert_eq!(digest(args, true), want, "{args:?}");
+        }
+    }
+);

@@ -74,6 +74,12 @@ impl<'a> Tuples<'a> {
         }
     }
 
+    /// The whole tuple a [`Stream`]'s callback is positioned on (its field count and every
+    /// field, whatever has been read of it), to keep and read again with [`each_tuple`].
+    pub fn tuple_bytes(&self) -> &'a [u8] {
+        self.data
+    }
+
     pub fn bool(&mut self) -> Result<Option<bool>, CopyError> {
         match self.field()? {
             None => Ok(None),
@@ -81,6 +87,31 @@ impl<'a> Tuples<'a> {
             Some(b) => Err(CopyError(format!("bool of {} bytes", b.len()))),
         }
     }
+}
+
+/// Tuples kept one after another as [`Tuples::tuple_bytes`] gave them (no header, no trailer),
+/// each handed to `row` positioned on it.
+pub fn each_tuple<E: From<CopyError>>(
+    data: &[u8],
+    fields: usize,
+    mut row: impl FnMut(&mut Tuples<'_>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut pos = 0;
+    while pos < data.len() {
+        let len = match tuple_len(&data[pos..], fields)? {
+            Some(len) if len > 2 => len,
+            _ => return Err(CopyError("a kept tuple is truncated".into()).into()),
+        };
+        let mut t = Tuples {
+            data: &data[pos..pos + len],
+            pos: 0,
+            fields,
+        };
+        t.next_tuple()?;
+        row(&mut t)?;
+        pos += len;
+    }
+    Ok(())
 }
 
 /// The binary COPY stream of one query fed chunk by chunk as it arrives (PostgreSQL sends a
@@ -250,6 +281,42 @@ mod tests {
             (None, None, None)
         );
         assert!(!t.next_tuple().unwrap());
+    }
+
+    #[test]
+    fn kept_tuples_read_back_as_they_came() {
+        let data = stream(&[
+            vec![Some(1i64.to_be_bytes().to_vec()), Some(b"a".to_vec())],
+            vec![Some(2i64.to_be_bytes().to_vec()), None],
+            vec![Some(3i64.to_be_bytes().to_vec()), Some(b"ccc".to_vec())],
+        ]);
+        // Keep the odd ids, whatever was read of each tuple before deciding.
+        let (mut s, mut kept) = (Stream::new(2), vec![]);
+        for chunk in data.chunks(5) {
+            s.feed(chunk, |t: &mut Tuples<'_>| {
+                if t.i64()?.is_some_and(|id| id % 2 == 1) {
+                    kept.extend_from_slice(t.tuple_bytes());
+                }
+                Ok::<(), CopyError>(())
+            })
+            .unwrap();
+        }
+        s.finish().unwrap();
+        let mut back = vec![];
+        each_tuple(&kept, 2, |t: &mut Tuples<'_>| {
+            back.push((t.i64()?, t.field()?.map(<[u8]>::to_vec)));
+            Ok::<(), CopyError>(())
+        })
+        .unwrap();
+        assert_eq!(
+            back,
+            [
+                (Some(1), Some(b"a".to_vec())),
+                (Some(3), Some(b"ccc".to_vec()))
+            ]
+        );
+        // A tuple cut short is refused, not read as the end.
+        assert!(each_tuple(&kept[..kept.len() - 1], 2, |_| Ok::<(), CopyError>(())).is_err());
     }
 
     #[test]

@@ -719,6 +719,17 @@ pub fn wait_for_test_hold(
     within: Duration,
     reaching: &str,
 ) -> std::thread::JoinHandle<String> {
+    wait_for_log(child, within, reaching, |log| log.contains("test hold"))
+}
+
+/// [`wait_for_test_hold`] for any point of the run: returns once `reached` holds of the child's
+/// log so far.
+pub fn wait_for_log(
+    child: &mut std::process::Child,
+    within: Duration,
+    reaching: &str,
+    reached: impl Fn(&str) -> bool,
+) -> std::thread::JoinHandle<String> {
     use std::io::BufRead;
     let (lines, log) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().expect("the child's stderr is piped");
@@ -732,11 +743,11 @@ pub fn wait_for_test_hold(
         }
         all
     });
-    loop {
+    let mut seen = String::new();
+    while !reached(&seen) {
         let line = log.recv_timeout(within).expect(reaching);
-        if line.contains("test hold") {
-            break;
-        }
+        seen.push_str(&line);
+        seen.push('\n');
     }
     reader
 }
