@@ -11,6 +11,11 @@ use referral_rewards::snapshot::{Scope, Shard};
 
 async fn with_demo(backend: Backend) -> Option<TestDb> {
     let db = TestDb::new(backend).await?;
+    load_demo(&db).await;
+    Some(db)
+}
+
+async fn load_demo(db: &TestDb) {
     let store = db.store().await;
     store
         .load_demo(&DemoSpec {
@@ -21,7 +26,6 @@ async fn with_demo(backend: Backend) -> Option<TestDb> {
         .await
         .unwrap();
     store.close().await;
-    Some(db)
 }
 
 each_backend!(
@@ -265,33 +269,15 @@ async fn demo_data_on_postgres_loads_frozen_rows_unless_truncate_is_refused() {
 each_pg_backend!(
     rows_read_before_the_referrers_are_known_give_the_same_run,
     |db: TestDb| async move {
-        let store = db.store().await;
-        store
-            .load_demo(&DemoSpec {
-                users: 3000,
-                seed: 9,
-                anchor: now(),
-            })
-            .await
-            .unwrap();
-        store.close().await;
+        load_demo(&db).await;
         let dir = tempfile::tempdir().unwrap();
         let hold = dir.path().join("hold");
         let digest = |args: &[&str], held: bool| -> String {
-            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"));
-            c.args([
-                "--database-url",
-                &db.url,
-                "reconcile",
-                "--dry-run",
-                "--as-of",
-            ])
-            .arg(referral_rewards::instant::to_rfc3339(now()))
-            .args(args)
-            .env("RUST_LOG", "referral_rewards=debug")
-            .env_remove("REFERRAL_REWARDS_TEST_HOLD_REFERRERS_FILE")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+            let mut c = dry_run_binary(&db.url);
+            c.args(args)
+                .env("RUST_LOG", "referral_rewards=debug")
+                .env_remove("REFERRAL_REWARDS_TEST_HOLD_REFERRERS_FILE")
+                .stdout(std::process::Stdio::piped());
             if held {
                 std::fs::write(&hold, "").unwrap();
                 c.env("REFERRAL_REWARDS_TEST_HOLD_REFERRERS_FILE", &hold);

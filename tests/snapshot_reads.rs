@@ -155,21 +155,12 @@ each_pg_backend!(
         let dir = tempfile::tempdir().unwrap();
         let report = dir.path().join("r.json");
         let run = |hold: Option<&std::path::Path>| {
-            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"));
-            c.args([
-                "--database-url",
-                &db.url,
-                "reconcile",
-                "--dry-run",
-                "--as-of",
-            ])
-            .arg(referral_rewards::instant::to_rfc3339(now()))
-            .arg("--report")
-            .arg(&report)
-            .env("RUST_LOG", "referral_rewards=info")
-            .env_remove("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+            let mut c = dry_run_binary(&db.url);
+            c.arg("--report")
+                .arg(&report)
+                .env("RUST_LOG", "referral_rewards=info")
+                .env_remove("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE")
+                .stdout(std::process::Stdio::null());
             if let Some(h) = hold {
                 c.env("REFERRAL_REWARDS_TEST_HOLD_SIDE_READ_FILE", h);
             }

@@ -714,6 +714,16 @@ macro_rules! each_pg_backend {
 /// `test hold: waiting …` once, then wait for their file to go): reads the child's stderr on a
 /// thread and returns once that line is logged, failing with `reaching` if it is not within
 /// `within`. The handle gives the child's whole log once it ends.
+/// The real binary's `reconcile --dry-run` on `url` at [`now`], its stderr piped (for
+/// [`wait_for_log`]); the caller adds arguments, the log filter and its stdout.
+pub fn dry_run_binary(url: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"));
+    c.args(["--database-url", url, "reconcile", "--dry-run", "--as-of"])
+        .arg(referral_rewards::instant::to_rfc3339(now()))
+        .stderr(std::process::Stdio::piped());
+    c
+}
+
 pub fn wait_for_test_hold(
     child: &mut std::process::Child,
     within: Duration,
