@@ -1,5 +1,6 @@
-//! From a snapshot to per-referrer results: the rules give each referred user an outcome, and
-//! one polars query groups them by referrer, counts outcomes and applies the reward rules.
+//! From a snapshot to per-referrer results: the rules give each referred user an outcome; the
+//! outcomes are counted by referrer (one polars query on a large run, a plain pass on a small
+//! one) and the reward rules applied to each referrer's counts.
 //!
 //! CPU-bound: callers run it on a blocking thread (`tokio::task::spawn_blocking`).
 
@@ -12,7 +13,7 @@ use rayon::prelude::*;
 use crate::config::Config;
 use crate::instant::Instant;
 use crate::program::slots::facts::ReferralFacts;
-use crate::program::slots::rewards::{RewardResult, badge_expr, bonus_slots_expr};
+use crate::program::slots::rewards::{self, RewardResult};
 use crate::program::slots::rules::{self, Outcome, ReferredFacts, RuleParams};
 use crate::snapshot::Snapshot;
 
@@ -73,8 +74,9 @@ impl Computation {
     }
 }
 
-/// From how many referred users a run computes on every core (below, the thread pool's
-/// hand-offs cost more than they save: a one-referrer run stays on its thread).
+/// From how many referred users a run computes on every core and counts with polars (below,
+/// the thread pool's hand-offs and polars' query cost more than they save: a one-referrer run
+/// stays on its thread, in plain loops).
 pub const PARALLEL_FROM: usize = 20_000;
 
 /// `(a(), b())`, side by side when `parallel` (called on polars' pool).
@@ -109,23 +111,8 @@ pub fn compute_listing(
         // On a thread of polars' pool, its own steps and ours share the cores.
         THREAD_POOL.install(|| compute_with(snap, cfg, now, true, signup_ips))
     } else {
-        on_this_thread(|| compute_with(snap, cfg, now, false, signup_ips))
+        compute_with(snap, cfg, now, false, signup_ips)
     }
-}
-
-/// Runs `f` with polars kept on the calling thread. Called from outside its pool, polars hands
-/// each step to the pool and waits: for a one-referrer run those thread wake-ups cost more than
-/// the computation (0.42 ms became 0.27 ms on the 2-core development machine).
-fn on_this_thread<R>(f: impl FnOnce() -> R) -> R {
-    use polars_async::executor::ALLOW_RAYON_THREADS;
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            ALLOW_RAYON_THREADS.set(self.0);
-        }
-    }
-    let _restore = Restore(ALLOW_RAYON_THREADS.replace(false));
-    f()
 }
 
 fn compute_with(
@@ -253,12 +240,31 @@ const COUNTED: [(&str, Outcome); 6] = [
     ("disqualified_duplicate_ip", Outcome::DuplicateIp),
 ];
 
-/// Groups outcomes by referrer; every referrer gets a row, with zeros if nobody it referred.
+/// Groups outcomes by referrer and applies the reward rules ([`rewards::bonus_slots`],
+/// [`rewards::badge`]); every referrer gets a row, with zeros if nobody it referred. Ascending
+/// by referrer.
 fn per_referrer(
     referrers: &[i64],
     referrals: &[ReferralOutcome],
     cfg: &Config,
     parallel: bool,
+) -> PolarsResult<Vec<RewardResult>> {
+    let mut results = if parallel {
+        counts_in_polars(referrers, referrals)?
+    } else {
+        counts_in_place(referrers, referrals)
+    };
+    for r in &mut results {
+        r.bonus_slots = rewards::bonus_slots(r.qualified_referrals, &cfg.rewards);
+        r.badge = rewards::badge(r.qualified_referrals, &cfg.rewards).map(str::to_owned);
+    }
+    Ok(results)
+}
+
+/// A large run's counts: one polars query (a group-by joined to the referrers).
+fn counts_in_polars(
+    referrers: &[i64],
+    referrals: &[ReferralOutcome],
 ) -> PolarsResult<Vec<RewardResult>> {
     let outcomes = df!(
         "referrer_user_id" => referrals.iter().map(|r| r.referrer_user_id).collect::<Vec<_>>(),
@@ -295,19 +301,8 @@ fn per_referrer(
                 .map(|c| c.fill_null(lit(0i64)))
                 .collect::<Vec<_>>(),
         )
-        .with_columns([
-            bonus_slots_expr(col("qualified_referrals"), &cfg.rewards).alias("bonus_slots"),
-            badge_expr(col("qualified_referrals"), &cfg.rewards).alias("badge"),
-        ])
-        .sort(["referrer_user_id"], SortMultipleOptions::default());
-    // The optimizer's passes cost a third of a one-referrer computation and gain nothing on a
-    // few rows; a large run keeps them.
-    let out = if parallel {
-        out
-    } else {
-        out.without_optimizations()
-    }
-    .collect()?;
+        .sort(["referrer_user_id"], SortMultipleOptions::default())
+        .collect()?;
 
     let int = |name: &str| -> PolarsResult<Vec<i64>> {
         Ok(out.column(name)?.i64()?.into_no_null_iter().collect())
@@ -318,28 +313,55 @@ fn per_referrer(
         .iter()
         .map(|(name, _)| int(name))
         .collect::<PolarsResult<_>>()?;
-    let bonus = int("bonus_slots")?;
-    let badge: Vec<Option<String>> = out
-        .column("badge")?
-        .str()?
-        .iter()
-        .map(|b| b.map(str::to_owned))
-        .collect();
-
     Ok((0..ids.len())
-        .map(|i| RewardResult {
-            referrer_user_id: ids[i],
-            referred_users_total: total[i],
-            qualified_referrals: counted[0][i],
-            disqualified_self_referral: counted[1][i],
-            disqualified_cooldown: counted[2][i],
-            disqualified_missing_ip: counted[3][i],
-            disqualified_shared_ip: counted[4][i],
-            disqualified_duplicate_ip: counted[5][i],
-            bonus_slots: bonus[i],
-            badge: badge[i].clone(),
+        .map(|i| {
+            let mut r = RewardResult::zero(ids[i]);
+            r.referred_users_total = total[i];
+            for (k, (_, outcome)) in COUNTED.iter().enumerate() {
+                if let Some(c) = count_of(&mut r, *outcome) {
+                    *c = counted[k][i];
+                }
+            }
+            r
         })
         .collect())
+}
+
+/// A small run's counts (a one-referrer run's few rows): a plain pass, where polars' query
+/// costs more than the rest of the computation (0.2 of 0.3 ms on the 2-core development
+/// machine). The same counts as [`counts_in_polars`] (a test compares them).
+fn counts_in_place(referrers: &[i64], referrals: &[ReferralOutcome]) -> Vec<RewardResult> {
+    let mut sorted = referrers.to_vec();
+    sorted.sort_unstable();
+    let mut results: Vec<RewardResult> = sorted.into_iter().map(RewardResult::zero).collect();
+    // As the polars join: a referrer listed twice gets a row each, both counted.
+    for r in referrals {
+        let first = results.partition_point(|x| x.referrer_user_id < r.referrer_user_id);
+        for res in results[first..]
+            .iter_mut()
+            .take_while(|x| x.referrer_user_id == r.referrer_user_id)
+        {
+            res.referred_users_total += 1;
+            if let Some(c) = count_of(res, r.outcome) {
+                *c += 1;
+            }
+        }
+    }
+    results
+}
+
+/// The counter of `outcome` ([`COUNTED`]'s), or `None`: the other outcomes count only in
+/// `referred_users_total`.
+fn count_of(r: &mut RewardResult, outcome: Outcome) -> Option<&mut i64> {
+    Some(match outcome {
+        Outcome::Qualified => &mut r.qualified_referrals,
+        Outcome::SelfReferral => &mut r.disqualified_self_referral,
+        Outcome::Cooldown => &mut r.disqualified_cooldown,
+        Outcome::MissingIp => &mut r.disqualified_missing_ip,
+        Outcome::SharedIp => &mut r.disqualified_shared_ip,
+        Outcome::DuplicateIp => &mut r.disqualified_duplicate_ip,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -1,9 +1,8 @@
 //! SPEC section 3, "Rewards": bonus slots and badges, and the per-referrer result type.
 //!
-//! The two rules are polars expressions over the `qualified_referrals` column so that the
-//! whole per-referrer computation stays one lazy query (see `compute`).
+//! The two rules are plain functions of a referrer's `qualified_referrals`, applied to each
+//! referrer's counts once they are known (see `compute`).
 
-use polars::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RewardsConfig;
@@ -82,24 +81,21 @@ impl RewardResult {
 }
 
 /// "`bonus_slots = (qualified_referrals / batch_size) * bonus_per_batch` (integer division)".
-pub fn bonus_slots_expr(qualified_referrals: Expr, cfg: &RewardsConfig) -> Expr {
-    qualified_referrals
-        .floor_div(lit(cfg.batch_size))
-        .cast(DataType::Int64)
-        * lit(cfg.bonus_per_batch)
+/// `qualified_referrals` is never negative; both settings are validated to fit an `i32`, so the
+/// product fits an `i64`.
+pub fn bonus_slots(qualified_referrals: i64, cfg: &RewardsConfig) -> i64 {
+    qualified_referrals.div_euclid(cfg.batch_size) * cfg.bonus_per_batch
 }
 
 /// "`badge`: the highest badge whose threshold `qualified_referrals` reaches; … none below"
 /// the lowest threshold. Thresholds are validated strictly increasing, so the last one
 /// reached is the highest.
-pub fn badge_expr(qualified_referrals: Expr, cfg: &RewardsConfig) -> Expr {
-    let mut expr = lit(NULL).cast(DataType::String);
-    for badge in &cfg.badges {
-        expr = when(qualified_referrals.clone().gt_eq(lit(badge.threshold)))
-            .then(lit(badge.name.clone()))
-            .otherwise(expr);
-    }
-    expr
+pub fn badge(qualified_referrals: i64, cfg: &RewardsConfig) -> Option<&str> {
+    cfg.badges
+        .iter()
+        .rev()
+        .find(|b| qualified_referrals >= b.threshold)
+        .map(|b| b.name.as_str())
 }
 
 #[cfg(test)]
@@ -108,20 +104,12 @@ mod tests {
     use crate::config::Badge;
 
     fn eval(qualified: &[i64], cfg: &RewardsConfig) -> (Vec<i64>, Vec<Option<String>>) {
-        let df = df!("q" => qualified).unwrap();
-        let out = df
-            .lazy()
-            .select([
-                bonus_slots_expr(col("q"), cfg).alias("bonus"),
-                badge_expr(col("q"), cfg).alias("badge"),
-            ])
-            .collect()
-            .unwrap();
-        let bonus = out.column("bonus").unwrap().i64().unwrap();
-        let badge = out.column("badge").unwrap().str().unwrap();
         (
-            bonus.into_no_null_iter().collect(),
-            badge.iter().map(|b| b.map(str::to_owned)).collect(),
+            qualified.iter().map(|&q| bonus_slots(q, cfg)).collect(),
+            qualified
+                .iter()
+                .map(|&q| badge(q, cfg).map(str::to_owned))
+                .collect(),
         )
     }
 
