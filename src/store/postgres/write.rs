@@ -39,8 +39,12 @@ impl PgStore {
             finish_run(conn, finish, &out, run_id).await?;
             return Ok(out);
         }
-        // BEGIN and the transaction's settings (see `utc`) in one round trip.
-        let begin = format!("BEGIN; SET LOCAL TIME ZONE 'UTC'; {}", self.timeouts);
+        // BEGIN and the transaction's settings (see `utc`) in one round trip; bitmap scans,
+        // off for the lock's session (see `lock_connection`), on again for the writes.
+        let begin = format!(
+            "BEGIN; SET LOCAL TIME ZONE 'UTC'; SET LOCAL enable_bitmapscan = on; {}",
+            self.timeouts
+        );
         let mut tx = conn
             .begin_with(sqlx::AssertSqlSafe(begin))
             .await
