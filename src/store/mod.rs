@@ -448,6 +448,9 @@ pub(crate) enum Held {
     Postgres {
         /// `None` once a failed write left it unusable: dropped at once, ending its session.
         conn: Option<Box<sqlx::PgConnection>>,
+        /// The run's end released the locks already, in its own round trip (see
+        /// `finish_run_and_release`): the connection goes back as it is.
+        released: bool,
     },
 }
 

@@ -68,6 +68,7 @@ impl PgStore {
             shard: None,
             _held: Held::Postgres {
                 conn: Some(Box::new(conn)),
+                released: false,
             },
         };
         match (got, known, run_id) {
@@ -171,6 +172,7 @@ impl PgStore {
             shard,
             _held: Held::Postgres {
                 conn: Some(Box::new(conn)),
+                released: false,
             },
         }))
     }
@@ -178,8 +180,16 @@ impl PgStore {
     /// Releases the run lock and keeps its connection for the next run (unless a failed write
     /// left it unusable and it is gone already).
     pub async fn release(&self, lock: RunLock) {
-        if let Held::Postgres { conn: Some(conn) } = lock._held {
-            self.keep(*conn).await;
+        if let Held::Postgres {
+            conn: Some(conn),
+            released,
+        } = lock._held
+        {
+            if released {
+                self.keep_released(*conn).await;
+            } else {
+                self.keep(*conn).await;
+            }
         }
     }
 
@@ -188,7 +198,7 @@ impl PgStore {
     /// closed at once: its session ends and whatever it held (the run row's lock among them) is
     /// released, so that recording the failure cannot wait on it.
     pub async fn settle(&self, lock: &mut RunLock) {
-        if let Held::Postgres { conn } = &mut lock._held
+        if let Held::Postgres { conn, .. } = &mut lock._held
             && let Some(c) = conn
         {
             let ping = tokio::time::timeout(std::time::Duration::from_secs(10), c.ping());
@@ -206,11 +216,18 @@ impl PgStore {
             .execute(&mut conn)
             .await
             .is_ok();
-        let mut kept = self.lock_conns.lock().await;
-        if unlocked && kept.len() < 2 {
-            kept.push(conn);
+        if unlocked {
+            self.keep_released(conn).await;
         }
         // Otherwise dropped: closing the connection releases its locks.
+    }
+
+    /// Keeps a lock connection that holds no lock any more (up to two of them).
+    async fn keep_released(&self, conn: sqlx::PgConnection) {
+        let mut kept = self.lock_conns.lock().await;
+        if kept.len() < 2 {
+            kept.push(conn);
+        }
     }
 
     pub async fn abandon_orphans(

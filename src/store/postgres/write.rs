@@ -22,23 +22,33 @@ impl PgStore {
             finish,
             progress,
         } = *writes;
-        let Held::Postgres { conn: Some(conn) } = &mut lock._held else {
+        let Held::Postgres {
+            conn: slot,
+            released,
+        } = &mut lock._held
+        else {
             return Err(StoreError::Runtime(
                 "the run lock's connection is gone; nothing was written".into(),
             ));
         };
-        let mut out = ApplyOutcome::default();
         // Nothing to write but the run's end (a one-referrer recompute that finds its rewards
         // right, the common case): that one statement is its own transaction, two round trips
-        // fewer than BEGIN … COMMIT. The lock's connection fences it all the same.
+        // fewer than BEGIN … COMMIT, and the lock is released in the same round trip. The
+        // lock's connection fences it all the same.
+        let mut out = ApplyOutcome::default();
         if grants.is_empty()
             && plan.reward_upserts().next().is_none()
             && plan.host_changes().next().is_none()
         {
             crate::engine::inside_write(progress).await;
-            finish_run(conn, finish, &out, run_id).await?;
+            *released = finish_run_and_release(slot, finish, &out, run_id).await?;
             return Ok(out);
         }
+        let Some(conn) = slot else {
+            return Err(StoreError::Runtime(
+                "the run lock's connection is gone; nothing was written".into(),
+            ));
+        };
         // BEGIN and the transaction's settings (see `utc`) in one round trip; bitmap scans,
         // off for the lock's session (see `lock_connection`), on again for the writes.
         let begin = format!(
@@ -187,6 +197,111 @@ impl PgStore {
     }
 }
 
+/// [`finish_run`] as its own transaction, and the run lock released right after its commit,
+/// in one round trip where there were two (a simple-query message: the statement prepared
+/// once per connection, its values inlined). The release follows the commit, so no other run
+/// can take the lock and read the state before this run's end is in; it releases only if the
+/// row now says `succeeded`, so that a run that failed here is recorded under the lock.
+/// Whether the lock was released. On an error the transaction is rolled back, or the
+/// connection closed (`conn` set to `None`) if it cannot be.
+async fn finish_run_and_release(
+    conn: &mut Option<Box<sqlx::PgConnection>>,
+    finish: &RunFinish,
+    out: &ApplyOutcome,
+    run_id: i64,
+) -> Result<bool, StoreError> {
+    let Some(c) = conn.as_deref_mut() else {
+        return Err(StoreError::Runtime(
+            "the run lock's connection is gone; nothing was written".into(),
+        ));
+    };
+    let sent = match finish_message(c, finish, out, run_id).await {
+        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("26000") => {
+            // A connection new to this: end the failed transaction, prepare, send again.
+            let prepare = format!(
+                "ROLLBACK; PREPARE {FINISH_STATEMENT}(bigint, bigint, bigint, bigint, bigint, \
+                 bigint, bigint, text, text, bigint, timestamptz, text) AS {}",
+                include_str!("../../../sql/queries/postgres/finish_run.sql")
+            );
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+                .execute(&mut *c)
+                .await
+            {
+                Ok(_) => finish_message(c, finish, out, run_id).await,
+                Err(e) => Err(e),
+            }
+        }
+        r => r,
+    };
+    match sent {
+        Ok((1, released)) => Ok(released),
+        // Committed, changing nothing: the lock is still held.
+        Ok(_) => Err(not_running(c, run_id).await),
+        Err(e) => {
+            if sqlx::raw_sql("ROLLBACK").execute(&mut *c).await.is_err() {
+                *conn = None;
+            }
+            Err(q("recording the run")(e))
+        }
+    }
+}
+
+const FINISH_STATEMENT: &str = "referral_rewards_finish";
+
+/// Sends the run's end and the release: how many rows the end changed, and whether the
+/// release ran. A failure leaves the transaction open and aborted; the caller's error path
+/// closes the connection when it cannot release it (see `PgStore::keep`).
+async fn finish_message(
+    conn: &mut sqlx::PgConnection,
+    finish: &RunFinish,
+    out: &ApplyOutcome,
+    run_id: i64,
+) -> Result<(u64, bool), sqlx::Error> {
+    use futures_util::TryStreamExt;
+    let s = &finish.stats;
+    let now = instant::to_rfc3339(instant::from_datetime(Utc::now()));
+    let text = |v: Option<&str>| v.map_or_else(|| "NULL".to_owned(), dollar_quoted);
+    let sql = format!(
+        "BEGIN; EXECUTE {FINISH_STATEMENT}({}, {}, {}, {}, {}, {}, {}, {}, {}, {run_id}, \
+         '{now}'::timestamptz, {}); COMMIT; \
+         SELECT pg_advisory_unlock_all() FROM reward_runs WHERE id = {run_id} \
+         AND status = 'succeeded'",
+        s.referrers as i64,
+        s.rewards_up as i64,
+        s.rewards_down as i64,
+        s.bonus_delta,
+        out.reward_rows_written as i64,
+        out.host_values_written as i64,
+        out.conflicts.len() as i64,
+        text(Some(&finish.outcome_counts)),
+        text(Some(&finish.digest)),
+        text(finish.error.as_deref()),
+    );
+    let mut results = vec![];
+    let mut released = false;
+    let mut stream = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_many(&mut *conn);
+    while let Some(item) = stream.try_next().await? {
+        match item {
+            sqlx::Either::Left(r) => results.push(r.rows_affected()),
+            sqlx::Either::Right(_) => released = true,
+        }
+    }
+    // BEGIN, EXECUTE, COMMIT, SELECT.
+    Ok((results.get(1).copied().unwrap_or(0), released))
+}
+
+/// `s` as a dollar-quoted string constant, whose tag `s` does not contain: read the same
+/// whatever `standard_conforming_strings` says, and no character of `s` needs escaping.
+fn dollar_quoted(s: &str) -> String {
+    let mut tag = String::from("$rr$");
+    let mut n = 0;
+    while s.contains(&tag) {
+        n += 1;
+        tag = format!("$rr{n}$");
+    }
+    format!("{tag}{s}{tag}")
+}
+
 /// Marks the run `succeeded` with its counts, only while its row still says `running`.
 async fn finish_run(
     conn: &mut sqlx::PgConnection,
@@ -212,17 +327,25 @@ async fn finish_run(
         .await
         .map_err(q("recording the run"))?;
     if finished.rows_affected() != 1 {
-        let status: Option<String> = sqlx::query_scalar(RUN_STATUS)
-            .bind(run_id)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(q("reading the run"))?;
-        return Err(StoreError::NotRunning {
-            run_id,
-            status: status.unwrap_or_else(|| "missing".into()),
-        });
+        return Err(not_running(conn, run_id).await);
     }
     Ok(())
+}
+
+/// The run's end changed no row: its row no longer says `running` (another process marked it
+/// `abandoned`), or is gone.
+async fn not_running(conn: &mut sqlx::PgConnection, run_id: i64) -> StoreError {
+    let status: Result<Option<String>, _> = sqlx::query_scalar(RUN_STATUS)
+        .bind(run_id)
+        .fetch_optional(&mut *conn)
+        .await;
+    match status {
+        Ok(status) => StoreError::NotRunning {
+            run_id,
+            status: status.unwrap_or_else(|| "missing".into()),
+        },
+        Err(e) => q("reading the run")(e),
+    }
 }
 
 /// insert_host.sql with the casts to the host's own types of `subscriptions.tier` and
@@ -250,4 +373,18 @@ async fn insert_host_sql(tx: &mut sqlx::PgConnection) -> Result<String, StoreErr
             .replace("{tier_type}", &of("tier")?)
             .replace("{status_type}", &of("status")?),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dollar_quoted;
+
+    #[test]
+    fn dollar_quoting_picks_a_tag_the_text_does_not_hold() {
+        assert_eq!(dollar_quoted("it's \\ fine"), "$rr$it's \\ fine$rr$");
+        assert_eq!(dollar_quoted(""), "$rr$$rr$");
+        let tricky = "a $rr$ b $rr1$ c";
+        let quoted = dollar_quoted(tricky);
+        assert_eq!(quoted, format!("$rr2${tricky}$rr2$"));
+    }
 }
