@@ -539,6 +539,37 @@ async fn postgres_over_tls() {
     );
 }
 
+/// Makes every commit that marks a run `succeeded` wait (a deferred trigger) on advisory lock
+/// 4242, and returns the connection to take and release it on.
+async fn hold_commits(db: &TestDb) -> sqlx::PgConnection {
+    db.exec(
+        "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER wait_at_commit AFTER UPDATE ON reward_runs \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.status = 'succeeded') \
+         EXECUTE FUNCTION wait_at_commit();",
+    )
+    .await;
+    sqlx::PgConnection::connect(&db.url).await.unwrap()
+}
+
+/// Waits until a commit waits on lock 4242, which `holder` holds.
+async fn until_a_commit_waits(holder: &mut sqlx::PgConnection) {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND objid = 4242",
+        )
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A shutdown's abort that lands while the commit is in flight, and the commit completes: the
 /// run says its writes are in (not "wrote nothing"). The commit is held by a deferred trigger
 /// waiting on an advisory lock the test holds, so the abort happens exactly there.
@@ -548,15 +579,7 @@ async fn an_abort_during_a_commit_that_lands_is_reported_as_landed() {
         return;
     };
     db.load(&every_outcome()).await;
-    db.exec(
-        "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER wait_at_commit AFTER UPDATE ON reward_runs \
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.status = 'succeeded') \
-         EXECUTE FUNCTION wait_at_commit();",
-    )
-    .await;
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut holder = hold_commits(&db).await;
     sqlx::query("SELECT pg_advisory_lock(4242)")
         .execute(&mut holder)
         .await
@@ -581,19 +604,7 @@ async fn an_abort_during_a_commit_that_lands_is_reported_as_landed() {
         store.close().await;
         r
     });
-    // The commit is waiting on the test's lock.
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND objid = 4242",
-        )
-        .fetch_one(&mut holder)
-        .await
-        .unwrap();
-        if waiting == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    until_a_commit_waits(&mut holder).await;
     abort.cancel();
     sqlx::query("SELECT pg_advisory_unlock(4242)")
         .execute(&mut holder)
@@ -864,15 +875,7 @@ async fn a_run_that_changes_nothing_releases_its_lock_after_its_commit() {
     referral_rewards::engine::run(&store, &Config::default(), one())
         .await
         .unwrap();
-    db.exec(
-        "CREATE FUNCTION wait_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN PERFORM pg_advisory_lock(4242); PERFORM pg_advisory_unlock(4242); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER wait_at_commit AFTER UPDATE ON reward_runs \
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.status = 'succeeded') \
-         EXECUTE FUNCTION wait_at_commit();",
-    )
-    .await;
-    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut holder = hold_commits(&db).await;
     let run_lock_holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
                             AND NOT (classid = 0 AND objid = 4242)";
     let store = std::sync::Arc::new(store);
@@ -889,19 +892,7 @@ async fn a_run_that_changes_nothing_releases_its_lock_after_its_commit() {
             })
         };
         // The run's end is committing, held by the trigger.
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND objid = 4242",
-            )
-            .fetch_one(&mut holder)
-            .await
-            .unwrap();
-            if waiting == 1 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        until_a_commit_waits(&mut holder).await;
         let holders: Vec<i32> = sqlx::query_scalar(run_lock_holders)
             .fetch_all(&mut holder)
             .await
