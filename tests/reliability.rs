@@ -553,12 +553,14 @@ async fn hold_commits(db: &TestDb) -> sqlx::PgConnection {
     sqlx::PgConnection::connect(&db.url).await.unwrap()
 }
 
-/// Waits until a commit waits on lock 4242, which `holder` holds.
+/// Waits until a commit in this test's database waits on lock 4242, which `holder` holds
+/// (other tests hold theirs in their own databases).
 async fn until_a_commit_waits(holder: &mut sqlx::PgConnection) {
     loop {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND objid = 4242",
+             AND objid = 4242 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         .fetch_one(&mut *holder)
         .await
@@ -877,7 +879,8 @@ async fn a_run_that_changes_nothing_releases_its_lock_after_its_commit() {
         .unwrap();
     let mut holder = hold_commits(&db).await;
     let run_lock_holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                            AND NOT (classid = 0 AND objid = 4242)";
+                            AND NOT (classid = 0 AND objid = 4242) AND database = \
+                            (SELECT oid FROM pg_database WHERE datname = current_database())";
     let store = std::sync::Arc::new(store);
     let mut lock_backends = vec![];
     for _ in 0..2 {

@@ -50,7 +50,7 @@ fn prepare_sql() -> String {
 }
 
 /// Whether an error says that a prepared statement is not there (SQLSTATE 26000).
-fn not_prepared(e: &sqlx::Error) -> bool {
+pub(super) fn not_prepared(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
         .is_some_and(|c| c == "26000")

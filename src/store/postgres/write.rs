@@ -27,9 +27,7 @@ impl PgStore {
             released,
         } = &mut lock._held
         else {
-            return Err(StoreError::Runtime(
-                "the run lock's connection is gone; nothing was written".into(),
-            ));
+            return Err(connection_gone());
         };
         // Nothing to write but the run's end (a one-referrer recompute that finds its rewards
         // right, the common case): that one statement is its own transaction, two round trips
@@ -45,9 +43,7 @@ impl PgStore {
             return Ok(out);
         }
         let Some(conn) = slot else {
-            return Err(StoreError::Runtime(
-                "the run lock's connection is gone; nothing was written".into(),
-            ));
+            return Err(connection_gone());
         };
         // BEGIN and the transaction's settings (see `utc`) in one round trip; bitmap scans,
         // off for the lock's session (see `lock_connection`), on again for the writes.
@@ -214,12 +210,10 @@ async fn finish_run_and_release(
     run_id: i64,
 ) -> Result<bool, StoreError> {
     let Some(c) = conn.as_deref_mut() else {
-        return Err(StoreError::Runtime(
-            "the run lock's connection is gone; nothing was written".into(),
-        ));
+        return Err(connection_gone());
     };
     let sent = match finish_message(c, finish, out, run_id).await {
-        Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("26000") => {
+        Err(e) if super::one::not_prepared(&e) => {
             // A connection new to this: the message stopped at its first statement (its implicit
             // transaction ended with it); prepare, send again.
             let prepare = format!(
@@ -250,6 +244,11 @@ async fn finish_run_and_release(
             Err(q("recording the run")(e))
         }
     }
+}
+
+/// The run lock's connection is not there (a failed statement closed it): nothing can be written.
+fn connection_gone() -> StoreError {
+    StoreError::Runtime("the run lock's connection is gone; nothing was written".into())
 }
 
 const FINISH_STATEMENT: &str = "referral_rewards_finish";
