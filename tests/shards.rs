@@ -145,6 +145,8 @@ async fn copy_and_select_snapshots_are_identical() {
             return;
         };
         db.load(&every_outcome_shifted()).await;
+        // Stored rewards to read too, some with a badge and some without.
+        db.reconcile(Scope::Full, now(), false).await.unwrap();
         let window = referral_rewards::program::slots::rules::ip_window(now(), 30);
         for scope in [Scope::Full, Scope::Shard(Shard { index: 2, count: 3 })] {
             let mut snaps = Vec::new();
@@ -178,6 +180,14 @@ async fn copy_and_select_snapshots_are_identical() {
                 "{scope:?}"
             );
             assert_eq!(snaps[0].referrers, snaps[1].referrers);
+            let stored = &snaps[0].stored_rewards;
+            assert!(stored.iter().any(|r| r.badge.is_some()), "{scope:?}");
+            assert!(stored.iter().any(|r| r.badge.is_none()), "{scope:?}");
+            assert_eq!(
+                snaps[0].stored_rewards, snaps[1].stored_rewards,
+                "{scope:?}"
+            );
+            assert_eq!(snaps[0].host_bonus, snaps[1].host_bonus, "{scope:?}");
         }
     }
 }

@@ -580,28 +580,7 @@ impl PgStore {
             .map(reward_from_row)
             .collect::<Result<_, _>>()
             .map_err(q("decoding referral_rewards"))?,
-            _ => {
-                // Decoded row by row as they arrive: the rows of a whole answer held at once
-                // cost more than the rewards (a million rows at 10M users), and a shard keeps
-                // an eighth of them.
-                use futures_util::TryStreamExt;
-                let mut rows = sqlx::query(include_str!(
-                    "../../../sql/queries/postgres/stored_rewards.sql"
-                ))
-                .fetch(&mut *tx);
-                let mut kept = vec![];
-                while let Some(row) = rows
-                    .try_next()
-                    .await
-                    .map_err(q("reading referral_rewards"))?
-                {
-                    let r = reward_from_row(&row).map_err(q("decoding referral_rewards"))?;
-                    if scope.covers(r.referrer_user_id) {
-                        kept.push(r);
-                    }
-                }
-                kept
-            }
+            _ => self.stored_rewards(&mut tx, scope).await?,
         };
         sw.lap(
             &mut snap.timings,
@@ -876,6 +855,49 @@ impl PgStore {
         Ok(snap)
     }
 
+    /// Every stored reward (a shard keeps its own), decoded row by row as they arrive: a whole
+    /// answer held at once cost more than the rewards (a million rows at 10M users). Through
+    /// binary COPY where it can: sqlx's rows took 184 ms of the job's CPU for 94k rewards at 1M
+    /// users, taken from the scans decoding beside them on the same cores.
+    async fn stored_rewards(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        scope: Scope,
+    ) -> Result<Vec<RewardResult>, StoreError> {
+        use futures_util::TryStreamExt;
+        const WHAT: &str = "reading referral_rewards";
+        const SQL: &str = include_str!("../../../sql/queries/postgres/stored_rewards.sql");
+        let mut kept = vec![];
+        let mut stream = pgcopy::Stream::new(10);
+        let copied = self
+            .copy_out_each(tx, SQL, &[], WHAT, |chunk| {
+                stream.feed(chunk, |t: &mut pgcopy::Tuples<'_>| {
+                    let r = reward_from_copy(t)?;
+                    if scope.covers(r.referrer_user_id) {
+                        kept.push(r);
+                    }
+                    Ok::<(), Bad>(())
+                })
+            })
+            .await?;
+        match copied {
+            Some(Ok(())) => match stream.finish() {
+                Ok(()) => return Ok(kept),
+                Err(e) => return Err(bad(tx, WHAT, e.into()).await),
+            },
+            Some(Err(b)) => return Err(bad(tx, WHAT, b).await),
+            None => kept.clear(),
+        }
+        let mut rows = sqlx::query(SQL).fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await.map_err(q(WHAT))? {
+            let r = reward_from_row(&row).map_err(q("decoding referral_rewards"))?;
+            if scope.covers(r.referrer_user_id) {
+                kept.push(r);
+            }
+        }
+        Ok(kept)
+    }
+
     /// `COPY (<query>) TO STDOUT (FORMAT binary)` with `params` ($1, $2, … as SQL literals) in
     /// the snapshot's transaction, or `None` when COPY is off or refused: the caller then runs
     /// the same query as a SELECT. A savepoint keeps a refusal from aborting the snapshot.
@@ -1019,6 +1041,30 @@ impl PgStore {
             tracing::warn!(error = %e, "snapshot export refused; reading each snapshot on one connection from now on");
         }
     }
+}
+
+/// A row of stored_rewards.sql from binary COPY (the job's own table: every count NOT NULL).
+fn reward_from_copy(t: &mut pgcopy::Tuples<'_>) -> Result<RewardResult, Bad> {
+    const TABLE: &str = "referral_rewards";
+    let referrer_user_id = t
+        .i64()?
+        .ok_or_else(|| null(TABLE, "referrer_user_id", None, "an id"))?;
+    let mut count = |column| {
+        t.i64()?
+            .ok_or_else(|| null(TABLE, column, Some(referrer_user_id), "an integer"))
+    };
+    Ok(RewardResult {
+        referrer_user_id,
+        referred_users_total: count("referred_users_total")?,
+        qualified_referrals: count("qualified_referrals")?,
+        disqualified_self_referral: count("disqualified_self_referral")?,
+        disqualified_cooldown: count("disqualified_cooldown")?,
+        disqualified_missing_ip: count("disqualified_missing_ip")?,
+        disqualified_shared_ip: count("disqualified_shared_ip")?,
+        disqualified_duplicate_ip: count("disqualified_duplicate_ip")?,
+        bonus_slots: count("bonus_slots")?,
+        badge: pg_text(t.field()?, TABLE, "badge", referrer_user_id)?.map(str::to_owned),
+    })
 }
 
 pub(super) fn reward_from_row(r: &PgRow) -> Result<RewardResult, sqlx::Error> {
