@@ -124,8 +124,8 @@ impl Plan {
     /// non-zero `referral_rewards` row or host column gets an entry (revocation); in a
     /// one-referrer run the named user always gets one.
     pub fn build(
-        results: Vec<RewardResult>,
-        stored: Vec<RewardResult>,
+        mut results: Vec<RewardResult>,
+        mut stored: Vec<RewardResult>,
         host_bonus: &[(i64, i64)],
         scope: Scope,
     ) -> Plan {
@@ -136,9 +136,7 @@ impl Plan {
         // come mostly in id order (each the order of its table), which the sorts check in a
         // pass. Each id appears once in each list: the snapshot's primary keys, and the
         // duplicate-subscription check before a plan.
-        let mut results = results;
         results.sort_by_key(|r| r.referrer_user_id);
-        let mut stored = stored;
         stored.sort_unstable_by_key(|r| r.referrer_user_id);
         let mut host = host_bonus.to_vec();
         host.sort_unstable();

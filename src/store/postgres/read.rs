@@ -1,7 +1,7 @@
 //! The snapshot: one repeatable-read transaction, large queries through binary COPY (with
 //! a fallback to SELECT where the server refuses it), every cell decoded or named in an error.
 
-use super::grants::SidePart;
+use super::grants::{SideError, SidePart};
 use super::*;
 
 /// A SQL literal of a bigint array, for COPY (which takes no bind parameters).
@@ -868,25 +868,21 @@ impl PgStore {
         const WHAT: &str = "reading referral_rewards";
         const SQL: &str = include_str!("../../../sql/queries/postgres/stored_rewards.sql");
         let mut kept = vec![];
-        let mut stream = pgcopy::Stream::new(10);
         let copied = self
-            .copy_out_each(tx, SQL, &[], WHAT, |chunk| {
-                stream.feed(chunk, |t: &mut pgcopy::Tuples<'_>| {
-                    let r = reward_from_copy(t)?;
-                    if scope.covers(r.referrer_user_id) {
-                        kept.push(r);
-                    }
-                    Ok::<(), Bad>(())
-                })
+            .scan(tx, WHAT, SQL, 10, |t| {
+                let r = reward_from_copy(t).map_err(|b| super::scan::Fail(WHAT, b))?;
+                if scope.covers(r.referrer_user_id) {
+                    kept.push(r);
+                }
+                Ok(())
             })
-            .await?;
+            .await;
         match copied {
-            Some(Ok(())) => match stream.finish() {
-                Ok(()) => return Ok(kept),
-                Err(e) => return Err(bad(tx, WHAT, e.into()).await),
-            },
-            Some(Err(b)) => return Err(bad(tx, WHAT, b).await),
-            None => kept.clear(),
+            Ok(Some(_)) => return Ok(kept),
+            // Refused, maybe after some rows: read again with SELECT.
+            Ok(None) => kept.clear(),
+            Err(SideError::Decode(what, b)) => return Err(bad(tx, what, b).await),
+            Err(SideError::Read(e) | SideError::Import(e)) => return Err(e),
         }
         let mut rows = sqlx::query(SQL).fetch(&mut *tx);
         while let Some(row) = rows.try_next().await.map_err(q(WHAT))? {

@@ -41,7 +41,7 @@ fn instant_of(v: Option<i64>) -> Option<i64> {
 }
 
 /// Why a scan's row could not be decoded: the snapshot query it stands for, and the cell.
-struct Fail(&'static str, Bad);
+pub(super) struct Fail(pub(super) &'static str, pub(super) Bad);
 
 impl From<pgcopy::CopyError> for Fail {
     fn from(e: pgcopy::CopyError) -> Self {
@@ -151,7 +151,7 @@ impl PgStore {
 
     /// One scan through binary COPY, each row handed to `row` as it arrives. `None`: COPY
     /// was refused.
-    async fn scan(
+    pub(super) async fn scan(
         &self,
         tx: &mut sqlx::PgConnection,
         name: &'static str,

@@ -280,17 +280,19 @@ async fn finish_message(
         text(Some(&finish.digest)),
         text(finish.error.as_deref()),
     );
-    let mut results = vec![];
+    // EXECUTE, COMMIT, EXECUTE: the first result is the end's, a row the release's.
+    let mut finished = None;
     let mut released = false;
     let mut stream = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).fetch_many(&mut *conn);
     while let Some(item) = stream.try_next().await? {
         match item {
-            sqlx::Either::Left(r) => results.push(r.rows_affected()),
+            sqlx::Either::Left(r) => {
+                finished.get_or_insert(r.rows_affected());
+            }
             sqlx::Either::Right(_) => released = true,
         }
     }
-    // EXECUTE, COMMIT, EXECUTE.
-    Ok((results.first().copied().unwrap_or(0), released))
+    Ok((finished.unwrap_or(0), released))
 }
 
 /// `s` as a dollar-quoted string constant, whose tag `s` does not contain: read the same
