@@ -14,7 +14,7 @@ use crate::program::slots::compute::{self, Computation, PARALLEL_FROM};
 use crate::program::slots::facts;
 use crate::program::slots::plan::{Plan, PlanStats};
 use crate::program::slots::rules;
-use crate::snapshot::{GrantsRead, QueryTiming, Scope};
+use crate::snapshot::{GrantsRead, QueryTiming, Scope, Snapshot};
 use crate::store::{ApplyOutcome, Begun, RunFinish, Store, StoreError, Trigger, Writes};
 
 #[derive(Debug, Clone, Copy)]
@@ -189,11 +189,28 @@ async fn plan_listing(
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let started = Clock::now();
     say("reading the snapshot");
-    let mut snapshot = store
+    let snapshot = store
         .snapshot_listing(req.scope, window, grants_read(cfg), uncounted)
         .await?;
+    plan_snapshot(snapshot, started.elapsed(), cfg, req, progress, uncounted).await
+}
+
+/// [`plan_listing`] from a snapshot read already (in `read_time`).
+async fn plan_snapshot(
+    mut snapshot: Snapshot,
+    read_time: Duration,
+    cfg: &Config,
+    req: RunRequest,
+    progress: Option<&Progress>,
+    uncounted: bool,
+) -> Result<Planned, EngineError> {
+    let say = |what: &str| {
+        if let Some(p) = progress {
+            p(what)
+        }
+    };
     let mut stages = Stages {
-        snapshot: started.elapsed(),
+        snapshot: read_time,
         queries: std::mem::take(&mut snapshot.timings),
         ..Stages::default()
     };
@@ -437,25 +454,40 @@ pub async fn run_controlled(
             let (abandoned, run_id) = store
                 .start_locked(&lock, req.scope, req.as_of, now(), ctl.trigger)
                 .await?;
-            (lock, Some(planned), abandoned, run_id)
+            (lock, Some(Ready::Planned(planned)), abandoned, run_id)
         }
         None => {
-            let begun = store
-                .begin_run(
-                    req.scope,
-                    req.scope.referrer(),
-                    req.as_of,
-                    now(),
-                    ctl.trigger,
-                )
-                .await?;
+            let t = Clock::now();
+            let (begun, read) = match req.scope {
+                // One referrer of the slots program alone: its snapshot may come with the
+                // run's start, in the same round trip (PostgreSQL).
+                Scope::Referrer(id) if cfg.grants.is_empty() => {
+                    let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
+                    store
+                        .begin_run_reading(id, req.as_of, now(), ctl.trigger, window)
+                        .await?
+                }
+                _ => {
+                    let begun = store
+                        .begin_run(
+                            req.scope,
+                            req.scope.referrer(),
+                            req.as_of,
+                            now(),
+                            ctl.trigger,
+                        )
+                        .await?;
+                    (begun, None)
+                }
+            };
+            let read = read.map(|snapshot| (snapshot, t.elapsed()));
             match begun {
                 Begun::Locked => return Err(EngineError::Locked),
                 Begun::Started {
                     lock,
                     abandoned,
                     run_id,
-                } => (lock, None, abandoned, run_id),
+                } => (lock, read.map(Ready::Read), abandoned, run_id),
                 // Not a user: a run only revokes what it still holds.
                 Begun::UnknownUser(lock) => {
                     let known = match req.scope {
@@ -487,7 +519,11 @@ pub async fn run_controlled(
             computation,
             mut stages,
         } = match planned {
-            Some(p) => p,
+            Some(Ready::Planned(p)) => p,
+            Some(Ready::Read((snapshot, read_time))) => {
+                let progress = ctl.progress.as_ref();
+                plan_snapshot(snapshot, read_time, cfg, req, progress, ctl.list_uncounted).await?
+            }
             None => {
                 plan_listing(store, cfg, req, ctl.progress.as_ref(), ctl.list_uncounted).await?
             }
@@ -575,6 +611,13 @@ pub async fn run_controlled(
         Err(e) => tracing::warn!(run_id, mode = req.scope.mode(), error = %e, "run failed"),
     }
     outcome
+}
+
+/// What an applying run has in hand once it has started: its plan (made under the lock before
+/// the run's row, for an expected digest), or its snapshot (read with the run's start).
+enum Ready {
+    Planned(Planned),
+    Read((Snapshot, Duration)),
 }
 
 /// How many times a failure is offered to a busy SQLite database (each attempt waits up to the

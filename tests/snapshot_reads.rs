@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use referral_rewards::config::Config;
 use referral_rewards::demo::DemoSpec;
-use referral_rewards::engine;
+use referral_rewards::engine::{self, RunRequest};
 use referral_rewards::program::slots::rules;
 use referral_rewards::snapshot::{Scope, Snapshot};
 
@@ -241,3 +241,99 @@ each_backend!(
         store.close().await;
     }
 );
+
+/// A one-referrer apply on PostgreSQL reads its snapshot in the message that starts the run, on
+/// the run lock's connection: a store's first run (whose connection prepares the statements
+/// first) and the next ones (on the kept connection) alike. Each computes what a full run
+/// computes for that referrer, and a run that finds the lock taken writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_referrer_apply_reads_with_its_start() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    let cfg = Config::default();
+    let store = db.store().await;
+    store
+        .load_demo(&DemoSpec {
+            users: 3000,
+            seed: 5,
+            anchor: now(),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    db.reconcile(Scope::Full, now(), false).await.unwrap();
+    // Half the referrers below have a reward to change, half not.
+    db.exec("UPDATE users SET is_verified = NOT is_verified WHERE referred_by_user_id % 20 = 1")
+        .await;
+    let full = db.reconcile(Scope::Full, now(), true).await.unwrap();
+    let changed = full.stats.reward_rows_to_write;
+    assert!(changed > 0, "the update changes some rewards");
+
+    let store = db.store().await;
+    let one = |id| RunRequest {
+        scope: Scope::Referrer(id),
+        as_of: now(),
+        dry_run: false,
+    };
+    let mut written = 0;
+    for id in [1, 11, 21, 31, 41, 51] {
+        let r = engine::run(&store, &cfg, one(id)).await.unwrap();
+        let queries: Vec<&str> = r.stages.queries.iter().map(|q| q.query).collect();
+        assert_eq!(
+            queries,
+            ["one_referrer_with_the_run_start"],
+            "referrer {id}: read with the run's start"
+        );
+        let expected: Vec<_> = full
+            .computation
+            .results
+            .iter()
+            .filter(|x| x.referrer_user_id == id)
+            .cloned()
+            .collect();
+        assert_eq!(r.computation.results, expected, "referrer {id}");
+        written += r.applied.unwrap().reward_rows_written;
+    }
+    assert!(
+        written > 0,
+        "some of these referrers had a reward to change"
+    );
+
+    // The lock taken by someone else: the run's start says so, and the read beside it changes
+    // nothing; the connection is kept, and the next run starts on it.
+    let runs = db.scalar("SELECT count(*) FROM reward_runs").await;
+    let other = db.store().await;
+    let held = other
+        .try_lock(Scope::Full)
+        .await
+        .unwrap()
+        .expect("the lock is free");
+    let locked = engine::run(&store, &cfg, one(61)).await;
+    assert!(
+        matches!(locked, Err(engine::EngineError::Locked)),
+        "{locked:?}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM reward_runs").await, runs);
+    other.release(held).await;
+    other.close().await;
+    let r = engine::run(&store, &cfg, one(61)).await.unwrap();
+    assert_eq!(
+        r.stages.queries.iter().map(|q| q.query).collect::<Vec<_>>(),
+        ["one_referrer_with_the_run_start"]
+    );
+    written += r.applied.unwrap().reward_rows_written;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM reward_runs").await,
+        runs + 1
+    );
+    store.close().await;
+
+    // What the one-referrer applies wrote is what the full run would have.
+    let after = db.reconcile(Scope::Full, now(), true).await.unwrap();
+    assert_eq!(
+        after.stats.reward_rows_to_write + written,
+        changed,
+        "the one-referrer applies wrote their referrers' changes, no more"
+    );
+}

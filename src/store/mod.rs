@@ -561,6 +561,28 @@ impl Store {
         }
     }
 
+    /// [`Store::begin_run`] for a one-referrer run of the slots program alone, with the
+    /// referrer's snapshot when the store reads it in the same round trip (PostgreSQL); `None`
+    /// when it is to be read with [`Store::snapshot`].
+    pub async fn begin_run_reading(
+        &self,
+        id: i64,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+        window: (Instant, Instant),
+    ) -> Result<(Begun, Option<Snapshot>), StoreError> {
+        match self {
+            Store::Postgres(s) => s.begin_run_reading(id, as_of, now, trigger, window).await,
+            Store::Sqlite(_) => {
+                let begun = self
+                    .begin_run(Scope::Referrer(id), Some(id), as_of, now, trigger)
+                    .await?;
+                Ok((begun, None))
+            }
+        }
+    }
+
     /// An applying run's start: the lock, then (if `user` is given, only when it is a user)
     /// the orphans marked and the run's row. On PostgreSQL a full or one-referrer run does it
     /// in one statement on the lock's connection; elsewhere it is [`Store::try_lock`],

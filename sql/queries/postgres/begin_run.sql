@@ -8,7 +8,8 @@
 -- The statement's commit does not wait for its WAL to reach the disk (synchronous_commit off
 -- for this transaction alone): should the server crash before, the `running` row and the
 -- orphans' marks are lost with the run itself, which had written nothing yet; the run's end
--- commits synchronously, and with it everything logged before.
+-- commits synchronously, and with it everything logged before. A one-referrer apply runs it
+-- prepared, in the same message as its snapshot's read (one.rs).
 WITH lock AS (
   SELECT pg_try_advisory_lock($1) AS got, set_config('synchronous_commit', 'off', true)
 ),

@@ -6,12 +6,16 @@
 //! inlined: the simple query protocol takes no parameters, and they are the job's own integers
 //! and instants). Anything unusual (a cell that does not decode, a duplicate subscription, an
 //! error) is read again on that path, which names it.
+//!
+//! A one-referrer apply sends the run's start (`begin_run.sql`) in the same message, ahead of
+//! the snapshot, on the run lock's connection: see [`PgStore::begin_run_reading`].
 
 use futures_util::TryStreamExt;
 use sqlx::Either;
 
 use super::read::{host_bonus_from_row, pairs_from_rows, referred_from_row, reward_from_row};
 use super::*;
+use crate::store::{Begun, Trigger};
 
 const QUERIES: [&str; 7] = [
     include_str!("../../../sql/queries/postgres/referrer_one.sql"),
@@ -27,13 +31,16 @@ const QUERIES: [&str; 7] = [
 /// referrer as $1.
 const EVENTS: usize = 5;
 
+/// The run's start as a prepared statement of the run lock's connection.
+const BEGIN_STATEMENT: &str = "referral_rewards_begin";
+
 /// The name of query `i`'s prepared statement (clear of sqlx's own `sqlx_s_N`).
 fn statement_name(i: usize) -> String {
     format!("referral_rewards_one_{i}")
 }
 
 /// The `PREPARE`s of [`QUERIES`], for a connection that does not hold them yet.
-fn prepare_sql() -> String {
+pub(super) fn prepare_sql() -> String {
     QUERIES
         .iter()
         .enumerate()
@@ -49,6 +56,15 @@ fn prepare_sql() -> String {
         .join(";\n")
 }
 
+/// The `PREPARE` of the run's start ([`BEGIN_STATEMENT`]).
+pub(super) fn prepare_begin_sql() -> String {
+    format!(
+        "PREPARE {BEGIN_STATEMENT}(bigint, timestamptz, bigint, text, timestamptz, text, text) \
+         AS {}",
+        include_str!("../../../sql/queries/postgres/begin_run.sql")
+    )
+}
+
 /// Whether an error says that a prepared statement is not there (SQLSTATE 26000).
 pub(super) fn not_prepared(e: &sqlx::Error) -> bool {
     e.as_database_error()
@@ -56,7 +72,88 @@ pub(super) fn not_prepared(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "26000")
 }
 
+fn timestamptz(t: Instant) -> String {
+    format!("'{}'::timestamptz", instant::to_rfc3339(t))
+}
+
+/// What one simple-query message of several statements returned.
+struct Sent {
+    /// Each statement's rows, by the statement's position (rows no statement claims are
+    /// dropped and flagged in `odd`).
+    rows: Vec<Vec<PgRow>>,
+    /// How many statements completed.
+    ended: usize,
+    odd: bool,
+    /// The error the message stopped at, if it did.
+    error: Option<sqlx::Error>,
+}
+
+/// Sends `statements` as one message and reads to its end whatever comes, so that the
+/// connection is ready for its next use.
+async fn send(conn: &mut sqlx::PgConnection, statements: &[String]) -> Sent {
+    let mut sent = Sent {
+        rows: (0..statements.len()).map(|_| vec![]).collect(),
+        ended: 0,
+        odd: false,
+        error: None,
+    };
+    let text = statements.join(";\n");
+    let mut stream = sqlx::raw_sql(sqlx::AssertSqlSafe(text)).fetch_many(&mut *conn);
+    loop {
+        match stream.try_next().await {
+            Ok(None) => break,
+            Ok(Some(Either::Left(_))) => sent.ended += 1,
+            Ok(Some(Either::Right(row))) => match sent.rows.get_mut(sent.ended) {
+                Some(rows) => rows.push(row),
+                None => sent.odd = true,
+            },
+            Err(e) => {
+                sent.error = Some(e);
+                break;
+            }
+        }
+    }
+    sent
+}
+
 impl PgStore {
+    /// The read transaction of referrer `id`'s snapshot: its statements, and where its
+    /// `EXECUTE`s start among them. `lock_session`: sent on the run lock's connection, whose
+    /// session plans without bitmap scans (see `lock_connection`); the read plans as it would
+    /// on any other connection.
+    fn read_statements(
+        &self,
+        id: i64,
+        window: (Instant, Instant),
+        lock_session: bool,
+    ) -> (Vec<String>, usize) {
+        let mut statements: Vec<String> = vec![
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".into(),
+            "SET LOCAL TIME ZONE 'UTC'".into(),
+        ];
+        if lock_session {
+            statements.push("SET LOCAL enable_bitmapscan = on".into());
+        }
+        statements.extend(
+            self.timeouts
+                .split(';')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned),
+        );
+        let first = statements.len();
+        for i in 0..QUERIES.len() {
+            let args = if i == EVENTS {
+                format!("{}, {}, {id}", timestamptz(window.0), timestamptz(window.1))
+            } else {
+                id.to_string()
+            };
+            statements.push(format!("EXECUTE {}({args})", statement_name(i)));
+        }
+        statements.push("COMMIT".into());
+        (statements, first)
+    }
+
     /// The snapshot of referrer `id`, or `None` when it must be read on the indexed path.
     /// An `Err` leaves `conn` in an unknown state: the caller closes it.
     pub(super) async fn read_one_pipelined(
@@ -83,83 +180,179 @@ impl PgStore {
         id: i64,
         window: (Instant, Instant),
     ) -> Result<Option<Snapshot>, sqlx::Error> {
-        let ts = |t| format!("'{}'::timestamptz", instant::to_rfc3339(t));
-        let mut statements: Vec<String> = vec![
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY".into(),
-            "SET LOCAL TIME ZONE 'UTC'".into(),
-        ];
-        statements.extend(
-            self.timeouts
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned),
-        );
-        let first = statements.len();
-        for i in 0..QUERIES.len() {
-            let args = if i == EVENTS {
-                format!("{}, {}, {id}", ts(window.0), ts(window.1))
-            } else {
-                id.to_string()
-            };
-            statements.push(format!("EXECUTE {}({args})", statement_name(i)));
+        let (statements, first) = self.read_statements(id, window, false);
+        let sent = send(conn, &statements).await;
+        if let Some(e) = sent.error {
+            return Err(e);
         }
-        statements.push("COMMIT".into());
-        let text = statements.join(";\n");
-
-        let mut rows: Vec<Vec<PgRow>> = (0..QUERIES.len()).map(|_| vec![]).collect();
-        let (mut ended, mut odd) = (0usize, false);
-        // Read to the end whatever comes, so that the connection is ready for its next use.
-        let mut stream = sqlx::raw_sql(sqlx::AssertSqlSafe(text)).fetch_many(&mut *conn);
-        while let Some(item) = stream.try_next().await? {
-            match item {
-                Either::Left(_) => ended += 1,
-                Either::Right(row) => match ended.checked_sub(first) {
-                    Some(i) if i < QUERIES.len() => rows[i].push(row),
-                    _ => odd = true,
-                },
-            }
-        }
-        drop(stream);
-        if odd || ended != statements.len() {
+        if sent.odd || sent.ended != statements.len() {
             return Ok(None);
         }
-        let decoded = (|| -> Result<Snapshot, super::read::Bad> {
-            let mut snap = Snapshot::default();
-            let is_referrer: Option<Option<bool>> =
-                rows[0].first().map(|r| r.try_get(0)).transpose()?;
-            let is_referrer = is_referrer.flatten();
-            if is_referrer == Some(false) {
-                for r in &rows[1] {
-                    let u: i64 = r.try_get(0)?;
-                    snap.uncounted.push((id, u));
-                }
-            }
-            snap.stored_rewards = rows[2]
-                .iter()
-                .map(reward_from_row)
-                .collect::<Result<_, _>>()?;
-            if is_referrer == Some(true) {
-                snap.referrers = vec![id];
-                let mut interner = Interner::default();
-                snap.referred = rows[3]
-                    .iter()
-                    .map(|r| referred_from_row(r, &mut interner))
-                    .collect::<Result<_, _>>()?;
-                snap.registrations = pairs_from_rows(&rows[4])?;
-                snap.referrer_events = pairs_from_rows(&rows[5])?;
-            }
-            snap.host_bonus = rows[6]
-                .iter()
-                .map(host_bonus_from_row)
-                .collect::<Result<_, _>>()?;
-            Ok(snap)
-        })();
-        match decoded {
-            Ok(snap) if crate::store::users_with_duplicate_subscriptions(&snap).is_empty() => {
-                Ok(Some(snap))
-            }
-            _ => Ok(None),
-        }
+        Ok(decode(&sent.rows[first..first + QUERIES.len()], id))
     }
+
+    /// A one-referrer apply's start (`begin_run.sql`: the run lock, the orphans, the run's
+    /// row) and, when it started, the referrer's snapshot, in one round trip on the run lock's
+    /// connection where there were two on two connections: `BEGIN; EXECUTE begin; COMMIT;`
+    /// then the read transaction of [`PgStore::read_one_pipelined`], whose snapshot is taken
+    /// after the start's commit, so under the lock as before. The snapshot is `None` when the
+    /// run did not start or anything was unusual: it is then read the usual way.
+    pub async fn begin_run_reading(
+        &self,
+        id: i64,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+        window: (Instant, Instant),
+    ) -> Result<(Begun, Option<Snapshot>), StoreError> {
+        self.on_lock_connection(|conn| self.begin_reading_on(conn, id, as_of, now, trigger, window))
+            .await
+    }
+
+    async fn begin_reading_on(
+        &self,
+        mut conn: sqlx::PgConnection,
+        id: i64,
+        as_of: Instant,
+        now: Instant,
+        trigger: Option<Trigger>,
+        window: (Instant, Instant),
+    ) -> Result<(Begun, Option<Snapshot>), StoreError> {
+        let sw = std::time::Instant::now();
+        let text = |v: Option<&str>| v.map_or_else(|| "NULL".to_owned(), write::dollar_quoted);
+        let mut statements = vec![
+            "BEGIN".to_owned(),
+            format!(
+                "EXECUTE {BEGIN_STATEMENT}({LOCK_KEY}, {}, {id}, 'referrer', {}, {}, {})",
+                timestamptz(now),
+                timestamptz(as_of),
+                text(trigger.map(Trigger::as_str)),
+                text(Some(crate::store::ORPHAN_ERROR)),
+            ),
+            "COMMIT".to_owned(),
+        ];
+        let started = statements.len();
+        let (reads, first) = self.read_statements(id, window, true);
+        let first = started + first;
+        statements.extend(reads);
+
+        let mut attempt = 0;
+        let sent = loop {
+            let sent = send(&mut conn, &statements).await;
+            if sent.ended >= started {
+                break sent;
+            }
+            // The start did not commit. On a connection new to this, it stopped at its
+            // statement, which did nothing: prepare it and the reads (best effort: a read
+            // that cannot be prepared is read the usual way, which names what is wrong), then
+            // send again once.
+            let missing = sent.ended == 1 && sent.error.as_ref().is_some_and(not_prepared);
+            if missing && attempt == 0 {
+                attempt += 1;
+                let prepare = format!("ROLLBACK;\n{};\n{}", prepare_begin_sql(), prepare_sql());
+                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+                    .execute(&mut conn)
+                    .await
+                {
+                    tracing::debug!(error = %e, "preparing the one-referrer statements");
+                }
+                continue;
+            }
+            if missing && sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.is_ok() {
+                // Still not there: the start the other way, which names what is wrong.
+                let begun = self
+                    .begin_on(conn, Scope::Referrer(id), Some(id), as_of, now, trigger)
+                    .await?;
+                return Ok((begun, None));
+            }
+            // Otherwise the start's statement may have taken the lock before it failed (a
+            // session lock outlives the rollback): the connection goes (dropped here), and
+            // with it any lock.
+            return Err(sent.error.map_or_else(
+                || StoreError::Runtime("recording the run: the run's start was cut short".into()),
+                q("taking the run lock and recording the run"),
+            ));
+        };
+
+        // The start committed: its row says what it did.
+        let read_whole = sent.error.is_none() && !sent.odd && sent.ended == statements.len();
+        if sent.error.is_some()
+            && let Err(e) = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await
+        {
+            // The connection is gone, and with it the lock: a run it started is left
+            // `running`, for the next run to mark abandoned.
+            return Err(q("reading the referrer's snapshot")(e));
+        }
+        let start = sent.rows[1].first().map(|r| {
+            Ok::<_, sqlx::Error>((
+                r.try_get::<bool, _>(0)?,
+                r.try_get::<bool, _>(1)?,
+                r.try_get::<i64, _>(2)?,
+                r.try_get::<Option<i64>, _>(3)?,
+            ))
+        });
+        let (got, known, abandoned, run_id) = match start {
+            Some(Ok(start)) => start,
+            Some(Err(e)) => return Err(q("taking the run lock and recording the run")(e)),
+            None => {
+                return Err(StoreError::Runtime(
+                    "recording the run: the run's start returned no row".into(),
+                ));
+            }
+        };
+        let begun = self.begun(conn, got, known, abandoned, run_id).await?;
+        let snapshot = match (&begun, read_whole) {
+            (Begun::Started { .. }, true) => decode(&sent.rows[first..first + QUERIES.len()], id)
+                .map(|mut snap| {
+                    snap.timings.push(crate::snapshot::QueryTiming {
+                        query: "one_referrer_with_the_run_start",
+                        rows: snap.referred.len(),
+                        elapsed: sw.elapsed(),
+                    });
+                    snap
+                }),
+            _ => None,
+        };
+        Ok((begun, snapshot))
+    }
+}
+
+/// Referrer `id`'s snapshot from the rows of [`QUERIES`], in order; `None` for anything
+/// unusual (a cell that does not decode, a duplicate subscription): the indexed path reads it
+/// again and names it.
+fn decode(rows: &[Vec<PgRow>], id: i64) -> Option<Snapshot> {
+    let decoded = (|| -> Result<Snapshot, super::read::Bad> {
+        let mut snap = Snapshot::default();
+        let is_referrer: Option<Option<bool>> =
+            rows[0].first().map(|r| r.try_get(0)).transpose()?;
+        let is_referrer = is_referrer.flatten();
+        if is_referrer == Some(false) {
+            for r in &rows[1] {
+                let u: i64 = r.try_get(0)?;
+                snap.uncounted.push((id, u));
+            }
+        }
+        snap.stored_rewards = rows[2]
+            .iter()
+            .map(reward_from_row)
+            .collect::<Result<_, _>>()?;
+        if is_referrer == Some(true) {
+            snap.referrers = vec![id];
+            let mut interner = Interner::default();
+            snap.referred = rows[3]
+                .iter()
+                .map(|r| referred_from_row(r, &mut interner))
+                .collect::<Result<_, _>>()?;
+            snap.registrations = pairs_from_rows(&rows[4])?;
+            snap.referrer_events = pairs_from_rows(&rows[5])?;
+        }
+        snap.host_bonus = rows[6]
+            .iter()
+            .map(host_bonus_from_row)
+            .collect::<Result<_, _>>()?;
+        Ok(snap)
+    })();
+    decoded
+        .ok()
+        .filter(|snap| crate::store::users_with_duplicate_subscriptions(snap).is_empty())
 }

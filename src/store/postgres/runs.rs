@@ -13,7 +13,7 @@ impl PgStore {
 
     /// `f` on a kept lock connection if there is one; a stale one fails `f`: then on a fresh
     /// one.
-    async fn on_lock_connection<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    pub(super) async fn on_lock_connection<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: Fn(sqlx::PgConnection) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -43,7 +43,7 @@ impl PgStore {
 
     /// An error drops `conn`: a session lock the failed statement took is not released by its
     /// rollback, but closing the connection releases it.
-    async fn begin_on(
+    pub(super) async fn begin_on(
         &self,
         mut conn: sqlx::PgConnection,
         scope: Scope,
@@ -64,6 +64,19 @@ impl PgStore {
                 .fetch_one(&mut conn)
                 .await
                 .map_err(q("taking the run lock and recording the run"))?;
+        self.begun(conn, got, known, abandoned, run_id).await
+    }
+
+    /// What `begin_run.sql`'s row says, with the lock's connection: kept when the lock was
+    /// not taken, held in the [`RunLock`] otherwise.
+    pub(super) async fn begun(
+        &self,
+        conn: sqlx::PgConnection,
+        got: bool,
+        known: bool,
+        abandoned: i64,
+        run_id: Option<i64>,
+    ) -> Result<Begun, StoreError> {
         let lock = |conn: sqlx::PgConnection| RunLock {
             shard: None,
             _held: Held::Postgres {

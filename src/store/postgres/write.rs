@@ -297,7 +297,7 @@ async fn finish_message(
 
 /// `s` as a dollar-quoted string constant, whose tag `s` does not contain: read the same
 /// whatever `standard_conforming_strings` says, and no character of `s` needs escaping.
-fn dollar_quoted(s: &str) -> String {
+pub(super) fn dollar_quoted(s: &str) -> String {
     let mut tag = String::from("$rr$");
     let mut n = 0;
     while s.contains(&tag) {
