@@ -301,7 +301,7 @@ async fn a_one_referrer_apply_reads_with_its_start() {
     );
 
     // The lock taken by someone else: the run's start says so, and the read beside it changes
-    // nothing; the connection is kept, and the next run starts on it.
+    // nothing; the next run reads with its start again.
     let runs = db.scalar("SELECT count(*) FROM reward_runs").await;
     let other = db.store().await;
     let held = other
@@ -336,4 +336,71 @@ async fn a_one_referrer_apply_reads_with_its_start() {
         changed,
         "the one-referrer applies wrote their referrers' changes, no more"
     );
+}
+
+/// A read that fails after the run's start committed (on a host table the test holds locked,
+/// past the run's `lock_timeout`) fails that run: recorded once as `failed`, not started again
+/// on another connection. The run lock is free after it, and the next run reads with its start
+/// on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_failing_after_the_run_start_fails_that_run_once() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    let cfg = Config::default();
+    let opts = referral_rewards::store::ConnectOptions {
+        lock_timeout: std::time::Duration::from_millis(300),
+        ..db.opts()
+    };
+    let store = referral_rewards::store::Store::connect(&db.url, &opts)
+        .await
+        .unwrap();
+    store
+        .load_demo(&DemoSpec {
+            users: 1000,
+            seed: 3,
+            anchor: now(),
+        })
+        .await
+        .unwrap();
+    let one = |id| RunRequest {
+        scope: Scope::Referrer(id),
+        as_of: now(),
+        dry_run: false,
+    };
+    let statuses = || async {
+        db.rows("SELECT status FROM reward_runs ORDER BY id")
+            .await
+            .into_iter()
+            .map(|r| r[0].clone().unwrap())
+            .collect::<Vec<String>>()
+    };
+    // A first run leaves its connection kept, its statements prepared.
+    engine::run(&store, &cfg, one(1)).await.unwrap();
+
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE telemetry_events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let e = engine::run(&store, &cfg, one(11)).await.unwrap_err();
+    assert!(
+        matches!(e, engine::EngineError::RunFailed { .. })
+            && e.to_string().contains("database.lock_timeout_secs"),
+        "{e}"
+    );
+    assert_eq!(statuses().await, ["succeeded", "failed"]);
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let r = engine::run(&store, &cfg, one(11)).await.unwrap();
+    assert_eq!(
+        r.stages.queries.iter().map(|q| q.query).collect::<Vec<_>>(),
+        ["one_referrer_with_the_run_start"]
+    );
+    assert_eq!(statuses().await, ["succeeded", "failed", "succeeded"]);
+    store.close().await;
 }

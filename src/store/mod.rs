@@ -451,6 +451,9 @@ pub(crate) enum Held {
         /// The run's end released the locks already, in its own round trip (see
         /// `finish_run_and_release`): the connection goes back as it is.
         released: bool,
+        /// Closed at the release instead of kept for the next run (see
+        /// `RunLock::discard_connection`).
+        discard: bool,
     },
 }
 

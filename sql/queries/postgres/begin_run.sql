@@ -9,7 +9,8 @@
 -- for this transaction alone): should the server crash before, the `running` row and the
 -- orphans' marks are lost with the run itself, which had written nothing yet; the run's end
 -- commits synchronously, and with it everything logged before. A one-referrer apply runs it
--- prepared, in the same message as its snapshot's read (one.rs).
+-- prepared, in the same message as its snapshot's read: its parameters' types are spelled out
+-- there too (one.rs, `prepare_begin_sql`).
 WITH lock AS (
   SELECT pg_try_advisory_lock($1) AS got, set_config('synchronous_commit', 'off', true)
 ),

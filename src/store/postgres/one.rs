@@ -88,8 +88,8 @@ struct Sent {
     error: Option<sqlx::Error>,
 }
 
-/// Sends `statements` as one message and reads to its end whatever comes, so that the
-/// connection is ready for its next use.
+/// Sends `statements` as one message and reads what comes, up to its end or its error (sqlx
+/// reads the rest before the connection's next use).
 async fn send(conn: &mut sqlx::PgConnection, statements: &[String]) -> Sent {
     let mut sent = Sent {
         rows: (0..statements.len()).map(|_| vec![]).collect(),
@@ -165,7 +165,14 @@ impl PgStore {
         match self.read_one_prepared(conn, id, window).await {
             Err(e) if not_prepared(&e) => {
                 // A connection new to this: end the failed transaction, prepare, read again.
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ROLLBACK;\n{}", prepare_sql())))
+                // Preparing reads the tables' definitions, waiting for their locks: bounded by
+                // the run's timeouts as the reads are.
+                let prepare = format!(
+                    "ROLLBACK;\nBEGIN;\n{}\n{};\nCOMMIT",
+                    self.timeouts,
+                    prepare_sql()
+                );
+                sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
                     .execute(&mut *conn)
                     .await?;
                 self.read_one_prepared(conn, id, window).await
@@ -206,9 +213,11 @@ impl PgStore {
         window: (Instant, Instant),
     ) -> Result<(Begun, Option<Snapshot>), StoreError> {
         self.on_lock_connection(|conn| self.begin_reading_on(conn, id, as_of, now, trigger, window))
-            .await
+            .await?
     }
 
+    /// `Err`: the start did not commit, and may be tried again on a fresh connection;
+    /// `Ok(Err)`: it did, and the run fails as it is.
     async fn begin_reading_on(
         &self,
         mut conn: sqlx::PgConnection,
@@ -217,7 +226,7 @@ impl PgStore {
         now: Instant,
         trigger: Option<Trigger>,
         window: (Instant, Instant),
-    ) -> Result<(Begun, Option<Snapshot>), StoreError> {
+    ) -> Result<Result<(Begun, Option<Snapshot>), StoreError>, StoreError> {
         let sw = std::time::Instant::now();
         let text = |v: Option<&str>| v.map_or_else(|| "NULL".to_owned(), write::dollar_quoted);
         let mut statements = vec![
@@ -263,7 +272,7 @@ impl PgStore {
                 let begun = self
                     .begin_on(conn, Scope::Referrer(id), Some(id), as_of, now, trigger)
                     .await?;
-                return Ok((begun, None));
+                return Ok(Ok((begun, None)));
             }
             // Otherwise the start's statement may have taken the lock before it failed (a
             // session lock outlives the rollback): the connection goes (dropped here), and
@@ -274,14 +283,29 @@ impl PgStore {
             ));
         };
 
-        // The start committed: its row says what it did.
-        let read_whole = sent.error.is_none() && !sent.odd && sent.ended == statements.len();
-        if sent.error.is_some()
-            && let Err(e) = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await
-        {
-            // The connection is gone, and with it the lock: a run it started is left
-            // `running`, for the next run to mark abandoned.
-            return Err(q("reading the referrer's snapshot")(e));
+        // The start committed: from here on an error is this run's, not one to try again on
+        // a fresh connection (that would start the run a second time).
+        Ok(self
+            .after_start(conn, sent, statements.len(), first, id, sw)
+            .await)
+    }
+
+    /// The start's row and the read that followed it, once the start committed.
+    async fn after_start(
+        &self,
+        mut conn: sqlx::PgConnection,
+        sent: Sent,
+        statements: usize,
+        first: usize,
+        id: i64,
+        sw: std::time::Instant,
+    ) -> Result<(Begun, Option<Snapshot>), StoreError> {
+        let read_error = sent.error.is_some();
+        if let Some(e) = &sent.error {
+            tracing::debug!(error = %e, "the referrer's snapshot beside the run's start failed; reading it the usual way");
+            // Should the rollback fail, the connection is broken: the run's write fails on it,
+            // and the run is recorded `failed` (on another connection).
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut conn).await;
         }
         let start = sent.rows[1].first().map(|r| {
             Ok::<_, sqlx::Error>((
@@ -293,6 +317,8 @@ impl PgStore {
         });
         let (got, known, abandoned, run_id) = match start {
             Some(Ok(start)) => start,
+            // Dropping the connection releases a lock the start took; a `running` row it
+            // inserted is marked abandoned by the next run.
             Some(Err(e)) => return Err(q("taking the run lock and recording the run")(e)),
             None => {
                 return Err(StoreError::Runtime(
@@ -300,7 +326,18 @@ impl PgStore {
                 ));
             }
         };
-        let begun = self.begun(conn, got, known, abandoned, run_id).await?;
+        if read_error && !got {
+            // Nothing held: the connection goes rather than back to the kept ones.
+            return Ok((Begun::Locked, None));
+        }
+        let mut begun = self.begun(conn, got, known, abandoned, run_id).await?;
+        if read_error && let Begun::Started { lock, .. } | Begun::UnknownUser(lock) = &mut begun {
+            // Its prepared reads may be what failed (a host column's type changed under
+            // them, a read that could not be prepared): closed at the run's release instead
+            // of kept, so that the next run prepares them afresh on a new connection.
+            lock.discard_connection();
+        }
+        let read_whole = !read_error && !sent.odd && sent.ended == statements;
         let snapshot = match (&begun, read_whole) {
             (Begun::Started { .. }, true) => decode(&sent.rows[first..first + QUERIES.len()], id)
                 .map(|mut snap| {

@@ -82,6 +82,7 @@ impl PgStore {
             _held: Held::Postgres {
                 conn: Some(Box::new(conn)),
                 released: false,
+                discard: false,
             },
         };
         match (got, known, run_id) {
@@ -116,11 +117,11 @@ impl PgStore {
         .execute(&mut conn)
         .await
         .map_err(q("connecting for the run lock"))?;
-        // The run's start (begin_run.sql) runs here outside a transaction: bounded by the
-        // run's timeouts for the whole session, as the apply is by its own `SET LOCAL`s.
+        // The run's start (begin_run.sql) runs here in a transaction of its own: bounded by
+        // the run's timeouts for the whole session, as the apply is by its own `SET LOCAL`s.
         // Its orphan check reads the partial index of `running` rows as a plain index scan
-        // (bitmap scans off for the session; the apply turns them on again for its own
-        // transaction): every finished run leaves a dead entry there until a vacuum, which a
+        // (bitmap scans off for the session; the apply, and a one-referrer apply's read, turn
+        // them on again for their own transactions): every finished run leaves a dead entry there until a vacuum, which a
         // bitmap scan visits in the table on every start (3 ms after 12,000 runs, autovacuum
         // off), while an index scan marks them dead once and skips them after.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -186,6 +187,7 @@ impl PgStore {
             _held: Held::Postgres {
                 conn: Some(Box::new(conn)),
                 released: false,
+                discard: false,
             },
         }))
     }
@@ -196,9 +198,13 @@ impl PgStore {
         if let Held::Postgres {
             conn: Some(conn),
             released,
+            discard,
         } = lock._held
         {
-            if released {
+            if discard {
+                // Dropped: closing the connection releases its locks.
+                drop(conn);
+            } else if released {
                 self.keep_released(*conn).await;
             } else {
                 self.keep(*conn).await;
@@ -355,5 +361,15 @@ impl PgStore {
             })
             .collect::<Result<_, _>>()
             .map_err(q("decoding reward_runs"))
+    }
+}
+
+impl RunLock {
+    /// Closes the lock's connection at the release instead of keeping it for the next run:
+    /// a read on it failed (see one.rs), which a fresh connection may not.
+    pub(super) fn discard_connection(&mut self) {
+        if let Held::Postgres { discard, .. } = &mut self._held {
+            *discard = true;
+        }
     }
 }

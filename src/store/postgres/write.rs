@@ -25,6 +25,7 @@ impl PgStore {
         let Held::Postgres {
             conn: slot,
             released,
+            ..
         } = &mut lock._held
         else {
             return Err(connection_gone());
