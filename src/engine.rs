@@ -181,14 +181,11 @@ async fn plan_listing(
     progress: Option<&Progress>,
     uncounted: bool,
 ) -> Result<Planned, EngineError> {
-    let say = |what: &str| {
-        if let Some(p) = progress {
-            p(what)
-        }
-    };
     let window = rules::ip_window(req.as_of, cfg.rules.ip_window_days);
     let started = Clock::now();
-    say("reading the snapshot");
+    if let Some(p) = progress {
+        p("reading the snapshot")
+    }
     let snapshot = store
         .snapshot_listing(req.scope, window, grants_read(cfg), uncounted)
         .await?;
