@@ -72,7 +72,7 @@ pub(crate) async fn inside_write(progress: Option<&Progress>) {
     if let Some(p) = progress {
         p("inside the write transaction");
     }
-    if fault("panic-in-write").is_some() {
+    if crate::fault::fault("panic-in-write").is_some() {
         panic!("fault injected inside the write transaction");
     }
     test_hold(
@@ -97,21 +97,9 @@ pub(crate) async fn test_hold(var: &str, at: &str) {
     }
 }
 
-/// Faults tests inject into the real binary, named in `REFERRAL_REWARDS_FAULT` (comma-separated,
-/// `name` or `name=value`): `panic-compute-referrer=ID` (a one-referrer run for ID panics while
-/// computing), `panic-in-write` (inside the write transaction), `panic-before-run` (an applying
-/// run panics before it takes the lock). They show that a panic fails one run, never the process.
-fn fault(name: &str) -> Option<String> {
-    let all = std::env::var("REFERRAL_REWARDS_FAULT").ok()?;
-    all.split(',').find_map(|f| {
-        let (n, v) = f.trim().split_once('=').unwrap_or((f.trim(), ""));
-        (n == name).then(|| v.to_owned())
-    })
-}
-
 fn fault_injection(scope: Scope) {
     if let Scope::Referrer(id) = scope
-        && fault("panic-compute-referrer").is_some_and(|v| v.trim() == id.to_string())
+        && crate::fault::for_referrer("panic-compute-referrer", id)
     {
         panic!("fault injected for referrer {id}");
     }
@@ -429,7 +417,7 @@ pub async fn run_controlled(
         return Ok(report);
     }
 
-    if fault("panic-before-run").is_some() {
+    if crate::fault::fault("panic-before-run").is_some() {
         panic!("fault injected before the run");
     }
     // With an expected digest the plan comes first, under the lock, so that a refusal writes

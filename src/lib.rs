@@ -13,6 +13,7 @@ pub mod demo;
 pub mod diff;
 pub mod engine;
 pub mod explain;
+mod fault;
 pub mod history;
 pub mod ids;
 pub mod instant;

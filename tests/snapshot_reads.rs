@@ -404,3 +404,71 @@ async fn a_read_failing_after_the_run_start_fails_that_run_once() {
     assert_eq!(statuses().await, ["succeeded", "failed", "succeeded"]);
     store.close().await;
 }
+
+/// A panic decoding the snapshot that came with the run's start (injected into the real binary)
+/// happens before the engine's own guard covers the run: it is caught where it happens, logged
+/// as a bug, and the run reads its referrer again the usual way and succeeds. Uncaught, it ended
+/// the process with the run's row left `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_decoding_the_read_with_the_start_leaves_no_run_running() {
+    let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
+        return;
+    };
+    let store = db.store().await;
+    store
+        .load_demo(&DemoSpec {
+            users: 1000,
+            seed: 3,
+            anchor: now(),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+    // A referrer the apply has something to write for.
+    let full = db.reconcile(Scope::Full, now(), true).await.unwrap();
+    let id = full
+        .computation
+        .results
+        .iter()
+        .find(|r| r.qualified_referrals > 0)
+        .expect("a referrer with a qualified referral")
+        .referrer_user_id;
+    let before = db
+        .reconcile(Scope::Referrer(id), now(), true)
+        .await
+        .unwrap();
+    assert!(before.stats.reward_rows_to_write > 0);
+
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_referral-rewards"))
+        .args(["--database-url", &db.url, "reconcile", "--referrer"])
+        .arg(id.to_string())
+        .arg("--as-of")
+        .arg(referral_rewards::instant::to_rfc3339(now()))
+        .env_remove("RUST_LOG")
+        .env(
+            "REFERRAL_REWARDS_FAULT",
+            format!("panic-decoding-referrer={id}"),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("decoding the referrer's snapshot")
+            && stderr.contains(&format!("fault injected decoding referrer {id}")),
+        "the caught panic is logged: {stderr}"
+    );
+    assert_eq!(
+        db.rows("SELECT status FROM reward_runs ORDER BY id").await,
+        [[Some("succeeded".to_owned())]]
+    );
+    let after = db
+        .reconcile(Scope::Referrer(id), now(), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        after.stats.reward_rows_to_write, 0,
+        "the apply wrote its plan"
+    );
+    assert_eq!(after.computation.results, before.computation.results);
+}

@@ -355,9 +355,32 @@ impl PgStore {
 }
 
 /// Referrer `id`'s snapshot from the rows of [`QUERIES`], in order; `None` for anything
-/// unusual (a cell that does not decode, a duplicate subscription): the indexed path reads it
-/// again and names it.
+/// unusual (a cell that does not decode, a duplicate subscription, a panic): the indexed path
+/// reads it again and names it.
+///
+/// A panic is caught here because the read that travels with the run's start is decoded
+/// before the engine's own `catch_unwind` covers the run: uncaught, it would end the process
+/// with the run's row left `running`. Read again the usual way, under that guard, the same
+/// panic fails the run and records it `failed`.
 fn decode(rows: &[Vec<PgRow>], id: i64) -> Option<Snapshot> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_rows(rows, id)))
+        .unwrap_or_else(|payload| {
+            let message = (payload.downcast_ref::<&str>().copied())
+                .or(payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            tracing::error!(
+                referrer = id,
+                panic = message,
+                "internal error (a bug; please report it) decoding the referrer's snapshot; reading it again the usual way"
+            );
+            None
+        })
+}
+
+fn decode_rows(rows: &[Vec<PgRow>], id: i64) -> Option<Snapshot> {
+    if crate::fault::for_referrer("panic-decoding-referrer", id) {
+        panic!("fault injected decoding referrer {id}'s snapshot");
+    }
     let decoded = (|| -> Result<Snapshot, super::read::Bad> {
         let mut snap = Snapshot::default();
         let is_referrer: Option<Option<bool>> =
