@@ -360,17 +360,15 @@ impl PgStore {
 ///
 /// A panic is caught here because the read that travels with the run's start is decoded
 /// before the engine's own `catch_unwind` covers the run: uncaught, it would end the process
-/// with the run's row left `running`. Read again the usual way, under that guard, the same
-/// panic fails the run and records it `failed`.
+/// with the run's row left `running`. The run then reads the referrer again the usual way
+/// (the pool's pipelined read, decoded here too, then the indexed queries), under that guard:
+/// a panic that comes back there fails the run and records it `failed`.
 fn decode(rows: &[Vec<PgRow>], id: i64) -> Option<Snapshot> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_rows(rows, id)))
         .unwrap_or_else(|payload| {
-            let message = (payload.downcast_ref::<&str>().copied())
-                .or(payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(no message)");
             tracing::error!(
                 referrer = id,
-                panic = message,
+                panic = crate::engine::panic_message(&*payload),
                 "internal error (a bug; please report it) decoding the referrer's snapshot; reading it again the usual way"
             );
             None
