@@ -5,16 +5,20 @@
 //! snapshot read with the run's start panics). They show that a panic fails one run, never the
 //! process, and never leaves a run `running`.
 
-/// The value of fault `name` if it is injected (`""` without one).
-pub(crate) fn fault(name: &str) -> Option<String> {
-    let all = std::env::var("REFERRAL_REWARDS_FAULT").ok()?;
-    all.split(',').find_map(|f| {
+/// The variable, read once: a one-referrer run asks on its decode path, which should not pay
+/// for a lookup of the environment each time.
+static FAULTS: std::sync::LazyLock<Option<String>> =
+    std::sync::LazyLock::new(|| std::env::var("REFERRAL_REWARDS_FAULT").ok());
+
+/// The value of fault `name` if it is injected (`""` for a fault named without a value).
+pub(crate) fn fault(name: &str) -> Option<&'static str> {
+    FAULTS.as_deref()?.split(',').find_map(|f| {
         let (n, v) = f.trim().split_once('=').unwrap_or((f.trim(), ""));
-        (n == name).then(|| v.to_owned())
+        (n == name).then_some(v)
     })
 }
 
 /// Whether fault `name` is injected for referrer `id`.
 pub(crate) fn for_referrer(name: &str, id: i64) -> bool {
-    fault(name).is_some_and(|v| v.trim() == id.to_string())
+    fault(name).is_some_and(|v| v.trim().parse() == Ok(id))
 }

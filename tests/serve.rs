@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use referral_rewards::demo::DemoSpec;
 use referral_rewards::snapshot::Scope;
 
 const BIN: &str = env!("CARGO_BIN_EXE_referral-rewards");
@@ -18,16 +17,7 @@ const TOKEN: &str = "t0ken-for-tests";
 /// Demo data anchored long ago: every rule gives the same answer at any "now" of the test.
 async fn demo_db(backend: Backend) -> Option<TestDb> {
     let db = TestDb::new(backend).await?;
-    let store = db.store().await;
-    store
-        .load_demo(&DemoSpec {
-            users: 2000,
-            seed: 5,
-            anchor: at("2020-01-01 00:00:00"),
-        })
-        .await
-        .unwrap();
-    store.close().await;
+    db.load_demo(2000, 5, at("2020-01-01 00:00:00")).await;
     Some(db)
 }
 

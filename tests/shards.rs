@@ -16,16 +16,7 @@ async fn with_demo(backend: Backend) -> Option<TestDb> {
 }
 
 async fn load_demo(db: &TestDb) {
-    let store = db.store().await;
-    store
-        .load_demo(&DemoSpec {
-            users: 3000,
-            seed: 9,
-            anchor: now(),
-        })
-        .await
-        .unwrap();
-    store.close().await;
+    db.load_demo(3000, 9, now()).await;
 }
 
 each_backend!(

@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use referral_rewards::config::Config;
-use referral_rewards::demo::DemoSpec;
 use referral_rewards::engine::{self, RunRequest};
 use referral_rewards::program::slots::rules;
 use referral_rewards::snapshot::{Scope, Snapshot};
@@ -64,16 +63,7 @@ each_backend!(
     typical_indexes_read_the_same_snapshot_as_the_recommended_ones,
     |db: TestDb| async move {
         let cfg = grants_config();
-        let store = db.store().await;
-        store
-            .load_demo(&DemoSpec {
-                users: 4000,
-                seed: 12,
-                anchor: now(),
-            })
-            .await
-            .unwrap();
-        store.close().await;
+        db.load_demo(4000, 12, now()).await;
         // Stored rewards and ledger rows to read as well, then a change for the next run.
         db.reconcile_with(&cfg, Scope::Full, now(), false)
             .await
@@ -252,16 +242,7 @@ async fn a_one_referrer_apply_reads_with_its_start() {
         return;
     };
     let cfg = Config::default();
-    let store = db.store().await;
-    store
-        .load_demo(&DemoSpec {
-            users: 3000,
-            seed: 5,
-            anchor: now(),
-        })
-        .await
-        .unwrap();
-    store.close().await;
+    db.load_demo(3000, 5, now()).await;
     db.reconcile(Scope::Full, now(), false).await.unwrap();
     // Half the referrers below have a reward to change, half not.
     db.exec("UPDATE users SET is_verified = NOT is_verified WHERE referred_by_user_id % 20 = 1")
@@ -348,20 +329,13 @@ async fn a_read_failing_after_the_run_start_fails_that_run_once() {
     let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
         return;
     };
+    db.load_demo(1000, 3, now()).await;
     let cfg = Config::default();
     let opts = referral_rewards::store::ConnectOptions {
         lock_timeout: std::time::Duration::from_millis(300),
         ..db.opts()
     };
     let store = referral_rewards::store::Store::connect(&db.url, &opts)
-        .await
-        .unwrap();
-    store
-        .load_demo(&DemoSpec {
-            users: 1000,
-            seed: 3,
-            anchor: now(),
-        })
         .await
         .unwrap();
     let one = |id| RunRequest {
@@ -414,16 +388,7 @@ async fn a_panic_decoding_the_read_with_the_start_leaves_no_run_running() {
     let Some(db) = TestDb::new(Backend::PgTimestamp).await else {
         return;
     };
-    let store = db.store().await;
-    store
-        .load_demo(&DemoSpec {
-            users: 1000,
-            seed: 3,
-            anchor: now(),
-        })
-        .await
-        .unwrap();
-    store.close().await;
+    db.load_demo(1000, 3, now()).await;
     // A referrer the apply has something to write for.
     let full = db.reconcile(Scope::Full, now(), true).await.unwrap();
     let id = full

@@ -237,6 +237,20 @@ impl TestDb {
             .expect("store")
     }
 
+    /// `demo-data`'s population of `users` users, built around `anchor`.
+    pub async fn load_demo(&self, users: i64, seed: u64, anchor: Instant) {
+        let store = self.store().await;
+        store
+            .load_demo(&referral_rewards::demo::DemoSpec {
+                users,
+                seed,
+                anchor,
+            })
+            .await
+            .expect("demo data");
+        store.close().await;
+    }
+
     pub async fn exec(&self, sql: &str) {
         let r = match &self.admin {
             Admin::Sqlite(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))

@@ -121,9 +121,10 @@ impl PgStore {
         // the run's timeouts for the whole session, as the apply is by its own `SET LOCAL`s.
         // Its orphan check reads the partial index of `running` rows as a plain index scan
         // (bitmap scans off for the session; the apply, and a one-referrer apply's read, turn
-        // them on again for their own transactions): every finished run leaves a dead entry there until a vacuum, which a
-        // bitmap scan visits in the table on every start (3 ms after 12,000 runs, autovacuum
-        // off), while an index scan marks them dead once and skips them after.
+        // them on again for their own transactions): every finished run leaves a dead entry
+        // there until a vacuum, which a bitmap scan visits in the table on every start (3 ms
+        // after 12,000 runs, autovacuum off), while an index scan marks them dead once and
+        // skips them after.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "{} SET enable_bitmapscan = off;",
             self.timeouts.replace("SET LOCAL", "SET")
